@@ -1,0 +1,50 @@
+"""ray_extsrc: DALI's parallel external source, rebuilt on Ray.
+
+Public API::
+
+    from ray_extsrc import pipeline_def, fn, types
+"""
+
+from . import types
+from .errors import (
+    DecodeError,
+    ForkAfterCUDAError,
+    LifecycleError,
+    RayExtSrcError,
+    SampleError,
+    SourceError,
+    WorkerDiedError,
+)
+from .pipeline import NoGPUWarning, Pipeline, pipeline_def
+from .tensors import TensorListCPU, TensorListGPU
+from .types import BatchInfo, SampleInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchInfo",
+    "DecodeError",
+    "ForkAfterCUDAError",
+    "LifecycleError",
+    "NoGPUWarning",
+    "Pipeline",
+    "RayExtSrcError",
+    "SampleError",
+    "SampleInfo",
+    "SourceError",
+    "TensorListCPU",
+    "TensorListGPU",
+    "WorkerDiedError",
+    "fn",
+    "pipeline_def",
+    "types",
+]
+
+
+def __getattr__(name: str):
+    # fn pulls in the op implementations (simplejpeg, Pillow); load it on first use.
+    if name == "fn":
+        import importlib
+
+        return importlib.import_module(".fn", __name__)
+    raise AttributeError(f"module 'ray_extsrc' has no attribute {name!r}")

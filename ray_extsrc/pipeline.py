@@ -1,0 +1,578 @@
+"""`pipeline_def`, `Pipeline` and `external_source`: DALI's pipeline API over the worker pool.
+
+Lifecycle (explicit, each illegal step says which state it is in)::
+
+    DEFINED --start_py_workers()--> WORKERS_STARTED --build()--> BUILT --run()/reset()--> ...
+       \\___________________________ build() _______________________/           close() -> CLOSED
+
+Execution plan, fixed when the workers start (before CUDA, since fork happens there):
+
+* the *worker stage* is every op that can run next to a parallel per-sample source: the sources
+  themselves and each CPU op fed only by them (random ops included: their draws depend only on
+  (seed, op, epoch, sample), so a worker computes the same value the main process would). A whole
+  CPU pipeline therefore runs in the workers and only finished samples cross shared memory;
+* the *main stage* is the rest (GPU ops, ops on non-parallel sources), run per batch in this process:
+  CPU ops on a thread pool of ``num_threads``, GPU ops batched.
+
+Sharding (used by the Ray layer): with ``num_shards=R, shard_id=r``, local iteration i serves global
+batch ``g = i*R + r``; SampleInfo carries the global ``idx_in_epoch = g*B + j`` and ``iteration = g``.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import os
+import secrets
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .errors import LifecycleError, SampleError
+from .graph import DataNode, Graph, OpNode, SampleContext, graph_scope, current_graph
+from .source import SourceKind, SourceSpec, chunk_samples, describe_source
+from .tensors import TensorListCPU, TensorListGPU, assemble_cpu
+from .types import BatchInfo, SampleInfo
+from .workers import WorkerPool
+from .workers.messages import TASK_BATCH, TASK_ITER, TASK_SAMPLES
+from .workers.pool import Chunk
+
+__all__ = ["Pipeline", "pipeline_def", "external_source", "NoGPUWarning"]
+
+
+class NoGPUWarning(UserWarning):
+    """GPU ops were asked for on a machine (or process) without a usable GPU; they run on the CPU."""
+
+
+class State(enum.Enum):
+    DEFINED = "defined"
+    WORKERS_STARTED = "workers started"
+    BUILT = "built"
+    CLOSED = "closed"
+
+
+class ExternalSourceOp:
+    """Graph marker for ``fn.external_source``: no computation of its own, just the source."""
+
+    name = "external_source"
+    device = "cpu"
+    is_random = False
+
+    def __init__(self, spec: SourceSpec) -> None:
+        self.spec = spec
+        self.num_outputs = spec.width
+
+
+def external_source(
+    source: Any = None,
+    num_outputs: int | None = None,
+    *,
+    batch: bool | None = None,
+    batch_info: bool = False,
+    parallel: bool = False,
+    dtype: Any = None,
+    device: str = "cpu",
+    layout: Any = None,
+    cycle: Any = None,
+    name: str | None = None,
+    prefetch_queue_depth: int | None = None,
+    no_copy: bool | None = None,
+) -> DataNode | tuple[DataNode, ...]:
+    """DALI's ``fn.external_source``: the data a user's ``source`` produces, as graph nodes."""
+    if device != "cpu":
+        raise ValueError(f"external_source: only device='cpu' sources are supported; got {device!r}")
+    if cycle not in (None, False):
+        raise ValueError(f"external_source: cycle={cycle!r} is not supported; end the epoch with StopIteration")
+    spec = describe_source(
+        source, num_outputs=num_outputs, batch=batch, batch_info=batch_info, parallel=parallel, dtype=dtype
+    )
+    node = current_graph().add(ExternalSourceOp(spec), (), {})
+    node.outputs = [DataNode(node, i, "cpu") for i in range(spec.width)]
+    return node.outputs[0] if num_outputs is None else tuple(node.outputs)
+
+
+def gpu_available() -> bool:
+    """A GPU this process may use, judged without initialising CUDA (that would forbid fork)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "NoDevFiles"):
+        return False
+    if not os.path.isdir("/proc/driver/nvidia/gpus") or not os.listdir("/proc/driver/nvidia/gpus"):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("cupy") is not None
+
+
+def _is_parallel_sample_source(node: OpNode) -> bool:
+    return isinstance(node.op, ExternalSourceOp) and node.op.spec.parallel and node.op.spec.kind is SourceKind.SAMPLE
+
+
+def _is_source(node: OpNode) -> bool:
+    return isinstance(node.op, ExternalSourceOp)
+
+
+class _Evaluator:
+    """Evaluates a list of graph nodes for one sample (worker stage, or main-stage CPU ops)."""
+
+    def __init__(self, nodes: Sequence[OpNode], seed: int) -> None:
+        self.nodes = list(nodes)
+        self.seed = seed
+
+    def run(self, info: SampleInfo, env: dict[int, tuple], epoch_idx: int) -> dict[int, tuple]:
+        for node in self.nodes:
+            if _is_source(node):
+                env[node.op_id] = node.op.spec.call_sample(info)
+                continue
+            inputs = [env[x.source.op_id][x.index] for x in node.inputs]
+            args = {k: env[x.source.op_id][x.index] for k, x in node.arg_inputs.items()}
+            ctx = SampleContext(
+                seed=node.op.seed if node.op.seed is not None else self.seed,
+                op_key=node.op_id,
+                epoch_idx=epoch_idx,
+                idx_in_epoch=info.idx_in_epoch,
+                idx_in_batch=info.idx_in_batch,
+                iteration=info.iteration,
+            )
+            try:
+                out = node.op.run_cpu(inputs, args, ctx)
+            except SampleError:
+                raise
+            except Exception as e:
+                e.add_note(f"in fn.{node.op.name} (op #{node.op_id}) for sample idx_in_epoch={info.idx_in_epoch}")
+                raise
+            env[node.op_id] = out if isinstance(out, tuple) else (out,)
+        return env
+
+
+class _WorkerProgram:
+    """What the pool's workers run (see `workers.worker.WorkerProgram`)."""
+
+    def __init__(self, kind: str, evaluator: _Evaluator, exports: Sequence[DataNode], source: SourceSpec | None) -> None:
+        self.kind = kind
+        self.evaluator = evaluator
+        self.exports = [(x.source.op_id, x.index) for x in exports]
+        self.source = source
+
+    def run_sample(self, info: SampleInfo) -> tuple[np.ndarray, ...]:
+        env = self.evaluator.run(info, {}, info.epoch_idx)
+        return tuple(env[op_id][i] for op_id, i in self.exports)
+
+    def run_batch(self, info: BatchInfo) -> list[tuple[np.ndarray, ...]]:
+        return self.source.call_batch(info)
+
+    def start_epoch(self, epoch_idx: int) -> None:
+        self.source.start_epoch(epoch_idx)
+
+    def next_batch(self, info: BatchInfo) -> list[tuple[np.ndarray, ...]]:
+        return self.source.next_batch(info)
+
+
+class Pipeline:
+    """DALI's Pipeline, for graphs fed by external sources. Usually made with `pipeline_def`."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_threads: int = 1,
+        device_id: int | None = None,
+        seed: int = -1,
+        *,
+        py_num_workers: int = 1,
+        py_start_method: str = "fork",
+        py_callback_pickler: Any = None,
+        prefetch_queue_depth: int = 2,
+        bytes_per_sample_hint: int | None = None,
+        num_shards: int = 1,
+        shard_id: int = 0,
+        exec_pipelined: bool = True,
+        exec_async: bool = True,
+        set_affinity: bool = False,
+        max_streams: int = -1,
+        enable_conditionals: bool = False,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        if not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive int; got {num_threads!r}")
+        if not isinstance(prefetch_queue_depth, int) or prefetch_queue_depth < 1:
+            raise ValueError(f"prefetch_queue_depth must be a positive int; got {prefetch_queue_depth!r}")
+        if not isinstance(num_shards, int) or num_shards < 1 or not 0 <= shard_id < num_shards:
+            raise ValueError(f"need 0 <= shard_id < num_shards; got shard_id={shard_id!r}, num_shards={num_shards!r}")
+        if enable_conditionals:
+            raise ValueError("enable_conditionals=True is not supported by ray_extsrc")
+        if py_start_method not in ("fork", "spawn"):
+            raise ValueError(f"py_start_method must be 'fork' or 'spawn'; got {py_start_method!r}")
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.device_id = device_id
+        self.seed = seed if seed is not None and seed >= 0 else secrets.randbits(63)
+        self.py_num_workers = py_num_workers
+        self.py_start_method = py_start_method
+        self.py_callback_pickler = py_callback_pickler
+        self.prefetch_queue_depth = prefetch_queue_depth
+        self.bytes_per_sample_hint = bytes_per_sample_hint or (1 << 20)
+        self.num_shards = num_shards
+        self.shard_id = shard_id
+        self.graph = Graph()
+        self.outputs: tuple[DataNode, ...] = ()
+        self.state = State.DEFINED
+        self.epoch_idx = 0
+        self._iteration = 0  # local iteration to run next
+        self._submitted = 0  # local iterations submitted to the pool
+        self._epoch_over = False
+        self._pool: WorkerPool | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._planned = False
+        self._scope: graph_scope | None = None
+
+    # -- definition --------------------------------------------------------------------------------
+
+    def __enter__(self) -> Pipeline:
+        self._require(State.DEFINED, "define ops in")
+        self._scope = graph_scope(self.graph)
+        self._scope.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._scope is not None:
+            self._scope.__exit__(*exc)
+            self._scope = None
+
+    def set_outputs(self, *outputs: DataNode) -> None:
+        self._require(State.DEFINED, "set outputs of")
+        for i, x in enumerate(outputs):
+            if not isinstance(x, DataNode):
+                raise TypeError(f"pipeline output {i} must be a DataNode (an op's output); got {type(x).__name__}")
+        self.outputs = tuple(outputs)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _require(self, state: State, action: str) -> None:
+        if self.state is not state:
+            raise LifecycleError(
+                f"cannot {action} a pipeline whose state is '{self.state.value}'; it must be '{state.value}'"
+            )
+
+    def start_py_workers(self) -> None:
+        """Start the Python workers of the parallel sources. Call before anything touches CUDA."""
+        if self.state is State.CLOSED:
+            raise LifecycleError("cannot start workers of a closed pipeline")
+        if self.state is not State.DEFINED:
+            raise LifecycleError(
+                f"start_py_workers() was already done (pipeline state: '{self.state.value}'); "
+                "call it once per pipeline, before build()"
+            )
+        self._plan()
+        if self._program is not None:
+            self._pool = WorkerPool(
+                self._program,
+                self.py_num_workers,
+                start_method=self.py_start_method,
+                pickler=self.py_callback_pickler,
+                slot_bytes=self.bytes_per_sample_hint * max(1, -(-self.batch_size // self.py_num_workers)),
+                name=f"pipeline shard {self.shard_id}" if self.num_shards > 1 else "",
+            )
+            self._pool.start()
+        self.state = State.WORKERS_STARTED
+
+    def build(self) -> None:
+        if self.state is State.CLOSED:
+            raise LifecycleError("cannot build a closed pipeline")
+        if self.state is State.BUILT:
+            return
+        if self.state is State.DEFINED:
+            self.start_py_workers()
+        if self._main_cpu:
+            self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
+        self.state = State.BUILT
+
+    def close(self) -> None:
+        """Stop the workers and free shared memory. Idempotent; also done at garbage collection."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+            self._threads = None
+        self.state = State.CLOSED
+
+    @property
+    def py_worker_pids(self) -> dict[int, int]:
+        """worker id -> pid of this pipeline's live Python workers (empty when not parallel)."""
+        return self._pool.pids if self._pool is not None else {}
+
+    @property
+    def py_worker_respawns(self) -> int:
+        return self._pool.respawns if self._pool is not None else 0
+
+    # -- planning ----------------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        if not self.outputs:
+            raise ValueError("the pipeline has no outputs: return them from the @pipeline_def function")
+        nodes = self.graph.nodes
+        self._use_gpu = self.device_id is not None and gpu_available()
+        self._device: dict[int, str] = {}
+        fallback = []
+        for node in nodes:
+            dev = node.op.device
+            if dev in ("gpu", "mixed") and (not self._use_gpu or getattr(node.op, "run_gpu", None) is None):
+                fallback.append(f"fn.{node.op.name}(device={dev!r})")
+                dev = "cpu"
+            self._device[node.op_id] = "cpu" if dev == "cpu" else "gpu"
+        if fallback:
+            why = (
+                "no usable GPU in this process" if not self._use_gpu
+                else "their GPU implementation is not available"
+            )
+            warnings.warn(
+                f"ray_extsrc: {', '.join(fallback)} will run on the CPU: {why} "
+                f"(device_id={self.device_id!r}). Results are the same; only speed differs.",
+                NoGPUWarning,
+                stacklevel=4,
+            )
+        parallel_sample = [n for n in nodes if _is_parallel_sample_source(n)]
+        parallel_batch = [n for n in nodes if _is_source(n) and n.op.spec.parallel and n.op.spec.kind is not SourceKind.SAMPLE]
+        if parallel_batch and (parallel_sample or len(parallel_batch) > 1):
+            raise ValueError(
+                "a pipeline may have either per-sample parallel sources, or one batch/iterable "
+                "parallel source; split the others into another pipeline or make them parallel=False"
+            )
+        worker_ids: set[int] = set()
+        if parallel_sample:
+            for node in nodes:
+                deps = [x.source.op_id for x in (*node.inputs, *node.arg_inputs.values())]
+                if _is_parallel_sample_source(node) or (
+                    not _is_source(node)
+                    and self._device[node.op_id] == "cpu"
+                    and all(d in worker_ids for d in deps)
+                ):
+                    worker_ids.add(node.op_id)
+        elif parallel_batch:
+            worker_ids.add(parallel_batch[0].op_id)
+        self._worker_ids = worker_ids
+        used_by_main = [
+            x for n in nodes if n.op_id not in worker_ids for x in (*n.inputs, *n.arg_inputs.values())
+        ] + list(self.outputs)
+        exports: list[DataNode] = []
+        for x in used_by_main:
+            if x.source.op_id in worker_ids and x not in exports:
+                exports.append(x)
+        self._exports = exports
+        self._main_nodes = [n for n in nodes if n.op_id not in worker_ids]
+        self._main_cpu = any(self._device[n.op_id] == "cpu" and not _is_source(n) for n in self._main_nodes)
+        if parallel_sample:
+            ev = _Evaluator([n for n in nodes if n.op_id in worker_ids], self.seed)
+            self._program: _WorkerProgram | None = _WorkerProgram(TASK_SAMPLES, ev, exports, None)
+        elif parallel_batch:
+            spec = parallel_batch[0].op.spec
+            spec.batch_size = self.batch_size
+            kind = TASK_ITER if spec.kind is SourceKind.ITERABLE else TASK_BATCH
+            self._program = _WorkerProgram(kind, _Evaluator([], self.seed), exports, spec)
+        else:
+            self._program = None
+        for n in nodes:
+            if _is_source(n):
+                n.op.spec.batch_size = self.batch_size
+        self._main_eval = _Evaluator(
+            [n for n in self._main_nodes if self._device[n.op_id] == "cpu" and not _is_source(n)], self.seed
+        )
+        self._epoch_length = self._known_epoch_length(parallel_sample)
+        self._planned = True
+
+    def _known_epoch_length(self, sample_sources: Sequence[OpNode]) -> int | None:
+        """Local iterations per epoch, when every per-sample source knows its length (``__len__``)."""
+        lengths = []
+        for n in sample_sources:
+            try:
+                lengths.append(len(n.op.spec.source))
+            except TypeError:
+                return None
+        if not lengths:
+            return None
+        full_batches = min(lengths) // self.batch_size
+        return full_batches // self.num_shards
+
+    def epoch_size(self) -> int | None:
+        """Batches this pipeline (this shard) yields per epoch, if the source has ``__len__``."""
+        if not self._planned:
+            self._plan()
+        return self._epoch_length
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def _global_iteration(self, i: int) -> int:
+        return i * self.num_shards + self.shard_id
+
+    def _sample_infos(self, i: int) -> tuple[SampleInfo, ...]:
+        g = self._global_iteration(i)
+        b = self.batch_size
+        return tuple(SampleInfo(g * b + j, j, g, self.epoch_idx) for j in range(b))
+
+    def _submit_ahead(self) -> None:
+        if self._pool is None:
+            return
+        last = self._iteration + self.prefetch_queue_depth
+        if self._epoch_length is not None:
+            last = min(last, self._epoch_length)
+        while self._submitted < last:
+            i = self._submitted
+            g = self._global_iteration(i)
+            kind = self._program.kind
+            if kind == TASK_SAMPLES:
+                chunks = [Chunk(kind, samples=c) for c in chunk_samples(self._sample_infos(i), self.py_num_workers)]
+            else:
+                chunks = [Chunk(kind, batch=BatchInfo(g, self.epoch_idx))]
+            self._pool.submit((self.epoch_idx, i), self.epoch_idx, g, chunks)
+            self._submitted += 1
+
+    def run(self) -> tuple[TensorListCPU | TensorListGPU, ...]:
+        """The next batch's outputs. Raises StopIteration at the end of the epoch (then reset())."""
+        if self.state is State.CLOSED:
+            raise LifecycleError("cannot run a closed pipeline")
+        if self.state is not State.BUILT:
+            self.build()
+        if self._epoch_over:
+            raise StopIteration
+        i = self._iteration
+        if self._epoch_length is not None and i >= self._epoch_length:
+            self._epoch_over = True
+            raise StopIteration
+        self._submit_ahead()
+        env: dict[int, Any] = {}
+        key = (self.epoch_idx, i)
+        try:
+            if self._pool is not None:
+                samples = self._pool.collect(key)
+                for k, x in enumerate(self._exports):
+                    env.setdefault(x.source.op_id, {})[x.index] = [s[k] for s in samples]
+            outputs = self._run_main(i, env)
+        except StopIteration:
+            self._epoch_over = True
+            raise
+        finally:
+            if self._pool is not None:
+                self._pool.release(key)
+        self._iteration += 1
+        return outputs
+
+    def _run_main(self, i: int, env: dict[int, dict[int, list]]) -> tuple:
+        infos = self._sample_infos(i)
+        g = self._global_iteration(i)
+        # in-process (parallel=False) sources first, then the main-stage ops in graph order
+        for node in self._main_nodes:
+            if _is_source(node):
+                spec = node.op.spec
+                if spec.kind is SourceKind.SAMPLE:
+                    rows = [spec.call_sample(info) for info in infos]
+                elif spec.kind is SourceKind.BATCH:
+                    rows = spec.call_batch(BatchInfo(g, self.epoch_idx))
+                else:
+                    if i == 0:
+                        spec.start_epoch(self.epoch_idx)
+                    rows = spec.next_batch(BatchInfo(g, self.epoch_idx))
+                env[node.op_id] = {k: [r[k] for r in rows] for k in range(spec.width)}
+        cpu_nodes = {n.op_id for n in self._main_eval.nodes}
+        if cpu_nodes:
+            self._run_main_cpu(infos, env)
+        for node in self._main_nodes:
+            if node.op_id in cpu_nodes or _is_source(node):
+                continue
+            self._run_gpu_op(node, infos, env)
+        return tuple(self._assemble(x, env) for x in self.outputs)
+
+    def _run_main_cpu(self, infos: Sequence[SampleInfo], env: dict[int, dict[int, list]]) -> None:
+        def one(j: int) -> dict[int, tuple]:
+            sample_env = {op_id: _row(outs, j) for op_id, outs in env.items()}
+            return self._main_eval.run(infos[j], sample_env, self.epoch_idx)
+
+        assert self._threads is not None
+        results = list(self._threads.map(one, range(len(infos))))
+        for node in self._main_eval.nodes:
+            env[node.op_id] = {
+                k: [r[node.op_id][k] for r in results] for k in range(node.op.num_outputs)
+            }
+
+    def _run_gpu_op(self, node: OpNode, infos: Sequence[SampleInfo], env: dict) -> None:
+        from .fn import _gpu_exec  # GPU modules load lazily, only on GPU machines
+
+        env[node.op_id] = _gpu_exec.run_op(self, node, infos, env)
+
+    def _assemble(self, x: DataNode, env: dict) -> TensorListCPU | TensorListGPU:
+        data = env[x.source.op_id][x.index]
+        layout = getattr(x.source.op, "output_layout_name", "")
+        if self._device.get(x.source.op_id) == "gpu":
+            from .fn import _gpu_exec
+
+            return _gpu_exec.assemble(data, layout)
+        return assemble_cpu(data, layout)
+
+    def reset(self) -> None:
+        """End the current epoch (wherever it stands) and start the next one (``epoch_idx + 1``)."""
+        if self.state is State.CLOSED:
+            raise LifecycleError("cannot reset a closed pipeline")
+        if self._pool is not None:
+            self._pool.discard()
+        self.epoch_idx += 1
+        self._iteration = 0
+        self._submitted = 0
+        self._epoch_over = False
+
+    def skip_to(self, epoch_idx: int, iteration: int) -> None:
+        """Continue at (epoch_idx, local iteration): used to resume from a checkpoint."""
+        if self._pool is not None:
+            self._pool.discard()
+        self.epoch_idx = epoch_idx
+        self._iteration = iteration
+        self._submitted = iteration
+        self._epoch_over = False
+
+
+def _row(outs: dict[int, list], j: int) -> tuple:
+    """Sample j of a node's outputs; outputs nobody downstream needs stay None."""
+    return tuple(outs[k][j] if k in outs else None for k in range(max(outs) + 1))
+
+
+_PIPELINE_ARGS = set(inspect.signature(Pipeline.__init__).parameters) - {"self"}
+
+
+def pipeline_def(fn: Callable | None = None, **pipeline_kwargs: Any) -> Callable:
+    """DALI's ``@pipeline_def``: calling the decorated function builds a `Pipeline`.
+
+    Pipeline arguments (``batch_size``, ``py_num_workers``, ...) given to the decorator are defaults;
+    the same names given to the call override them; other arguments go to the function::
+
+        @pipeline_def(batch_size=4, num_threads=2, device_id=0, py_num_workers=4)
+        def training_pipeline():
+            jpegs, labels = fn.external_source(source=..., num_outputs=2, parallel=True, batch=False)
+            return fn.decoders.image(jpegs, device="mixed"), labels
+
+        pipe = training_pipeline()
+        pipe.start_py_workers(); pipe.build(); images, labels = pipe.run()
+    """
+    unknown = set(pipeline_kwargs) - _PIPELINE_ARGS
+    if unknown:
+        raise TypeError(f"pipeline_def: unknown pipeline argument(s) {sorted(unknown)}")
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def create(*args: Any, **kwargs: Any) -> Pipeline:
+            pipe_args = dict(pipeline_kwargs)
+            for k in list(kwargs):
+                if k in _PIPELINE_ARGS:
+                    pipe_args[k] = kwargs.pop(k)
+            pipe = Pipeline(**pipe_args)
+            with pipe:
+                outputs = func(*args, **kwargs)
+            if isinstance(outputs, DataNode):
+                outputs = (outputs,)
+            pipe.set_outputs(*outputs)
+            return pipe
+
+        return create
+
+    return decorate(fn) if fn is not None else decorate

@@ -1,0 +1,91 @@
+"""Every message that crosses a process boundary in the worker pool.
+
+Parent (`pool.WorkerPool`)  ──Task / Shutdown──►  worker (`worker.worker_main`)
+Parent                      ◄──TaskDone / TaskFailed──  worker
+Parent  ──SpawnWorker (+2 fds over SCM_RIGHTS)──►  zygote (`zygote.zygote_main`)
+Parent  ◄──WorkerSpawned──  zygote
+
+All are small dataclasses pickled by `multiprocessing.connection` (parent <-> worker) or by the
+zygote's control socket. Array payloads never travel here: they go through shared memory
+(`shm`), and messages only say where they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..types import BatchInfo, SampleInfo
+
+TASK_SAMPLES = "samples"  # per-sample callable(s): the task carries the SampleInfos of a chunk
+TASK_BATCH = "batch"  # batch callable: the task carries one BatchInfo
+TASK_ITER = "iter"  # iterable/generator: next() of the worker's iterator for the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRef:
+    """A shared-memory segment the worker should write its output into."""
+
+    name: str
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    task_id: int
+    kind: str
+    epoch_idx: int
+    iteration: int
+    samples: tuple[SampleInfo, ...] = ()
+    batch: BatchInfo | None = None
+    slot: SlotRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayMeta:
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDone:
+    task_id: int
+    worker_id: int
+    capacity: int  # the slot's size now (a worker grows a slot that was too small)
+    samples: tuple[tuple[ArrayMeta, ...], ...]  # per sample, per output
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    """A task could not be completed. ``stop_iteration`` marks the end of the epoch, not an error.
+
+    The original exception is never pickled (an unpicklable one would hang the parent): its type
+    name, message and formatted traceback travel as plain strings.
+    """
+
+    task_id: int
+    worker_id: int
+    pid: int
+    idx_in_epoch: int | None
+    iteration: int
+    epoch_idx: int
+    stop_iteration: bool
+    exc_type: str = ""
+    message: str = ""
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnWorker:
+    worker_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpawned:
+    worker_id: int
+    pid: int

@@ -1,0 +1,469 @@
+"""The parent side of the worker pool (child sides: `zygote.zygote_main`, `worker.worker_main`).
+
+A batch is submitted as one or more chunks; each chunk becomes a `Task` sent to the least busy
+worker together with a free shared-memory slot. `collect` returns a batch's samples in order, as
+read-only views into the slots, which stay reserved until `release`.
+
+NOTE [shutdown and faults]
+* A worker that dies (kill -9, segfault in a C extension) is noticed by EOF on its result pipe. The
+  zygote forks a replacement with the same worker id and the dead worker's unfinished tasks are sent
+  to it again (replay), so the epoch still holds every sample exactly once. A task that kills
+  `MAX_REPLAYS` workers in a row is reported as `WorkerDiedError` naming its samples. Iterable
+  sources are stateful and cannot be replayed: their worker's death is a `WorkerDiedError`.
+* `close()` (also run by garbage collection and at interpreter exit through `weakref.finalize`)
+  asks every worker to stop, closes the zygote's control socket (the zygote then terminates and
+  reaps any worker left), waits for the zygote, and unlinks every slot. If the parent itself is
+  killed, workers see EOF on their task pipe and the zygote on its control socket, and both exit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from ..errors import DecodeError, ForkAfterCUDAError, SourceError, WorkerDiedError
+from ..types import BatchInfo, SampleInfo
+from ._cuda import cuda_initialized
+from .messages import (
+    TASK_ITER,
+    TASK_SAMPLES,
+    Shutdown,
+    SlotRef,
+    SpawnWorker,
+    Task,
+    TaskDone,
+    TaskFailed,
+    WorkerSpawned,
+)
+from .shm import Segment, read_samples
+
+__all__ = ["WorkerPool", "Chunk", "cuda_initialized", "MAX_REPLAYS"]
+
+MAX_REPLAYS = 3
+_ZYGOTE_REPLY_TIMEOUT_S = 30.0  # a fork takes milliseconds; a spawned zygote imports numpy first
+_JOIN_TIMEOUT_S = 5.0  # the zygote gives workers 2 s after SIGTERM before SIGKILL, plus margin
+
+_FORK_AFTER_CUDA = (
+    "cannot start Python workers with py_start_method='fork': CUDA is already initialised in this "
+    "process (pid {pid}), and a forked child cannot use, or safely inherit, a CUDA context. "
+    "Either call start_py_workers() on every pipeline before anything touches CUDA (building a "
+    "pipeline, creating a torch/CuPy GPU tensor, ...), or use py_start_method='spawn' (the source "
+    "must then be picklable)."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Part of a batch for one task: the SampleInfos of a slice, or a BatchInfo."""
+
+    kind: str
+    samples: tuple[SampleInfo, ...] = ()
+    batch: BatchInfo | None = None
+
+
+@dataclass(eq=False)
+class _Worker:
+    worker_id: int
+    pid: int
+    tasks: Connection
+    results: Connection
+    outstanding: dict[int, Task] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Batch:
+    key: Hashable
+    task_ids: list[int]
+    done: dict[int, TaskDone] = field(default_factory=dict)
+    failed: TaskFailed | None = None
+
+
+def _finalize(zygote: Any, ctl: socket.socket | None, workers: dict, slots: list) -> None:
+    """Shutdown shared by close() and the finalizer. See NOTE [shutdown and faults]."""
+    for w in list(workers.values()):
+        try:
+            w.tasks.send(Shutdown())
+        except OSError:
+            pass
+        w.tasks.close()
+        w.results.close()
+    workers.clear()
+    if ctl is not None:
+        ctl.close()
+    if zygote is not None:
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        while time.monotonic() < deadline and not zygote.poll():
+            time.sleep(0.005)
+        if not zygote.poll():
+            zygote.kill()
+            zygote.wait()
+    for seg in slots:
+        seg.close()
+    slots.clear()
+
+
+class _ForkedZygote:
+    """`subprocess.Popen`-like handle on a zygote we forked ourselves."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+class WorkerPool:
+    """Python worker processes running ``program`` (see `worker.WorkerProgram`).
+
+    ``start_method`` "fork" forks the zygote from this process (refused once CUDA is initialised);
+    "spawn" starts it as a fresh interpreter and sends it the pickled program (``pickler`` is a
+    module-like object with ``dumps``; default `pickle`).
+    """
+
+    def __init__(
+        self,
+        program: Any,
+        num_workers: int,
+        *,
+        start_method: str = "fork",
+        pickler: Any = None,
+        slot_bytes: int = 1 << 20,
+        name: str = "",
+    ) -> None:
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"py_num_workers must be an int >= 1; got {num_workers!r}")
+        if start_method not in ("fork", "spawn"):
+            raise ValueError(f"py_start_method must be 'fork' or 'spawn'; got {start_method!r}")
+        self.program = program
+        self.num_workers = 1 if program.kind == TASK_ITER else num_workers
+        self.start_method = start_method
+        self.pickler = pickler if pickler is not None else pickle
+        self.slot_bytes = max(4096, int(slot_bytes))
+        self.name = name
+        self._workers: dict[int, _Worker] = {}
+        self._slots: list[Segment] = []
+        self._free_slots: list[Segment] = []
+        self._task_slot: dict[int, Segment] = {}
+        self._task_batch: dict[int, _Batch] = {}
+        self._task_replays: defaultdict[int, int] = defaultdict(int)
+        self._batches: dict[Hashable, _Batch] = {}
+        self._held: dict[Hashable, list[Segment]] = {}
+        self._ids = itertools.count()
+        self._rr = itertools.count()
+        self._zygote: Any = None
+        self._ctl: socket.socket | None = None
+        self._finalizer: Callable[[], Any] | None = None
+        self.respawns = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._zygote is not None
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """worker id -> pid of the live workers."""
+        return {w.worker_id: w.pid for w in self._workers.values()}
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._zygote.pid if self._zygote is not None else None
+
+    def start(self) -> None:
+        if self.started:
+            return
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            if self.start_method == "fork":
+                self._zygote = self._fork_zygote(child_sock)
+            else:
+                self._zygote = self._spawn_zygote(child_sock)
+        finally:
+            child_sock.close()
+        self._ctl = parent_sock
+        self._finalizer = weakref.finalize(
+            self, _finalize, self._zygote, self._ctl, self._workers, self._slots
+        )
+        for wid in range(self.num_workers):
+            self._spawn_worker(wid)
+
+    def _fork_zygote(self, child_sock: socket.socket) -> _ForkedZygote:
+        if cuda_initialized():
+            raise ForkAfterCUDAError(_FORK_AFTER_CUDA.format(pid=os.getpid()))
+        from .zygote import run_forked
+
+        with warnings.catch_warnings():
+            # Python 3.12 warns about fork() in a multi-threaded process (Ray's workers are). The
+            # zygote only runs our single-threaded loop, which takes none of the other threads' locks.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            run_forked(child_sock.fileno(), self.program)  # never returns
+        return _ForkedZygote(pid)
+
+    def _spawn_zygote(self, child_sock: socket.socket) -> subprocess.Popen:
+        try:
+            payload = self.pickler.dumps(self.program)
+        except Exception as e:
+            raise TypeError(
+                "py_start_method='spawn' needs a picklable source: pickling it failed with "
+                f"{type(e).__name__}: {e}. Define the source (callable class or function) at module "
+                "level of an importable module and keep only picklable state in it, pass "
+                "py_callback_pickler=cloudpickle, or use py_start_method='fork'."
+            ) from e
+        fd = child_sock.fileno()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ray_extsrc.workers.zygote", str(fd)],
+            stdin=subprocess.PIPE,
+            pass_fds=(fd,),
+            start_new_session=False,
+        )
+        assert proc.stdin is not None
+        try:
+            pickle.dump(list(sys.path), proc.stdin)
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the zygote died early; _spawn_worker reports it
+        return proc
+
+    def _spawn_worker(self, worker_id: int) -> _Worker:
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        try:
+            assert self._ctl is not None
+            socket.send_fds(self._ctl, [pickle.dumps(SpawnWorker(worker_id))], [task_r, result_w])
+            self._ctl.settimeout(_ZYGOTE_REPLY_TIMEOUT_S)
+            reply = self._ctl.recv(1 << 16)
+            if not reply:
+                raise EOFError
+            msg = pickle.loads(reply)
+        except (OSError, EOFError) as e:
+            for fd in (task_w, result_r):
+                os.close(fd)
+            code = self._zygote.poll() if self._zygote is not None else None
+            raise WorkerDiedError(
+                f"worker pool{self._label()}: the zygote process (pid {self.zygote_pid}) could not "
+                f"start worker {worker_id} ({type(e).__name__}: {e}; zygote exit code {code}). "
+                "With py_start_method='spawn', the zygote's own error is printed above."
+            ) from e
+        finally:
+            os.close(task_r)
+            os.close(result_w)
+        if not isinstance(msg, WorkerSpawned) or msg.worker_id != worker_id:
+            raise WorkerDiedError(f"worker pool{self._label()}: unexpected zygote reply {msg!r}")
+        w = _Worker(worker_id, msg.pid, Connection(task_w, readable=False), Connection(result_r, writable=False))
+        self._workers[worker_id] = w
+        return w
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._batches.clear()
+        self._held.clear()
+
+    def _label(self) -> str:
+        return f" {self.name!r}" if self.name else ""
+
+    # -- data path -------------------------------------------------------------------------------
+
+    def submit(self, key: Hashable, epoch_idx: int, iteration: int, chunks: Sequence[Chunk]) -> None:
+        """Queue one batch, made of ``chunks``, under ``key``."""
+        if not self.started:
+            raise RuntimeError("the worker pool is not started")
+        batch = _Batch(key, [])
+        self._batches[key] = batch
+        for chunk in chunks:
+            task_id = next(self._ids)
+            slot = self._take_slot(max(1, len(chunk.samples)))
+            task = Task(
+                task_id=task_id,
+                kind=chunk.kind,
+                epoch_idx=epoch_idx,
+                iteration=iteration,
+                samples=chunk.samples,
+                batch=chunk.batch,
+                slot=SlotRef(slot.name, slot.size),
+            )
+            batch.task_ids.append(task_id)
+            self._task_slot[task_id] = slot
+            self._task_batch[task_id] = batch
+            self._send(self._pick_worker(chunk.kind), task)
+
+    def _pick_worker(self, kind: str) -> _Worker:
+        if kind == TASK_ITER:
+            return self._workers[0]
+        workers = list(self._workers.values())
+        start = next(self._rr) % len(workers)
+        rotated = workers[start:] + workers[:start]
+        return min(rotated, key=lambda w: len(w.outstanding))
+
+    def _send(self, w: _Worker, task: Task) -> None:
+        w.outstanding[task.task_id] = task
+        try:
+            w.tasks.send(task)
+        except OSError:
+            pass  # the worker is dead; its EOF on the result pipe triggers the replay
+
+    def _take_slot(self, nsamples: int) -> Segment:
+        if self._free_slots:
+            return self._free_slots.pop()
+        seg = Segment.create(self.slot_bytes * nsamples, tag=f"{len(self._slots)}_")
+        self._slots.append(seg)
+        return seg
+
+    def collect(self, key: Hashable, timeout: float | None = None) -> list[tuple]:
+        """Wait for batch ``key``; return its samples (views) in order, or raise.
+
+        Raises StopIteration when the source ended the epoch in this batch, `SourceError` when it
+        raised, `WorkerDiedError` when a worker could not be replaced or a task kept killing them.
+        """
+        batch = self._batches[key]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while batch.failed is None and len(batch.done) < len(batch.task_ids):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"worker pool{self._label()}: batch {key!r} not ready after {timeout} s")
+            self._poll(remaining)
+        del self._batches[key]
+        slots = [self._task_slot.pop(t) for t in batch.task_ids]
+        for t in batch.task_ids:
+            self._task_batch.pop(t, None)
+            self._task_replays.pop(t, None)
+        if batch.failed is not None:
+            # tasks of this batch still running keep their slots until their answers arrive
+            pending = [t for t in batch.task_ids if t not in batch.done and self._is_outstanding(t)]
+            for t, seg in zip(batch.task_ids, slots):
+                if t in pending:
+                    self._task_slot[t] = seg
+                else:
+                    self._free_slots.append(seg)
+            self._raise_failure(batch.failed)
+        out: list[tuple] = []
+        for t, seg in zip(batch.task_ids, slots):
+            done = batch.done[t]
+            if seg.size != done.capacity:
+                seg.remap()
+            out.extend(read_samples(seg, done.samples))
+        self._held[key] = slots
+        return out
+
+    def release(self, key: Hashable) -> None:
+        """Give back the slots of a collected batch (its views must no longer be used)."""
+        self._free_slots.extend(self._held.pop(key, ()))
+
+    def discard(self) -> None:
+        """Forget every submitted, uncollected batch (epoch reset); their slots free as answers come."""
+        for batch in self._batches.values():
+            for t in batch.task_ids:
+                self._task_batch.pop(t, None)
+        self._batches.clear()
+
+    def _is_outstanding(self, task_id: int) -> bool:
+        return any(task_id in w.outstanding for w in self._workers.values())
+
+    def _poll(self, timeout: float | None) -> None:
+        by_conn = {w.results: w for w in self._workers.values()}
+        for conn in wait(list(by_conn), timeout):
+            w = by_conn[conn]
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                self._replace(w)
+                continue
+            self._handle(w, msg)
+
+    def _handle(self, w: _Worker, msg: TaskDone | TaskFailed) -> None:
+        w.outstanding.pop(msg.task_id, None)
+        batch = self._task_batch.get(msg.task_id)
+        if batch is None:  # a discarded batch (epoch reset) or a failed one: just free the slot
+            seg = self._task_slot.pop(msg.task_id, None)
+            if seg is not None:
+                if isinstance(msg, TaskDone) and seg.size != msg.capacity:
+                    seg.remap()
+                self._free_slots.append(seg)
+            return
+        if isinstance(msg, TaskDone):
+            batch.done[msg.task_id] = msg
+        elif batch.failed is None or (batch.failed.stop_iteration and not msg.stop_iteration):
+            batch.failed = msg  # a real error outranks an end of epoch in the same batch
+
+    def _replace(self, dead: _Worker) -> None:
+        """See NOTE [shutdown and faults]."""
+        dead.tasks.close()
+        dead.results.close()
+        del self._workers[dead.worker_id]
+        if self.program.kind == TASK_ITER:
+            raise WorkerDiedError(
+                f"worker {dead.worker_id} (pid {dead.pid}) of pool{self._label()} died; it ran an "
+                "iterable source, whose state cannot be replayed. Restart the epoch (reset()), or "
+                "use a per-sample callable source, whose samples are replayed after a worker dies."
+            )
+        for task_id in dead.outstanding:
+            self._task_replays[task_id] += 1
+            if self._task_replays[task_id] > MAX_REPLAYS:
+                task = dead.outstanding[task_id]
+                idx = [s.idx_in_epoch for s in task.samples]
+                raise WorkerDiedError(
+                    f"samples idx_in_epoch={idx} (iteration {task.iteration}, epoch {task.epoch_idx}) "
+                    f"killed {MAX_REPLAYS + 1} workers in a row (last: worker {dead.worker_id}, "
+                    f"pid {dead.pid}); the source likely crashes the process on them (a segfault in "
+                    "a C extension, os._exit, running out of memory). Fix or skip those samples."
+                )
+        new = self._spawn_worker(dead.worker_id)
+        self.respawns += 1
+        for task in dead.outstanding.values():
+            self._send(new, task)
+
+    def _raise_failure(self, f: TaskFailed) -> None:
+        if f.stop_iteration:
+            raise StopIteration
+        where = f"idx_in_epoch={f.idx_in_epoch}, " if f.idx_in_epoch is not None else ""
+        cls = DecodeError if f.exc_type == "DecodeError" else SourceError
+        what = "decoding failed" if cls is DecodeError else f"{f.exc_type} was raised"
+        raise cls(
+            f"{what} for sample {where}iteration={f.iteration}, epoch_idx={f.epoch_idx} in Python "
+            f"worker {f.worker_id} (pid {f.pid}) of pool{self._label()}: {f.message}\n\n"
+            f"Original traceback (in the worker):\n{f.traceback}",
+            idx_in_epoch=f.idx_in_epoch,
+            iteration=f.iteration,
+            epoch_idx=f.epoch_idx,
+            worker_id=f.worker_id,
+            pid=f.pid,
+            remote_traceback=f.traceback,
+        )

@@ -1,0 +1,148 @@
+"""The child side of the pool: one worker process's loop (its parent side is `pool.WorkerPool`).
+
+A worker receives `Task`s on its task connection, runs the program (the user's source plus the
+CPU ops that can run next to it), writes the samples into the task's shared-memory slot and
+answers `TaskDone`, or `TaskFailed` carrying the sample index and the formatted traceback. It
+never calls Ray, CUDA or torch. It exits when told to (`Shutdown`) or when its task connection
+closes (the parent is gone), so an orphan cannot outlive its pool.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..types import BatchInfo, SampleInfo
+from .messages import TASK_BATCH, TASK_ITER, TASK_SAMPLES, Shutdown, Task, TaskDone, TaskFailed
+from .shm import Segment, write_samples
+
+Sample = tuple[np.ndarray, ...]
+
+
+class WorkerProgram(Protocol):
+    """What a worker runs. Built by the pipeline; opaque to the pool.
+
+    ``run_sample`` serves per-sample sources, ``run_batch`` batch callables, ``next_batch``
+    iterables (stateful: ``start_epoch`` re-creates the iterator).
+    """
+
+    kind: str
+
+    def run_sample(self, info: SampleInfo) -> Sample: ...
+
+    def run_batch(self, info: BatchInfo) -> list[Sample]: ...
+
+    def start_epoch(self, epoch_idx: int) -> None: ...
+
+    def next_batch(self, info: BatchInfo) -> list[Sample]: ...
+
+
+@dataclass
+class WorkerArgs:
+    worker_id: int
+    task_fd: int
+    result_fd: int
+    program: Any
+
+
+class _SampleFailure(Exception):
+    def __init__(self, idx: int | None, stop: bool) -> None:
+        self.idx = idx
+        self.stop = stop
+
+
+def _run_task(program: Any, task: Task, state: dict) -> list[Sample]:
+    if task.kind == TASK_SAMPLES:
+        out = []
+        for info in task.samples:
+            try:
+                out.append(program.run_sample(info))
+            except StopIteration:
+                raise _SampleFailure(info.idx_in_epoch, stop=True) from None
+            except Exception as e:
+                raise _SampleFailure(info.idx_in_epoch, stop=False) from e
+        return out
+    try:
+        if task.kind == TASK_BATCH:
+            return program.run_batch(task.batch)
+        if task.kind == TASK_ITER:
+            if state.get("epoch") != task.epoch_idx:
+                program.start_epoch(task.epoch_idx)
+                state["epoch"] = task.epoch_idx
+            return program.next_batch(task.batch)
+    except StopIteration:
+        raise _SampleFailure(None, stop=True) from None
+    except Exception as e:
+        raise _SampleFailure(None, stop=False) from e
+    raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def worker_main(args: WorkerArgs) -> None:
+    # Ctrl-C goes to the whole process group; the parent handles it and shuts us down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tasks = Connection(args.task_fd, writable=False)
+    results = Connection(args.result_fd, readable=False)
+    pid = os.getpid()
+    segments: dict[str, Segment] = {}
+    state: dict = {}
+    try:
+        while True:
+            try:
+                msg = tasks.recv()
+            except (EOFError, OSError):
+                return  # parent closed the connection or died
+            if isinstance(msg, Shutdown):
+                return
+            task: Task = msg
+            try:
+                samples = _run_task(args.program, task, state)
+            except _SampleFailure as f:
+                cause = f.__cause__
+                results.send(
+                    TaskFailed(
+                        task_id=task.task_id,
+                        worker_id=args.worker_id,
+                        pid=pid,
+                        idx_in_epoch=f.idx,
+                        iteration=task.iteration,
+                        epoch_idx=task.epoch_idx,
+                        stop_iteration=f.stop,
+                        exc_type=type(cause).__name__ if cause else "",
+                        message=str(cause) if cause else "",
+                        traceback="".join(traceback.format_exception(cause)) if cause else "",
+                    )
+                )
+                continue
+            try:
+                seg = segments.get(task.slot.name)
+                if seg is None:
+                    seg = segments[task.slot.name] = Segment.attach(task.slot.name)
+                else:
+                    seg.remap()
+                layout = write_samples(seg, samples)
+            except Exception as e:  # a sample the pool cannot carry (e.g. an object array)
+                results.send(
+                    TaskFailed(
+                        task_id=task.task_id,
+                        worker_id=args.worker_id,
+                        pid=pid,
+                        idx_in_epoch=task.samples[0].idx_in_epoch if task.samples else None,
+                        iteration=task.iteration,
+                        epoch_idx=task.epoch_idx,
+                        stop_iteration=False,
+                        exc_type=type(e).__name__,
+                        message=f"cannot place the task's output in shared memory: {e}",
+                        traceback=traceback.format_exc(),
+                    )
+                )
+                continue
+            results.send(TaskDone(task.task_id, args.worker_id, seg.size, layout))
+    finally:
+        for seg in segments.values():
+            seg.close()

@@ -1,0 +1,121 @@
+"""The zygote: a small process started before CUDA that forks every worker of one pool.
+
+Why: a worker that dies after the parent has initialised CUDA must be replaced, and forking the
+parent then is unsafe (see `_cuda`). The zygote is forked (``py_start_method="fork"``) or spawned as
+a fresh interpreter (``"spawn"``) while the parent is still CUDA-free, holds the worker program,
+and forks a worker whenever the parent asks (`SpawnWorker`, with the worker's two pipe ends passed
+over SCM_RIGHTS), answering `WorkerSpawned`. It is single-threaded, so its forks are safe.
+
+Lifetime: it exits when its control socket closes (the pool closed, or the parent died), after
+terminating and reaping every worker it forked. It ignores SIGINT: Ctrl-C is the parent's to
+handle. Parent side: `pool.WorkerPool`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import time
+
+from .messages import SpawnWorker, WorkerSpawned
+from .worker import WorkerArgs, worker_main
+
+_MAX_CTL_MESSAGE = 1 << 16
+_KILL_GRACE_S = 2.0  # workers exit on SIGTERM at once unless stuck in user code
+
+
+def _reap(children: set[int]) -> None:
+    for pid in list(children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            children.discard(pid)
+
+
+def _terminate(children: set[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in children:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + _KILL_GRACE_S
+        while children and time.monotonic() < deadline:
+            _reap(children)
+            time.sleep(0.01)
+        if not children:
+            return
+
+
+def zygote_main(ctl: socket.socket, program: object) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    children: set[int] = set()
+    try:
+        while True:
+            ready, _, _ = select.select([ctl], [], [], 0.5)
+            _reap(children)
+            if not ready:
+                continue
+            try:
+                data, fds, _, _ = socket.recv_fds(ctl, _MAX_CTL_MESSAGE, 2)
+            except OSError:
+                return
+            if not data:
+                return  # the pool closed its end, or the parent died
+            msg = pickle.loads(data)
+            if not isinstance(msg, SpawnWorker) or len(fds) != 2:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    ctl.close()
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    worker_main(WorkerArgs(msg.worker_id, fds[0], fds[1], program))
+                except BaseException:  # noqa: BLE001 - the worker must never return into the zygote loop
+                    code = 1
+                finally:
+                    os._exit(code)
+            for fd in fds:
+                os.close(fd)
+            children.add(pid)
+            ctl.send(pickle.dumps(WorkerSpawned(msg.worker_id, pid)))
+    finally:
+        _terminate(children)
+
+
+def run_forked(ctl_fd: int, program: object) -> None:
+    """Body of a zygote forked from the parent. Never returns."""
+    code = 0
+    try:
+        # Drop every descriptor inherited from the parent but stdio and our control socket, so the
+        # parent's other pipes (other pools, Ray's sockets) do not stay open through us.
+        os.closerange(3, ctl_fd)
+        os.closerange(ctl_fd + 1, 1 << 16)
+        zygote_main(socket.socket(fileno=ctl_fd), program)
+    except BaseException:  # noqa: BLE001
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _spawned_entry() -> None:
+    """``python -m ray_extsrc.workers.zygote CTL_FD``: the program comes pickled on stdin."""
+    ctl_fd = int(sys.argv[1])
+    stdin = sys.stdin.buffer
+    sys.path[:] = pickle.load(stdin)  # the parent's import path, so its modules unpickle here
+    program = pickle.load(stdin)
+    stdin.close()
+    zygote_main(socket.socket(fileno=ctl_fd), program)
+
+
+if __name__ == "__main__":
+    _spawned_entry()
