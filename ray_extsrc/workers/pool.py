@@ -105,9 +105,9 @@ def _finalize(zygote: Any, ctl: socket.socket | None, workers: dict, slots: list
         ctl.close()
     if zygote is not None:
         deadline = time.monotonic() + _JOIN_TIMEOUT_S
-        while time.monotonic() < deadline and not zygote.poll():
+        while time.monotonic() < deadline and zygote.poll() is None:
             time.sleep(0.005)
-        if not zygote.poll():
+        if zygote.poll() is None:
             zygote.kill()
             zygote.wait()
     for seg in slots:
@@ -341,6 +341,8 @@ class WorkerPool:
             pass  # the worker is dead; its EOF on the result pipe triggers the replay
 
     def _take_slot(self, nsamples: int) -> Segment:
+        if not self._free_slots:
+            self._poll(0)  # answers to discarded tasks may be waiting to give their slots back
         if self._free_slots:
             return self._free_slots.pop()
         seg = Segment.create(self.slot_bytes * nsamples, tag=f"{len(self._slots)}_")
@@ -392,6 +394,9 @@ class WorkerPool:
         for batch in self._batches.values():
             for t in batch.task_ids:
                 self._task_batch.pop(t, None)
+                self._task_replays.pop(t, None)
+                if not self._is_outstanding(t):  # answered already: its slot is free now
+                    self._free_slots.append(self._task_slot.pop(t))
         self._batches.clear()
 
     def _is_outstanding(self, task_id: int) -> bool:

@@ -1,0 +1,68 @@
+"""Shared fixtures. Every test fails if it leaks a child process or a /dev/shm segment of ours."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import pytest
+
+from ray_extsrc.workers.shm import SHM_PREFIX
+
+# How long a test's leftovers may take to go away after close(): the zygote gives workers 2 s
+# after SIGTERM before SIGKILL, so 6 s leaves room on a loaded 2-core CI machine.
+_LEAK_GRACE_S = 6.0
+
+
+def descendants(pid: int | None = None) -> set[int]:
+    """pids of every live (non-zombie) process below ``pid`` (default: this process)."""
+    root = os.getpid() if pid is None else pid
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    out: set[int] = set()
+    todo = [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def our_shm() -> set[str]:
+    return set(glob.glob(f"/dev/shm/{SHM_PREFIX}*"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    if request.node.get_closest_marker("allow_children"):
+        yield
+        return
+    procs_before, shm_before = descendants(), our_shm()
+    yield
+    deadline = time.monotonic() + _LEAK_GRACE_S
+    while True:
+        procs, shm = descendants() - procs_before, our_shm() - shm_before
+        if not procs and not shm or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not procs, f"test leaked child processes: {sorted(procs)}"
+    assert not shm, f"test leaked shared-memory segments: {sorted(shm)}"
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def start_method(request) -> str:
+    return request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_children: the test may leave processes (e.g. a Ray cluster)")

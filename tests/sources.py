@@ -1,0 +1,157 @@
+"""Sources used by the tests. Module-level, so they pickle for py_start_method='spawn'."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+
+from ray_extsrc.types import BatchInfo, SampleInfo
+
+
+class IndexSource:
+    """Sample i is (array filled with i of a size that varies with i, [i], [epoch_idx], [pid])."""
+
+    def __init__(self, num_samples: int, batch_size: int, with_len: bool = False) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.full_iterations = num_samples // batch_size
+        self.with_len = with_len
+
+    def __call__(self, info: SampleInfo):
+        if info.iteration >= self.full_iterations:
+            raise StopIteration
+        i = info.idx_in_epoch
+        return (
+            np.full((i % 7 + 1, 3), i, dtype=np.int32),
+            np.int64([i]),
+            np.int64([info.epoch_idx]),
+            np.int64([os.getpid()]),
+        )
+
+
+class SizedIndexSource(IndexSource):
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class FailingSource:
+    """Raises ValueError for one sample in epoch 0 only."""
+
+    def __init__(self, bad_idx: int) -> None:
+        self.bad_idx = bad_idx
+
+    def __call__(self, info: SampleInfo):
+        if info.iteration >= 8:
+            raise StopIteration
+        if info.idx_in_epoch == self.bad_idx and info.epoch_idx == 0:
+            raise ValueError(f"cannot read record {info.idx_in_epoch}")
+        return np.int64([info.idx_in_epoch])
+
+
+class _Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("boom")
+        self.fn = lambda: None
+
+
+class UnpicklableErrorSource:
+    def __call__(self, info: SampleInfo):
+        if info.idx_in_epoch == 3:
+            raise _Unpicklable()
+        return np.int64([info.idx_in_epoch])
+
+
+class SuicideSource:
+    """kill -9s its own worker at sample ``victim`` the first time (a marker file remembers)."""
+
+    def __init__(self, num_samples: int, batch_size: int, victim: int, marker: str) -> None:
+        self.full_iterations = num_samples // batch_size
+        self.victim = victim
+        self.marker = marker
+
+    def __call__(self, info: SampleInfo):
+        if info.iteration >= self.full_iterations:
+            raise StopIteration
+        if info.idx_in_epoch == self.victim and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return np.int64([info.idx_in_epoch]), np.int64([os.getpid()])
+
+
+class AlwaysCrashSource:
+    def __call__(self, info: SampleInfo):
+        if info.idx_in_epoch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return np.int64([info.idx_in_epoch])
+
+
+class SlowSource:
+    """Uneven per-sample latency, to shuffle completion order across workers."""
+
+    def __init__(self, n: int, bs: int) -> None:
+        self.full_iterations = n // bs
+
+    def __call__(self, info: SampleInfo):
+        if info.iteration >= self.full_iterations:
+            raise StopIteration
+        time.sleep(((info.idx_in_epoch * 7919) % 5) * 0.002)
+        return np.int64([info.idx_in_epoch])
+
+
+class BigSampleSource:
+    """Samples far larger than bytes_per_sample_hint: the slots must grow."""
+
+    def __call__(self, info: SampleInfo):
+        if info.iteration >= 3:
+            raise StopIteration
+        n = 50_000 * (info.idx_in_epoch + 1)
+        return np.full(n, info.idx_in_epoch % 251, dtype=np.uint8)
+
+
+class BatchSource:
+    def __init__(self, batch_size: int, iterations: int) -> None:
+        self.batch_size = batch_size
+        self.iterations = iterations
+
+    def __call__(self, info):
+        it = info.iteration if isinstance(info, BatchInfo) else info
+        epoch = info.epoch_idx if isinstance(info, BatchInfo) else -1
+        if it >= self.iterations:
+            raise StopIteration
+        first = it * self.batch_size
+        labels = [np.int64([first + j]) for j in range(self.batch_size)]
+        epochs = [np.int64([epoch])] * self.batch_size
+        return labels, epochs
+
+
+class BatchIterable:
+    """An iterable (re-iterated each epoch) yielding batches of consecutive labels."""
+
+    def __init__(self, batch_size: int, iterations: int) -> None:
+        self.batch_size = batch_size
+        self.iterations = iterations
+
+    def __iter__(self):
+        for it in range(self.iterations):
+            yield [np.int64([it * self.batch_size + j]) for j in range(self.batch_size)]
+
+
+def batch_generator():
+    for it in range(3):
+        yield [np.int64([it * 2 + j]) for j in range(2)]
+
+
+class LambdaHolder:
+    def __init__(self) -> None:
+        self.f = lambda x: x
+
+    def __call__(self, info):
+        return np.int64([info.idx_in_epoch])
+
+
+class WrongDtypeSource:
+    def __call__(self, info):
+        return np.float64([info.idx_in_epoch])
