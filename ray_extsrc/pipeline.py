@@ -14,8 +14,9 @@ Execution plan, fixed when the workers start (before CUDA, since fork happens th
 * the *main stage* is the rest (GPU ops, ops on non-parallel sources), run per batch in this process:
   CPU ops on a thread pool of ``num_threads``, GPU ops batched.
 
-Sharding (used by the Ray layer): with ``num_shards=R, shard_id=r``, local iteration i serves global
-batch ``g = i*R + r``; SampleInfo carries the global ``idx_in_epoch = g*B + j`` and ``iteration = g``.
+Sharding (used by the Ray layer, see `sharding`): with ``num_shards=R, shard_id=r``, local iteration i
+serves global batch ``g = i*R + r``; SampleInfo carries the global ``idx_in_epoch = g*B + j`` (or the
+shuffled sample at that position) and ``iteration = g``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from .errors import LifecycleError, SampleError
-from .graph import DataNode, Graph, OpNode, SampleContext, graph_scope, current_graph
+from .graph import DataNode, Graph, OpNode, SampleContext, current_graph, graph_scope
+from .sharding import ShardLayout, epoch_permutation
 from .source import SourceKind, SourceSpec, chunk_samples, describe_source
 from .tensors import TensorListCPU, TensorListGPU, assemble_cpu
 from .types import BatchInfo, SampleInfo
@@ -188,6 +190,7 @@ class Pipeline:
         bytes_per_sample_hint: int | None = None,
         num_shards: int = 1,
         shard_id: int = 0,
+        shuffle: bool = False,
         exec_pipelined: bool = True,
         exec_async: bool = True,
         set_affinity: bool = False,
@@ -200,8 +203,6 @@ class Pipeline:
             raise ValueError(f"num_threads must be a positive int; got {num_threads!r}")
         if not isinstance(prefetch_queue_depth, int) or prefetch_queue_depth < 1:
             raise ValueError(f"prefetch_queue_depth must be a positive int; got {prefetch_queue_depth!r}")
-        if not isinstance(num_shards, int) or num_shards < 1 or not 0 <= shard_id < num_shards:
-            raise ValueError(f"need 0 <= shard_id < num_shards; got shard_id={shard_id!r}, num_shards={num_shards!r}")
         if enable_conditionals:
             raise ValueError("enable_conditionals=True is not supported by ray_extsrc")
         if py_start_method not in ("fork", "spawn"):
@@ -215,8 +216,8 @@ class Pipeline:
         self.py_callback_pickler = py_callback_pickler
         self.prefetch_queue_depth = prefetch_queue_depth
         self.bytes_per_sample_hint = bytes_per_sample_hint or (1 << 20)
-        self.num_shards = num_shards
-        self.shard_id = shard_id
+        self.layout = ShardLayout(num_shards, shard_id)
+        self.shuffle = shuffle
         self.graph = Graph()
         self.outputs: tuple[DataNode, ...] = ()
         self.state = State.DEFINED
@@ -274,7 +275,7 @@ class Pipeline:
                 start_method=self.py_start_method,
                 pickler=self.py_callback_pickler,
                 slot_bytes=self.bytes_per_sample_hint * max(1, -(-self.batch_size // self.py_num_workers)),
-                name=f"pipeline shard {self.shard_id}" if self.num_shards > 1 else "",
+                name=f"shard {self.layout.shard_id}/{self.layout.num_shards}" if self.layout.num_shards > 1 else "",
             )
             self._pool.start()
         self.state = State.WORKERS_STARTED
@@ -381,21 +382,34 @@ class Pipeline:
         self._main_eval = _Evaluator(
             [n for n in self._main_nodes if self._device[n.op_id] == "cpu" and not _is_source(n)], self.seed
         )
-        self._epoch_length = self._known_epoch_length(parallel_sample)
+        self._num_samples = self._known_num_samples([n for n in nodes if _is_source(n)])
+        if self.shuffle and self._num_samples is None:
+            raise ValueError("shuffle=True needs per-sample sources that define __len__ (the number of samples)")
+        if self.layout.num_shards > 1 and any(
+            _is_source(n) and n.op.spec.kind is SourceKind.ITERABLE for n in nodes
+        ):
+            raise ValueError("an iterable source cannot be sharded (it is stateful); use a callable source")
+        self._perm: tuple[int, np.ndarray] | None = None
         self._planned = True
 
-    def _known_epoch_length(self, sample_sources: Sequence[OpNode]) -> int | None:
-        """Local iterations per epoch, when every per-sample source knows its length (``__len__``)."""
+    @staticmethod
+    def _known_num_samples(sources: Sequence[OpNode]) -> int | None:
+        """Samples per epoch, when every source is per-sample and knows its length (``__len__``)."""
         lengths = []
-        for n in sample_sources:
+        for n in sources:
+            if n.op.spec.kind is not SourceKind.SAMPLE:
+                return None
             try:
                 lengths.append(len(n.op.spec.source))
             except TypeError:
                 return None
-        if not lengths:
+        return min(lengths) if lengths else None
+
+    @property
+    def _epoch_length(self) -> int | None:
+        if self._num_samples is None:
             return None
-        full_batches = min(lengths) // self.batch_size
-        return full_batches // self.num_shards
+        return self.layout.epoch_length(self._num_samples, self.batch_size)
 
     def epoch_size(self) -> int | None:
         """Batches this pipeline (this shard) yields per epoch, if the source has ``__len__``."""
@@ -406,12 +420,29 @@ class Pipeline:
     # -- running -----------------------------------------------------------------------------------
 
     def _global_iteration(self, i: int) -> int:
-        return i * self.num_shards + self.shard_id
+        return self.layout.global_batch(i)
+
+    def _sample_index(self, position: int) -> int:
+        if not self.shuffle:
+            return position
+        if self._perm is None or self._perm[0] != self.epoch_idx:
+            self._perm = (self.epoch_idx, epoch_permutation(self.seed, self.epoch_idx, self._num_samples))
+        return int(self._perm[1][position])
+
+    def _infos_of_global(self, g: int, only_last: bool = False) -> tuple[SampleInfo, ...]:
+        b = self.batch_size
+        js = [b - 1] if only_last else range(b)
+        return tuple(SampleInfo(self._sample_index(g * b + j), j, g, self.epoch_idx) for j in js)
 
     def _sample_infos(self, i: int) -> tuple[SampleInfo, ...]:
-        g = self._global_iteration(i)
-        b = self.batch_size
-        return tuple(SampleInfo(g * b + j, j, g, self.epoch_idx) for j in range(b))
+        return self._infos_of_global(self._global_iteration(i))
+
+    def _probe(self, i: int) -> tuple[SampleInfo, ...]:
+        """See `sharding`: without __len__, a shard learns the epoch's end from the last shard's batch."""
+        if self._epoch_length is not None:
+            return ()
+        g = self.layout.probe_batch(i)
+        return () if g is None else self._infos_of_global(g, only_last=True)
 
     def _submit_ahead(self) -> None:
         if self._pool is None:
@@ -425,6 +456,9 @@ class Pipeline:
             kind = self._program.kind
             if kind == TASK_SAMPLES:
                 chunks = [Chunk(kind, samples=c) for c in chunk_samples(self._sample_infos(i), self.py_num_workers)]
+                probe = self._probe(i)
+                if probe:
+                    chunks.append(Chunk(kind, samples=probe))
             else:
                 chunks = [Chunk(kind, batch=BatchInfo(g, self.epoch_idx))]
             self._pool.submit((self.epoch_idx, i), self.epoch_idx, g, chunks)
@@ -447,7 +481,7 @@ class Pipeline:
         key = (self.epoch_idx, i)
         try:
             if self._pool is not None:
-                samples = self._pool.collect(key)
+                samples = self._pool.collect(key)[: self.batch_size]  # minus the probe, if any
                 for k, x in enumerate(self._exports):
                     env.setdefault(x.source.op_id, {})[x.index] = [s[k] for s in samples]
             outputs = self._run_main(i, env)
@@ -468,6 +502,8 @@ class Pipeline:
             if _is_source(node):
                 spec = node.op.spec
                 if spec.kind is SourceKind.SAMPLE:
+                    for info in self._probe(i):
+                        spec.call_sample(info)  # raises StopIteration past the end
                     rows = [spec.call_sample(info) for info in infos]
                 elif spec.kind is SourceKind.BATCH:
                     rows = spec.call_batch(BatchInfo(g, self.epoch_idx))
@@ -518,14 +554,28 @@ class Pipeline:
         if self._pool is not None:
             self._pool.discard()
         self.epoch_idx += 1
+        if self.layout.base:  # a resumed epoch is over: the next one starts from its beginning
+            self.layout = ShardLayout(self.layout.num_shards, self.layout.shard_id)
         self._iteration = 0
         self._submitted = 0
         self._epoch_over = False
 
-    def skip_to(self, epoch_idx: int, iteration: int) -> None:
-        """Continue at (epoch_idx, local iteration): used to resume from a checkpoint."""
+    def position(self) -> dict[str, int]:
+        """Where this shard stands: the epoch, and the global batches consumed by all shards.
+
+        Feed it to `skip_to` (possibly of a pipeline with another ``num_shards``) to resume.
+        """
+        return {"epoch_idx": self.epoch_idx, "consumed_batches": self.layout.consumed_after(self._iteration)}
+
+    def skip_to(self, epoch_idx: int, iteration: int = 0, *, consumed_batches: int | None = None) -> None:
+        """Continue at local ``iteration`` of ``epoch_idx``; with ``consumed_batches``, after that many
+        global batches of the epoch were consumed under an earlier (maybe different) shard layout."""
+        if self.state is State.CLOSED:
+            raise LifecycleError("cannot move a closed pipeline")
         if self._pool is not None:
             self._pool.discard()
+        if consumed_batches is not None:
+            self.layout = ShardLayout(self.layout.num_shards, self.layout.shard_id, consumed_batches)
         self.epoch_idx = epoch_idx
         self._iteration = iteration
         self._submitted = iteration

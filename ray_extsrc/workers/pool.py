@@ -341,8 +341,6 @@ class WorkerPool:
             pass  # the worker is dead; its EOF on the result pipe triggers the replay
 
     def _take_slot(self, nsamples: int) -> Segment:
-        if not self._free_slots:
-            self._poll(0)  # answers to discarded tasks may be waiting to give their slots back
         if self._free_slots:
             return self._free_slots.pop()
         seg = Segment.create(self.slot_bytes * nsamples, tag=f"{len(self._slots)}_")
@@ -398,6 +396,11 @@ class WorkerPool:
                 if not self._is_outstanding(t):  # answered already: its slot is free now
                     self._free_slots.append(self._task_slot.pop(t))
         self._batches.clear()
+        # Wait for the discarded tasks still running. Workers take tasks in order, so the next
+        # epoch's tasks could not start before these anyway; waiting here keeps the number of
+        # slots bounded by what one epoch has in flight.
+        while any(w.outstanding for w in self._workers.values()):
+            self._poll(None)
 
     def _is_outstanding(self, task_id: int) -> bool:
         return any(task_id in w.outstanding for w in self._workers.values())

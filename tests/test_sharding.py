@@ -1,0 +1,108 @@
+"""Sharding across pipelines (what each loader actor runs): equal steps, every sample at most once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sources
+from ray_extsrc import pipeline_def
+from ray_extsrc.pipeline import external_source
+from ray_extsrc.sharding import ShardLayout, epoch_permutation
+
+pytestmark = pytest.mark.timeout(90)
+
+N, B = 103, 4  # 25 full batches: does not divide by 3 shards
+
+
+def shard_pipes(source, num_shards, **kw):
+    @pipeline_def(batch_size=B, num_threads=1, py_num_workers=2, seed=7, **kw)
+    def pipe():
+        return external_source(source=source, num_outputs=4, batch=False, parallel=True)
+
+    pipes = [pipe(num_shards=num_shards, shard_id=r) for r in range(num_shards)]
+    for p in pipes:
+        p.start_py_workers()
+    return pipes
+
+
+def run_epoch(p):
+    out = []
+    while True:
+        try:
+            out.append(p.run()[1].as_array().ravel().tolist())
+        except StopIteration:
+            p.reset()
+            return out
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["with-len", "probe"])
+def test_three_shards_equal_steps_no_duplicates(sized):
+    cls = sources.SizedIndexSource if sized else sources.IndexSource
+    pipes = shard_pipes(cls(N, B), 3)
+    try:
+        for _ in range(2):
+            per_rank = [run_epoch(p) for p in pipes]
+            assert [len(b) for b in per_rank] == [8, 8, 8]  # 25 batches // 3 ranks
+            flat = [i for b in per_rank for batch in b for i in batch]
+            assert len(flat) == len(set(flat)) == 8 * 3 * B
+            # rank r, local step i holds global batch g = 3i + r
+            for r, batches in enumerate(per_rank):
+                for i, batch in enumerate(batches):
+                    g = 3 * i + r
+                    assert batch == list(range(g * B, g * B + B))
+        if sized:
+            assert all(p.epoch_size() == 8 for p in pipes)
+    finally:
+        for p in pipes:
+            p.close()
+
+
+def test_shuffle_is_a_permutation_shared_by_all_shards_and_changes_per_epoch():
+    pipes = shard_pipes(sources.SizedIndexSource(N, B), 2, shuffle=True)
+    try:
+        epochs = []
+        for _ in range(2):
+            per_rank = [run_epoch(p) for p in pipes]
+            flat = [i for b in per_rank for batch in b for i in batch]
+            assert len(flat) == len(set(flat)) == 12 * 2 * B and set(flat) <= set(range(N))
+            epochs.append(per_rank)
+        assert epochs[0] != epochs[1]
+        perm = epoch_permutation(pipes[0].seed, 0, N)
+        assert epochs[0][1][0] == perm[B : 2 * B].tolist()  # rank 1, step 0 = positions 4..7
+    finally:
+        for p in pipes:
+            p.close()
+
+
+def test_elastic_resume_with_other_shard_count_finishes_the_epoch_exactly_once():
+    old = shard_pipes(sources.SizedIndexSource(N, B), 2)
+    seen = []
+    try:
+        for _ in range(3):  # every rank does 3 steps, then the run "fails"
+            for p in old:
+                seen += p.run()[1].as_array().ravel().tolist()
+        state = old[0].position()
+        assert state == old[1].position() == {"epoch_idx": 0, "consumed_batches": 6}
+    finally:
+        for p in old:
+            p.close()
+    new = shard_pipes(sources.SizedIndexSource(N, B), 3)
+    try:
+        for p in new:
+            p.skip_to(state["epoch_idx"], 0, consumed_batches=state["consumed_batches"])
+        rest = [run_epoch(p) for p in new]
+        assert [len(b) for b in rest] == [(25 - 6) // 3] * 3
+        seen += [i for b in rest for batch in b for i in batch]
+        assert len(seen) == len(set(seen))
+        assert sorted(seen) == list(range((6 + 18) * B))
+        # the next epoch starts over on the new layout
+        assert [len(run_epoch(p)) for p in new] == [8, 8, 8]
+    finally:
+        for p in new:
+            p.close()
+
+
+def test_layout_validation_quotes_the_value():
+    with pytest.raises(ValueError, match="shard_id must be in \\[0, 2\\); got 2"):
+        ShardLayout(2, 2)
