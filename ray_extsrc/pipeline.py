@@ -26,6 +26,7 @@ import functools
 import inspect
 import os
 import secrets
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -229,6 +230,8 @@ class Pipeline:
         self._threads: ThreadPoolExecutor | None = None
         self._planned = False
         self._scope: graph_scope | None = None
+        #: seconds spent on the last batch, by stage (see run())
+        self.last_timings: dict[str, float] = {}
 
     # -- definition --------------------------------------------------------------------------------
 
@@ -479,11 +482,13 @@ class Pipeline:
         self._submit_ahead()
         env: dict[int, Any] = {}
         key = (self.epoch_idx, i)
+        t0 = time.perf_counter()
         try:
             if self._pool is not None:
                 samples = self._pool.collect(key)[: self.batch_size]  # minus the probe, if any
                 for k, x in enumerate(self._exports):
                     env.setdefault(x.source.op_id, {})[x.index] = [s[k] for s in samples]
+            t1 = time.perf_counter()
             outputs = self._run_main(i, env)
         except StopIteration:
             self._epoch_over = True
@@ -492,6 +497,12 @@ class Pipeline:
             if self._pool is not None:
                 self._pool.release(key)
         self._iteration += 1
+        t2 = time.perf_counter()
+        self.last_timings = {
+            "worker_wait_s": t1 - t0,  # waiting for the workers' share of this batch
+            "worker_compute_s": self._pool.last_compute_s if self._pool is not None else 0.0,
+            "main_ops_s": t2 - t1,  # main-stage ops (GPU decode/augment) and assembling outputs
+        }
         return outputs
 
     def _run_main(self, i: int, env: dict[int, dict[int, list]]) -> tuple:

@@ -58,6 +58,7 @@ class TaskDone:
     worker_id: int
     capacity: int  # the slot's size now (a worker grows a slot that was too small)
     samples: tuple[tuple[ArrayMeta, ...], ...]  # per sample, per output
+    compute_s: float = 0.0  # time the worker spent in the source and worker-side ops
 
 
 @dataclass(frozen=True, slots=True)

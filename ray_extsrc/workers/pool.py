@@ -188,6 +188,7 @@ class WorkerPool:
         self._ctl: socket.socket | None = None
         self._finalizer: Callable[[], Any] | None = None
         self.respawns = 0
+        self.last_compute_s = 0.0  # worker time (source + worker-side ops) of the last collected batch
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -381,6 +382,7 @@ class WorkerPool:
                 seg.remap()
             out.extend(read_samples(seg, done.samples))
         self._held[key] = slots
+        self.last_compute_s = sum(d.compute_s for d in batch.done.values())
         return out
 
     def release(self, key: Hashable) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -100,6 +101,7 @@ def worker_main(args: WorkerArgs) -> None:
             if isinstance(msg, Shutdown):
                 return
             task: Task = msg
+            t0 = time.perf_counter()
             try:
                 samples = _run_task(args.program, task, state)
             except _SampleFailure as f:
@@ -142,7 +144,7 @@ def worker_main(args: WorkerArgs) -> None:
                     )
                 )
                 continue
-            results.send(TaskDone(task.task_id, args.worker_id, seg.size, layout))
+            results.send(TaskDone(task.task_id, args.worker_id, seg.size, layout, time.perf_counter() - t0))
     finally:
         for seg in segments.values():
             seg.close()
