@@ -47,6 +47,9 @@ from .workers.pool import Chunk
 __all__ = ["Pipeline", "pipeline_def", "external_source", "NoGPUWarning"]
 
 
+_warned_no_gpu = False  # one NoGPUWarning per process is enough
+
+
 class NoGPUWarning(UserWarning):
     """GPU ops were asked for on a machine (or process) without a usable GPU; they run on the CPU."""
 
@@ -328,7 +331,9 @@ class Pipeline:
                 fallback.append(f"fn.{node.op.name}(device={dev!r})")
                 dev = "cpu"
             self._device[node.op_id] = "cpu" if dev == "cpu" else "gpu"
-        if fallback:
+        global _warned_no_gpu
+        if fallback and not _warned_no_gpu:
+            _warned_no_gpu = True
             why = (
                 "no usable GPU in this process" if not self._use_gpu
                 else "their GPU implementation is not available"
@@ -337,7 +342,7 @@ class Pipeline:
                 f"ray_extsrc: {', '.join(fallback)} will run on the CPU: {why} "
                 f"(device_id={self.device_id!r}). Results are the same; only speed differs.",
                 NoGPUWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
         parallel_sample = [n for n in nodes if _is_parallel_sample_source(n)]
         parallel_batch = [n for n in nodes if _is_source(n) and n.op.spec.parallel and n.op.spec.kind is not SourceKind.SAMPLE]
@@ -385,6 +390,7 @@ class Pipeline:
         self._main_eval = _Evaluator(
             [n for n in self._main_nodes if self._device[n.op_id] == "cpu" and not _is_source(n)], self.seed
         )
+        self._enable_downscaled_decode(nodes)
         self._num_samples = self._known_num_samples([n for n in nodes if _is_source(n)])
         if self.shuffle and self._num_samples is None:
             raise ValueError("shuffle=True needs per-sample sources that define __len__ (the number of samples)")
@@ -394,6 +400,22 @@ class Pipeline:
             raise ValueError("an iterable source cannot be sharded (it is stateful); use a callable source")
         self._perm: tuple[int, np.ndarray] | None = None
         self._planned = True
+
+    def _enable_downscaled_decode(self, nodes: Sequence[OpNode]) -> None:
+        """A CPU random-crop decoder whose only consumer resizes to a fixed size may decode at a
+        reduced DCT scale (cheaper, and the resize hides it): tell the decoder that size."""
+        consumers: dict[int, list[OpNode]] = {}
+        for n in nodes:
+            for x in (*n.inputs, *n.arg_inputs.values()):
+                consumers.setdefault(x.source.op_id, []).append(n)
+        outputs = {x.source.op_id for x in self.outputs}
+        for n in nodes:
+            if not hasattr(n.op, "downscale_target") or self._device[n.op_id] != "cpu" or n.op_id in outputs:
+                continue
+            users = consumers.get(n.op_id, [])
+            size = getattr(users[0].op, "fixed_output_size", None) if len(users) == 1 else None
+            target = size() if callable(size) and self._device[users[0].op_id] == "cpu" else None
+            n.op.downscale_target = target
 
     @staticmethod
     def _known_num_samples(sources: Sequence[OpNode]) -> int | None:

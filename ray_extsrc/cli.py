@@ -1,0 +1,157 @@
+"""``ray-extsrc``: the demo, data generation and the benchmarks.
+
+    ray-extsrc demo [--out DIR] [--epochs N] [--images N] [--batch-size B] [--workers W]
+    ray-extsrc gen-data OUT_DIR --preset {small,r1} [...]
+    ray-extsrc bench [...]          (the R1 benchmark: see benchmarks/README.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+class FileListSource:
+    """The tutorial's ExternalInputCallable, over a folder with a file_list.txt ("name label")."""
+
+    def __init__(self, root: str, batch_size: int) -> None:
+        from .synthetic import read_file_list
+
+        self.root = root
+        entries = read_file_list(root)
+        self.files = [name for name, _ in entries]
+        self.labels = [label for _, label in entries]
+        self.full_iterations = len(self.files) // batch_size
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return self.full_iterations * self.batch_size
+
+    def __call__(self, sample_info):
+        if sample_info.iteration >= self.full_iterations:
+            raise StopIteration
+        i = sample_info.idx_in_epoch
+        with open(os.path.join(self.root, self.files[i]), "rb") as f:
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+        return data, np.int32([self.labels[i]])
+
+
+def _demo_pipelines(root: str, batch_size: int, workers: int):
+    from . import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=2, device_id=0, py_num_workers=workers, seed=1234)
+    def training_pipeline():
+        jpegs, labels = fn.external_source(
+            source=FileListSource(root, batch_size), num_outputs=2, batch=False, parallel=True,
+            dtype=[types.UINT8, types.INT32],
+        )
+        images = fn.decoders.image_random_crop(jpegs, device="mixed")
+        images = fn.resize(images, resize_x=224, resize_y=224)
+        images = fn.brightness_contrast(images, contrast=fn.random.uniform(range=(1, 3.0)))
+        images = fn.flip(images, horizontal=fn.random.coin_flip())
+        return images, labels
+
+    @pipeline_def(batch_size=batch_size, num_threads=2, device_id=0, py_num_workers=workers, seed=1234)
+    def validation_pipeline():
+        jpegs, labels = fn.external_source(
+            source=FileListSource(root, batch_size), num_outputs=2, batch=False, parallel=True,
+            dtype=[types.UINT8, types.INT32],
+        )
+        images = fn.decoders.image(jpegs, device="mixed")
+        images = fn.resize(images, resize_shorter=256)
+        images = fn.crop(images, crop=(224, 224))
+        images = fn.brightness_contrast(images, contrast=1.5)
+        return images, labels
+
+    return training_pipeline(), validation_pipeline()
+
+
+def demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .display import save_grid
+    from .pipeline import NoGPUWarning
+    from .synthetic import SMALL, make_jpeg_dataset
+
+    out = os.path.abspath(args.out)
+    spec = dataclasses.replace(SMALL, num_images=args.images)
+    root = str(make_jpeg_dataset(os.path.join(out, "images"), spec, progress=False))
+    print(f"data: {spec.num_images} JPEGs in {root}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoGPUWarning)
+        train, val = _demo_pipelines(root, args.batch_size, args.workers)
+        pipes = {"train": train, "val": val}
+        for p in pipes.values():  # fork every pipeline's workers before anything touches CUDA
+            p.start_py_workers()
+        for p in pipes.values():
+            p.build()
+    for w in caught:
+        print(f"note: {w.message}")
+    try:
+        first: dict[str, tuple] = {}
+        for epoch in range(args.epochs):
+            for name, p in pipes.items():
+                n, t0 = 0, time.perf_counter()
+                with tqdm(total=p.epoch_size(), desc=f"epoch {epoch} {name}", unit="batch", leave=False) as bar:
+                    while True:
+                        try:
+                            outs = p.run()
+                        except StopIteration:
+                            p.reset()
+                            break
+                        first.setdefault(name, outs)
+                        n += len(outs[0])
+                        bar.update()
+                dt = time.perf_counter() - t0
+                print(f"epoch {epoch} {name:5s}: {n} images in {dt:.2f} s = {n / dt:8.1f} images/s")
+        for name, (images, labels) in first.items():
+            count = min(len(images), 8)
+            path = save_grid(
+                [images.as_cpu().at(i) for i in range(count)],
+                os.path.join(out, f"{name}_batch.png"),
+                columns=4,
+                captions=[f"label {int(labels.at(i)[0])}" for i in range(count)],
+            )
+            print(f"wrote {path}")
+    finally:
+        for p in pipes.values():
+            p.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ray-extsrc", description="DALI-style parallel external source on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="generate a small JPEG set and run the tutorial's two pipelines")
+    d.add_argument("--out", default="demo-output", help="folder for the data set and the PNG grids")
+    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--images", type=int, default=256)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--workers", type=int, default=2, help="py_num_workers per pipeline")
+    g = sub.add_parser("gen-data", help="generate a deterministic JPEG set (see ray_extsrc.synthetic)")
+    g.add_argument("rest", nargs=argparse.REMAINDER)
+    b = sub.add_parser("bench", help="the R1 benchmark against the peers (see benchmarks/README.md)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo(args)
+    if args.command == "gen-data":
+        from .synthetic import main as gen_main
+
+        return gen_main(args.rest)
+    from .bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Pipeline ops with DALI's names: ``fn.decoders.image``, ``fn.resize``, ``fn.random.uniform``, ...
+
+Call them inside a pipeline definition; each returns a `DataNode` (or a tuple of them).
+
+    >>> from ray_extsrc import fn, types                              # doctest: +SKIP
+    >>> images = fn.decoders.image_random_crop(jpegs, device="mixed")  # doctest: +SKIP
+    >>> images = fn.resize(images, size=(224, 224))                    # doctest: +SKIP
+    >>> images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(),
+    ...                                   mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4],
+    ...                                   dtype=types.FLOAT16)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from ..pipeline import external_source
+from . import decoders, random
+from .image import brightness_contrast, crop, crop_mirror_normalize, flip, resize
+
+__all__ = [
+    "external_source",
+    "decoders",
+    "random",
+    "resize",
+    "crop",
+    "flip",
+    "crop_mirror_normalize",
+    "brightness_contrast",
+]

@@ -1,0 +1,191 @@
+"""``fn.decoders.*``: encoded bytes (1-D uint8) -> HWC uint8 images.
+
+JPEG goes through libjpeg-turbo (simplejpeg); anything else (PNG, BMP, ...) through Pillow. On
+``device="mixed"`` the GPU path (nvImageCodec) replaces ``run_cpu``; results match within a small
+pixel tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import types
+from ..graph import DataNode, Operator, SampleContext, add_op
+from . import _args, _codec
+from ._crop_window import random_crop_window
+
+__all__ = ["image", "image_random_crop", "ImageDecoder", "ImageRandomCropDecoder"]
+
+# libjpeg-turbo scales 1/2, 1/4 and 1/8 with fast SIMD IDCTs; its other factors (7/8, 3/4, ...)
+# were measured slower than decoding at full size, so they are never used.
+_DCT_SCALE_DENOMS = (8, 4, 2)
+
+
+class ImageDecoder(Operator):
+    """``fn.decoders.image``: decode one encoded image to HWC uint8."""
+
+    name = "decoders.image"
+    devices = ("cpu", "mixed")
+
+    def __init__(
+        self, device: str = "cpu", seed: int | None = None, *, output_type: Any = types.RGB
+    ) -> None:
+        super().__init__(device, seed)
+        self.output_type = _args.enum_value(self.name, "output_type", output_type, types.DALIImageType)
+
+    def run_cpu(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        data = _codec.as_bytes(self.name, inputs[0], ctx)
+        return _codec.decode(self.name, data, self.output_type, ctx)
+
+
+class ImageRandomCropDecoder(ImageDecoder):
+    """``fn.decoders.image_random_crop``: decode a random crop (RandomResizedCrop box) of the image.
+
+    The box depends only on (seed, op, epoch, sample) and the image size read from the header, see
+    `random_crop_window`. When `downscale_target` is set (the pipeline does so when the only
+    consumer is a resize to a fixed size), JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT
+    domain whenever the crop stays at least that large, and the output is the crop of the scaled
+    image: smaller than the box, but at least ``downscale_target``.
+    """
+
+    name = "decoders.image_random_crop"
+    is_random = True
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        seed: int | None = None,
+        *,
+        output_type: Any = types.RGB,
+        random_area: Any = (0.08, 1.0),
+        random_aspect_ratio: Any = (3 / 4, 4 / 3),
+        num_attempts: int = 10,
+    ) -> None:
+        super().__init__(device, seed, output_type=output_type)
+        lo, hi = _args.range_pair(self.name, "random_area", random_area)
+        if lo <= 0 or hi > 1:
+            raise ValueError(f"fn.{self.name}: random_area must lie in (0, 1]; got {random_area!r}")
+        self.random_area = (lo, hi)
+        lo, hi = _args.range_pair(self.name, "random_aspect_ratio", random_aspect_ratio)
+        if lo <= 0:
+            raise ValueError(
+                f"fn.{self.name}: random_aspect_ratio must be > 0; got {random_aspect_ratio!r}"
+            )
+        self.random_aspect_ratio = (lo, hi)
+        is_int = isinstance(num_attempts, (int, np.integer)) and not isinstance(num_attempts, bool)
+        if not is_int or num_attempts < 1:
+            raise ValueError(f"fn.{self.name}: num_attempts must be an int >= 1; got {num_attempts!r}")
+        self.num_attempts = int(num_attempts)
+        self._downscale_target: tuple[int, int] | None = None
+
+    @property
+    def downscale_target(self) -> tuple[int, int] | None:
+        """``(height, width)`` the consumer resizes to, or None to always decode at full size."""
+        return self._downscale_target
+
+    @downscale_target.setter
+    def downscale_target(self, value: tuple[int, int] | None) -> None:
+        if value is not None:
+            h, w = value
+            if not all(isinstance(v, (int, np.integer)) and v > 0 for v in (h, w)):
+                raise ValueError(
+                    f"fn.{self.name}: downscale_target must be (height, width) > 0; got {value!r}"
+                )
+            value = (int(h), int(w))
+        self._downscale_target = value
+
+    def crop_window(self, ctx: SampleContext, height: int, width: int) -> tuple[int, int, int, int]:
+        """The sample's ``(y, x, h, w)`` box in full-resolution pixels."""
+        return random_crop_window(
+            ctx.rng(), height, width, self.random_area, self.random_aspect_ratio, self.num_attempts
+        )
+
+    def run_cpu(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        data = _codec.as_bytes(self.name, inputs[0], ctx)
+        header = _codec.read_header(self.name, data, ctx)
+        box = self.crop_window(ctx, header.height, header.width)
+        denom = self._scale_denom(header, box)
+        img = _codec.decode(self.name, data, self.output_type, ctx, header, denom)
+        if denom > 1 and img.shape[:2] != _scaled_size(header, denom):
+            # libjpeg-turbo picked another factor (possible only for tiny images): start over.
+            denom = 1
+            img = _codec.decode(self.name, data, self.output_type, ctx, header)
+        if img.shape[:2] != (header.height, header.width) and denom == 1:
+            raise _codec.decode_error(
+                self.name, data, ctx,
+                f"header says {header.height}x{header.width} but decoded {img.shape[0]}x{img.shape[1]}",
+            )
+        y, x, h, w = _scale_box(box, denom, img.shape[0], img.shape[1])
+        return np.ascontiguousarray(img[y : y + h, x : x + w])
+
+    def _scale_denom(self, header: _codec.Header, box: tuple[int, int, int, int]) -> int:
+        if self._downscale_target is None or not header.is_jpeg:
+            return 1
+        th, tw = self._downscale_target
+        for denom in _DCT_SCALE_DENOMS:  # largest reduction first
+            sh, sw = _scaled_size(header, denom)
+            _, _, h, w = _scale_box(box, denom, sh, sw)
+            if h >= th and w >= tw:
+                return denom
+        return 1
+
+
+def _scaled_size(header: _codec.Header, denom: int) -> tuple[int, int]:
+    return -(-header.height // denom), -(-header.width // denom)
+
+
+def _scale_box(
+    box: tuple[int, int, int, int], denom: int, height: int, width: int
+) -> tuple[int, int, int, int]:
+    """Map a full-resolution box onto a 1/denom image (scaled pixel i covers [i*d, (i+1)*d))."""
+    if denom == 1:
+        return box
+    y, x, h, w = box
+    y0 = min(height - 1, _args.round_half_away(y / denom))
+    x0 = min(width - 1, _args.round_half_away(x / denom))
+    y1 = max(y0 + 1, min(height, _args.round_half_away((y + h) / denom)))
+    x1 = max(x0 + 1, min(width, _args.round_half_away((x + w) / denom)))
+    return y0, x0, y1 - y0, x1 - x0
+
+
+_IMAGE_ARGS = ("device", "output_type", "seed")
+
+
+def image(
+    data: DataNode, *, device: str = "cpu", output_type: Any = types.RGB, seed: int | None = None,
+    **unsupported: Any,
+) -> DataNode:
+    """Decode images (DALI's ``fn.decoders.image``). ``device`` is "cpu" or "mixed"."""
+    _args.reject_unsupported(ImageDecoder.name, unsupported, _IMAGE_ARGS)
+    consts, nodes = _args.split_args(ImageDecoder.name, (), output_type=output_type)
+    return add_op(ImageDecoder(device, seed, **consts), data, **nodes)
+
+
+def image_random_crop(
+    data: DataNode,
+    *,
+    device: str = "cpu",
+    output_type: Any = types.RGB,
+    random_area: Any = (0.08, 1.0),
+    random_aspect_ratio: Any = (3 / 4, 4 / 3),
+    num_attempts: int = 10,
+    seed: int | None = None,
+    **unsupported: Any,
+) -> DataNode:
+    """Decode a random crop of each image (DALI's ``fn.decoders.image_random_crop``)."""
+    _args.reject_unsupported(
+        ImageRandomCropDecoder.name, unsupported,
+        (*_IMAGE_ARGS, "random_area", "random_aspect_ratio", "num_attempts"),
+    )
+    consts, nodes = _args.split_args(
+        ImageRandomCropDecoder.name, (), output_type=output_type, random_area=random_area,
+        random_aspect_ratio=random_aspect_ratio, num_attempts=num_attempts,
+    )
+    return add_op(ImageRandomCropDecoder(device, seed, **consts), data, **nodes)
