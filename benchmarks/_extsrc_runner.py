@@ -17,7 +17,7 @@ _T_START = time.perf_counter()
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import emit, timed_epochs, versions  # noqa: E402
-from _file_list_source import FileListSource  # noqa: E402
+from ray_extsrc.sources import FileListSource  # noqa: E402
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]

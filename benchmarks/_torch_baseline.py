@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
-        shuffle=False,  # ray_extsrc's FileListSource reads in file-list order too
+        shuffle=False,  # ray_extsrc.sources.FileListSource reads in file-list order too
         num_workers=args.workers,
         drop_last=True,
         pin_memory=False,  # no GPU on the CPU benchmark machine

@@ -15,34 +15,9 @@ import time
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
+from .sources import FileListSource
 
 __all__ = ["main"]
-
-
-class FileListSource:
-    """The tutorial's ExternalInputCallable, over a folder with a file_list.txt ("name label")."""
-
-    def __init__(self, root: str, batch_size: int) -> None:
-        from .synthetic import read_file_list
-
-        self.root = root
-        entries = read_file_list(root)
-        self.files = [name for name, _ in entries]
-        self.labels = [label for _, label in entries]
-        self.full_iterations = len(self.files) // batch_size
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return self.full_iterations * self.batch_size
-
-    def __call__(self, sample_info):
-        if sample_info.iteration >= self.full_iterations:
-            raise StopIteration
-        i = sample_info.idx_in_epoch
-        with open(os.path.join(self.root, self.files[i]), "rb") as f:
-            data = np.frombuffer(f.read(), dtype=np.uint8)
-        return data, np.int32([self.labels[i]])
 
 
 def _demo_pipelines(root: str, batch_size: int, workers: int):
