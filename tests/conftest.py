@@ -38,8 +38,10 @@ def descendants(pid: int | None = None) -> set[int]:
     return out
 
 
-def our_shm() -> set[str]:
-    return set(glob.glob(f"/dev/shm/{SHM_PREFIX}*"))
+def our_shm(pid: int | None = None) -> set[str]:
+    """Our segments created by process ``pid`` (default: this one); the name carries the creator's
+    pid, so test runs in parallel on one machine do not see each other's segments."""
+    return set(glob.glob(f"/dev/shm/{SHM_PREFIX}{os.getpid() if pid is None else pid}_*"))
 
 
 @pytest.fixture(autouse=True)

@@ -353,7 +353,6 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
 
 def test_ctrl_c_leaves_no_processes_or_shared_memory():
-    shm_before = our_shm()
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_SCRIPT.format(tests=os.path.dirname(__file__))],
         stdout=subprocess.PIPE,
@@ -363,6 +362,7 @@ def test_ctrl_c_leaves_no_processes_or_shared_memory():
     )
     try:
         assert proc.stdout.readline().strip() == "READY"
+        assert our_shm(proc.pid)
         tree = descendants(proc.pid)
         assert len(tree) == 3  # zygote + 2 workers
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -373,7 +373,7 @@ def test_ctrl_c_leaves_no_processes_or_shared_memory():
             time.sleep(0.05)
         alive = {p for p in tree if os.path.exists(f"/proc/{p}")}
         assert not alive, f"processes outlived Ctrl-C: {alive}"
-        assert our_shm() == shm_before
+        assert not our_shm(proc.pid)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
