@@ -42,6 +42,14 @@ class ImageDecoder(Operator):
         data = _codec.as_bytes(self.name, inputs[0], ctx)
         return _codec.decode(self.name, data, self.output_type, ctx)
 
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> list:
+        """Batched nvImageCodec decode (device="mixed"), see `_gpu.decode`."""
+        from ._gpu import decode
+
+        return decode.decode_batch(self, inputs[0], ctxs, stream, random_crop=False)
+
 
 class ImageRandomCropDecoder(ImageDecoder):
     """``fn.decoders.image_random_crop``: decode a random crop (RandomResizedCrop box) of the image.
@@ -124,6 +132,14 @@ class ImageRandomCropDecoder(ImageDecoder):
             )
         y, x, h, w = _scale_box(box, denom, img.shape[0], img.shape[1])
         return np.ascontiguousarray(img[y : y + h, x : x + w])
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> list:
+        """Batched nvImageCodec decode of each sample's crop only (region of interest)."""
+        from ._gpu import decode
+
+        return decode.decode_batch(self, inputs[0], ctxs, stream, random_crop=True)
 
     def _scale_denom(self, header: _codec.Header, box: tuple[int, int, int, int]) -> int:
         if self._downscale_target is None or not header.is_jpeg:

@@ -83,6 +83,14 @@ class Resize(Operator):
         out_h, out_w, box = self.sizing.plan(self.name, img.shape[0], img.shape[1], arg_inputs)
         return resample(img, out_h, out_w, box, self.interp_type, self.antialias, out_dtype)
 
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU (CuPy), see `_gpu.ops.resize`."""
+        from ._gpu import ops
+
+        return ops.resize(self, inputs, arg_inputs, ctxs, stream)
+
 
 class Crop(Operator):
     """``fn.crop``: a fixed-size window at a relative position, see `_window`."""
@@ -105,6 +113,14 @@ class Crop(Operator):
         img = _hwc(self.name, inputs[0])
         window = self.crop.window(self.name, img.shape[0], img.shape[1], arg_inputs)
         return _normalize.contiguous_hwc(self.crop.cut(self.name, img, window))
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU (CuPy), see `_gpu.ops.crop`."""
+        from ._gpu import ops
+
+        return ops.crop(self, inputs, arg_inputs, ctxs, stream)
 
 
 class Flip(Operator):
@@ -130,6 +146,14 @@ class Flip(Operator):
         if v:
             img = img[::-1]
         return _normalize.contiguous_hwc(img)  # no copy when nothing was flipped
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU (CuPy), see `_gpu.ops.flip`."""
+        from ._gpu import ops
+
+        return ops.flip(self, inputs, arg_inputs, ctxs, stream)
 
 
 class CropMirrorNormalize(Operator):
@@ -205,6 +229,14 @@ class CropMirrorNormalize(Operator):
                 out[:, :, channels:] = 0
         return out
 
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU (CuPy), see `_gpu.ops.crop_mirror_normalize`."""
+        from ._gpu import ops
+
+        return ops.crop_mirror_normalize(self, inputs, arg_inputs, ctxs, stream)
+
 
 class BrightnessContrast(Operator):
     """``fn.brightness_contrast``: ``out = brightness_shift * max_out + brightness *
@@ -248,6 +280,14 @@ class BrightnessContrast(Operator):
         out = img.astype(np.float32) * multiplier
         out += addend
         return _args.saturate(out, out_dtype)
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU (CuPy), see `_gpu.ops.brightness_contrast`."""
+        from ._gpu import ops
+
+        return ops.brightness_contrast(self, inputs, arg_inputs, ctxs, stream)
 
 
 def _full_range(dt: np.dtype) -> float:

@@ -1,0 +1,131 @@
+"""The R1 benchmark (``ray-extsrc bench``): ray_extsrc's GPU loader against its peers on one GPU.
+
+Workload (shared/ANCHORS.md): the 8,000 synthetic R1 JPEGs (`synthetic.R1`), batch 256,
+random-resized-crop 224, horizontal flip p=0.5, ImageNet normalisation, float16 CHW on the GPU.
+Systems, each in its own fresh process (see `_runner`), interleaved round by round (A B C ... A B C):
+
+    a   ray_extsrc pipeline alone (py_num_workers=12, decoders.image_random_crop(device="mixed"))
+    b   the same pipeline behind ray_extsrc.train.Loader inside a Ray Train TorchTrainer worker
+    c   torch DataLoader + Pillow + torchvision v2, 15 workers, pin_memory, copy to GPU
+    d   Ray Data read_images + the same torchvision augmentation in map_batches ->
+        iter_torch_batches(device="cuda")  (one epoch by default: it is slow)
+    e1  decode-only ceiling: nvImageCodec batched decode (default backends) of the files in memory
+    e2  decode-only ceiling: torchvision.io.decode_jpeg(device="cuda"), lists of 256
+
+    python -m ray_extsrc.bench --systems a,b,c,d,e1,e2 --rounds 2 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._report import chart, table
+
+__all__ = ["main"]
+
+_PREFIX = "BENCH-RESULT "
+
+
+def _device_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        return out.splitlines()[0] if out else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ray-extsrc bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="/tmp/r1", help="where the R1 set is (generated if missing)")
+    p.add_argument("--images", type=int, default=8000)
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per run (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed epochs before them (default 1)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved runs per system (default 2)")
+    p.add_argument("--systems", default="a,b,c,d,e1,e2")
+    p.add_argument("--gpus", type=int, default=1, help="Train workers for system b (total throughput)")
+    p.add_argument("--workers", type=int, default=12, help="py_num_workers of ray_extsrc")
+    p.add_argument("--torch-workers", type=int, default=15)
+    p.add_argument("--ray-data-images", type=int, default=8000)
+    p.add_argument("--ray-data-epochs", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per system run")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+
+    from ..synthetic import R1, make_jpeg_dataset
+    import dataclasses
+
+    t = time.perf_counter()
+    spec = dataclasses.replace(R1, num_images=args.images)
+    root = str(make_jpeg_dataset(args.data, spec, progress=False))
+    print(f"data: {args.images} R1 images in {root} ({time.perf_counter() - t:.1f} s)", flush=True)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    errors: dict[str, list[str]] = {}
+    for r in range(args.rounds):
+        for s in systems:
+            if s == "d" and r > 0:
+                continue  # Ray Data is slow: one run (see --ray-data-epochs)
+            cmd = [sys.executable, "-m", "ray_extsrc.bench._runner", s, "--root", root,
+                   "--images", str(args.images), "--epochs", str(args.epochs), "--warmup", str(args.warmup),
+                   "--workers", str(args.workers), "--torch-workers", str(args.torch_workers),
+                   "--gpus", str(args.gpus), "--ray-data-images", str(args.ray_data_images),
+                   "--ray-data-epochs", str(args.ray_data_epochs)]
+            print(f"round {r} system {s}: running", flush=True)
+            t = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired as e:
+                errors.setdefault(s, []).append(f"timeout after {args.timeout} s")
+                print(f"  TIMEOUT; stderr tail: {(e.stderr or b'')[-2000:]!r}", flush=True)
+                continue
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_PREFIX)]
+            if proc.returncode != 0 or not lines:
+                errors.setdefault(s, []).append(proc.stderr[-3000:])
+                print(f"  FAILED rc={proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            res = json.loads(lines[-1][len(_PREFIX):])
+            res["round"] = r
+            runs[s].append(res)
+            timed = [x["images_per_s"] for x in res["records"] if "epoch" in x and not x["warmup"]]
+            print(f"  {res['system']}: {[round(v) for v in timed]} img/s ({time.perf_counter() - t:.1f} s)", flush=True)
+    summary = {}
+    for s, rs in runs.items():
+        vals = [x["images_per_s"] for res in rs for x in res["records"] if "epoch" in x and not x["warmup"]]
+        if not vals and rs:  # Ray Data without warm-up epochs
+            vals = [x["images_per_s"] for res in rs for x in res["records"] if "epoch" in x]
+        firsts = [x["startup_to_first_batch_s"] for res in rs for x in res["records"] if "startup_to_first_batch_s" in x]
+        if vals:
+            summary[s] = {
+                "system": rs[0]["system"], "median_images_per_s": statistics.median(vals), "epochs": vals,
+                "startup_to_first_batch_s": statistics.median(firsts) if firsts else None,
+                "gpu_peak_used_mb": max(res.get("gpu_peak_used_mb", 0) for res in rs),
+                "tree_rss_mb": max(x.get("tree_rss_mb", 0) for res in rs for x in res["records"]),
+                "peak_rss_self_mb": max(res.get("peak_rss_self_mb", 0) for res in rs),
+            }
+    device = _device_name()
+    date = dt.date.today().isoformat()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = device.split(",")[0].replace("NVIDIA ", "").replace(" ", "-").lower() or "gpu"
+    stem = out_dir / f"r1-{date}-{tag}"
+    doc = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": device, "host": platform.node(),
+           "cpus": os.cpu_count(), "args": vars(args), "summary": summary, "runs": runs, "errors": errors}
+    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    print(table(summary))
+    try:
+        chart(summary, f"{stem}.png", title=f"R1 ({args.images} JPEGs, batch 256) on {device.split(',')[0]}")
+    except Exception as e:  # the chart is a convenience; the JSON and the table are the result
+        print(f"chart not written: {e}")
+    print(f"wrote {stem}.json")
+    return 0 if not errors else 1

@@ -1,0 +1,61 @@
+"""The R1 benchmark's table and bar chart (matplotlib when present, else drawn with Pillow)."""
+
+from __future__ import annotations
+
+_ORDER = ["a", "b", "c", "d", "e1", "e2"]
+
+
+def table(summary: dict) -> str:
+    rows = [f"{'system':<24}{'median img/s':>14}{'epochs (img/s)':>40}{'1st batch s':>12}{'GPU MB':>8}{'RSS MB':>9}"]
+    for k in [k for k in _ORDER if k in summary] + [k for k in summary if k not in _ORDER]:
+        s = summary[k]
+        eps = ", ".join(f"{v:.0f}" for v in s["epochs"])
+        first = f"{s['startup_to_first_batch_s']:.1f}" if s["startup_to_first_batch_s"] is not None else "-"
+        rows.append(f"{s['system']:<24}{s['median_images_per_s']:>14.0f}{eps[:38]:>40}{first:>12}"
+                    f"{s['gpu_peak_used_mb']:>8}{s['tree_rss_mb']:>9.0f}")
+    b = summary.get("b", summary.get("a"))
+    if b:
+        ref = b["median_images_per_s"]
+        dec = max([summary[k]["median_images_per_s"] for k in ("e1", "e2") if k in summary] or [0])
+        for name, key in (("best decode-only", None), ("torch DataLoader", "c"), ("Ray Data", "d")):
+            other = dec if key is None else summary.get(key, {}).get("median_images_per_s")
+            if other:
+                rows.append(f"{b['system']} / {name}: {ref / other:.2f}x")
+    return "\n".join(rows)
+
+
+def chart(summary: dict, path: str, title: str) -> None:
+    keys = [k for k in _ORDER if k in summary]
+    names = [summary[k]["system"] for k in keys]
+    vals = [summary[k]["median_images_per_s"] for k in keys]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        bars = ax.barh(names[::-1], vals[::-1], color="#4c72b0")
+        for bar, v in zip(bars, vals[::-1]):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.0f}", va="center")
+        ax.set_xlabel("images/s (median of timed epochs)")
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    except ImportError:
+        pass
+    from PIL import Image, ImageDraw
+
+    w, h, left = 900, 60 + 40 * len(vals), 220
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    d.text((10, 10), title, fill="black")
+    top = max(vals) if vals else 1
+    for i, (n, v) in enumerate(zip(names, vals)):
+        y = 40 + 40 * i
+        d.text((10, y + 8), n, fill="black")
+        d.rectangle([left, y, left + int((w - left - 100) * v / top), y + 28], fill=(76, 114, 176))
+        d.text((left + int((w - left - 100) * v / top) + 5, y + 8), f"{v:,.0f}", fill="black")
+    im.save(path)

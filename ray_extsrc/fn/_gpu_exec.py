@@ -1,0 +1,129 @@
+"""Running a pipeline's GPU ops: the glue between `pipeline.Pipeline` and the ops' ``run_gpu``.
+
+`run_op` evaluates one GPU (or "mixed") op node for a whole batch, `assemble` turns its output into a
+`TensorListGPU`. Imported lazily by `pipeline` (only where a GPU op runs), so CuPy loads only here.
+
+Streams. Each pipeline owns one non-blocking CUDA stream (made on first use, on the process's
+current device: the pipeline's ``device_id`` is the visible device index). Every GPU op of the
+pipeline enqueues on it and nothing here waits for it: the host returns as soon as the work is
+queued, so the next batch's host work (gathering samples, Huffman decoding) overlaps this batch's
+kernels. `assemble` makes the consumer's streams (CuPy's current stream and the legacy default
+stream, which torch uses unless told otherwise) wait on an event recorded after the last kernel,
+so any GPU consumer, and ``as_cpu()``, see finished data without the loader blocking.
+
+Random decisions. The `SampleContext` of sample j is built exactly as `pipeline._Evaluator` builds
+it (seed = op seed or pipeline seed, op key = node id, epoch, idx from the batch's SampleInfo), so a
+GPU op draws the same crop boxes as its CPU twin.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..graph import OpNode, SampleContext
+from ..tensors import TensorListGPU
+from ..types import SampleInfo
+
+__all__ = ["run_op", "assemble", "pipeline_stream"]
+
+_local = threading.local()  # the stream of the pipeline this thread ran last (for `assemble`)
+
+
+def pipeline_stream(pipe: Any) -> Any:
+    """The pipeline's own non-blocking stream (created on first use)."""
+    stream = getattr(pipe, "_gpu_stream", None)
+    if stream is None:
+        import cupy
+
+        device_id = pipe.device_id if isinstance(pipe.device_id, int) else 0
+        with cupy.cuda.Device(device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0):
+            stream = cupy.cuda.Stream(non_blocking=True)
+        pipe._gpu_stream = stream
+    return stream
+
+
+def _contexts(pipe: Any, node: OpNode, infos: Sequence[SampleInfo]) -> list[SampleContext]:
+    seed = node.op.seed if node.op.seed is not None else pipe.seed
+    return [
+        SampleContext(
+            seed=seed,
+            op_key=node.op_id,
+            epoch_idx=pipe.epoch_idx,
+            idx_in_epoch=info.idx_in_epoch,
+            idx_in_batch=info.idx_in_batch,
+            iteration=info.iteration,
+        )
+        for info in infos
+    ]
+
+
+def _to_gpu(data: Any, stream: Any) -> Any:
+    """A node's output for a GPU op: CuPy data stays, host samples are copied to the device."""
+    import cupy
+
+    if isinstance(data, cupy.ndarray):
+        return data  # a dense batch from an earlier GPU op
+    out = []
+    for a in data:
+        if isinstance(a, cupy.ndarray):
+            out.append(a)
+        else:
+            out.append(cupy.asarray(np.ascontiguousarray(a)))  # under `with stream`: on our stream
+    return out
+
+
+def _host_values(data: Any) -> list:
+    """Per-sample argument values as host scalars/arrays (they come from CPU random ops)."""
+    import cupy
+
+    if isinstance(data, cupy.ndarray):
+        return list(cupy.asnumpy(data))
+    return [cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else a for a in data]
+
+
+def run_op(pipe: Any, node: OpNode, infos: Sequence[SampleInfo], env: dict) -> dict[int, Any]:
+    """Evaluate ``node`` for the batch; return ``{output index: per-sample list or dense batch}``."""
+    op = node.op
+    stream = pipeline_stream(pipe)
+    _local.stream = stream
+    with stream:
+        if op.device == "mixed":  # decoders: encoded bytes stay on the host
+            inputs = [list(env[x.source.op_id][x.index]) for x in node.inputs]
+        else:
+            inputs = [_to_gpu(env[x.source.op_id][x.index], stream) for x in node.inputs]
+        args = {k: _host_values(env[x.source.op_id][x.index]) for k, x in node.arg_inputs.items()}
+        ctxs = _contexts(pipe, node, infos)
+        try:
+            out = op.run_gpu(inputs, args, ctxs, stream)
+        except Exception as e:
+            if not any(n.startswith("in fn.") for n in getattr(e, "__notes__", [])):
+                e.add_note(f"in fn.{op.name} (op #{node.op_id}, device={op.device!r}) for a batch of "
+                           f"{len(infos)} samples starting at idx_in_epoch="
+                           f"{infos[0].idx_in_epoch if infos else '?'}")
+            raise
+    outs = out if isinstance(out, tuple) else (out,)
+    return {k: v for k, v in enumerate(outs)}
+
+
+def assemble(data: Any, layout: str = "") -> TensorListGPU:
+    """A GPU op's output as the pipeline's batch output (dense when the op made one array).
+
+    Orders the consumer after this thread's pipeline stream without blocking the host (see the
+    module docstring).
+    """
+    import cupy
+
+    stream = getattr(_local, "stream", None)
+    if stream is not None:
+        ev = stream.record()
+        cur = cupy.cuda.get_current_stream()
+        cur.wait_event(ev)
+        if cur.ptr != 0:
+            cupy.cuda.Stream.null.wait_event(ev)
+    if not isinstance(data, cupy.ndarray):
+        data = list(data)
+    return TensorListGPU(data, layout)
