@@ -88,6 +88,9 @@ class OpNode:
     arg_inputs: dict[str, DataNode]
     op_id: int
     outputs: list[DataNode] = field(default_factory=list)
+    #: key of the op's random streams when it differs from op_id (a worker-side prep step of a
+    #: GPU op draws exactly what the op itself would)
+    rng_key: int | None = None
 
     @property
     def name(self) -> str:

@@ -137,7 +137,7 @@ class _Evaluator:
             args = {k: env[x.source.op_id][x.index] for k, x in node.arg_inputs.items()}
             ctx = SampleContext(
                 seed=node.op.seed if node.op.seed is not None else self.seed,
-                op_key=node.op_id,
+                op_key=node.op_id if node.rng_key is None else node.rng_key,
                 epoch_idx=epoch_idx,
                 idx_in_epoch=info.idx_in_epoch,
                 idx_in_batch=info.idx_in_batch,
@@ -152,6 +152,27 @@ class _Evaluator:
                 raise
             env[node.op_id] = out if isinstance(out, tuple) else (out,)
         return env
+
+
+class _WorkerPrep:
+    """The per-sample CPU step of a GPU op (``op.worker_prep``: header parsing, crop boxes, ...),
+    run in the workers so the GPU op's host side only gathers arrays."""
+
+    device = "cpu"
+    num_outputs = 1
+    is_random = True
+
+    def __init__(self, op: Any) -> None:
+        self.op = op
+        self.name = f"{op.name}[prep]"
+        self.seed = op.seed
+
+    def run_cpu(self, inputs, arg_inputs, ctx):
+        return self.op.worker_prep(inputs, arg_inputs, ctx)
+
+
+class _EndOfEpoch(Exception):
+    """StopIteration, carried through a Future (which must not raise StopIteration itself)."""
 
 
 class _WorkerProgram:
@@ -222,6 +243,9 @@ class Pipeline:
         self.bytes_per_sample_hint = bytes_per_sample_hint or (1 << 20)
         self.layout = ShardLayout(num_shards, shard_id)
         self.shuffle = shuffle
+        self._exec_async = bool(exec_async and exec_pipelined)
+        self._ahead: Any = None  # (local iteration, Future) of the batch computed ahead
+        self._ahead_thread: ThreadPoolExecutor | None = None
         self.graph = Graph()
         self.outputs: tuple[DataNode, ...] = ()
         self.state = State.DEFINED
@@ -295,10 +319,16 @@ class Pipeline:
             self.start_py_workers()
         if self._main_cpu:
             self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
+        if self._async:
+            self._ahead_thread = ThreadPoolExecutor(1, thread_name_prefix="ray_extsrc-ahead")
         self.state = State.BUILT
 
     def close(self) -> None:
         """Stop the workers and free shared memory. Idempotent; also done at garbage collection."""
+        self._drain_ahead()
+        if self._ahead_thread is not None:
+            self._ahead_thread.shutdown(wait=True)
+            self._ahead_thread = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -371,11 +401,25 @@ class Pipeline:
         for x in used_by_main:
             if x.source.op_id in worker_ids and x not in exports:
                 exports.append(x)
+        self._prep_of: dict[int, DataNode] = {}
+        worker_nodes = [n for n in nodes if n.op_id in worker_ids]
+        if parallel_sample:
+            for n in nodes:
+                deps = [x.source.op_id for x in (*n.inputs, *n.arg_inputs.values())]
+                if (
+                    n.op_id not in worker_ids and self._device[n.op_id] == "gpu"
+                    and hasattr(n.op, "worker_prep") and deps and all(d in worker_ids for d in deps)
+                ):
+                    prep = OpNode(_WorkerPrep(n.op), n.inputs, dict(n.arg_inputs), op_id=-1 - n.op_id, rng_key=n.op_id)
+                    prep.outputs = [DataNode(prep, 0, "cpu")]
+                    worker_nodes.append(prep)
+                    exports.append(prep.outputs[0])
+                    self._prep_of[n.op_id] = prep.outputs[0]
         self._exports = exports
         self._main_nodes = [n for n in nodes if n.op_id not in worker_ids]
         self._main_cpu = any(self._device[n.op_id] == "cpu" and not _is_source(n) for n in self._main_nodes)
         if parallel_sample:
-            ev = _Evaluator([n for n in nodes if n.op_id in worker_ids], self.seed)
+            ev = _Evaluator(worker_nodes, self.seed)
             self._program: _WorkerProgram | None = _WorkerProgram(TASK_SAMPLES, ev, exports, None)
         elif parallel_batch:
             spec = parallel_batch[0].op.spec
@@ -399,6 +443,10 @@ class Pipeline:
         ):
             raise ValueError("an iterable source cannot be sharded (it is stateful); use a callable source")
         self._perm: tuple[int, np.ndarray] | None = None
+        self._gpu_main = any(self._device[n.op_id] == "gpu" for n in self._main_nodes)
+        # Main stage one batch ahead in a background thread (DALI's exec_async/exec_pipelined):
+        # batch i+1's decode/augment overlaps the consumer's work on batch i.
+        self._async = self._exec_async and any(not _is_source(n) for n in self._main_nodes)
         self._planned = True
 
     def _enable_downscaled_decode(self, nodes: Sequence[OpNode]) -> None:
@@ -413,9 +461,8 @@ class Pipeline:
             if not hasattr(n.op, "downscale_target") or self._device[n.op_id] != "cpu" or n.op_id in outputs:
                 continue
             users = consumers.get(n.op_id, [])
-            size = getattr(users[0].op, "fixed_output_size", None) if len(users) == 1 else None
-            target = size() if callable(size) and self._device[users[0].op_id] == "cpu" else None
-            n.op.downscale_target = target
+            ok = len(users) == 1 and self._device[users[0].op_id] == "cpu"
+            n.op.downscale_target = getattr(users[0].op, "fixed_output_size", None) if ok else None
 
     @staticmethod
     def _known_num_samples(sources: Sequence[OpNode]) -> int | None:
@@ -469,24 +516,24 @@ class Pipeline:
         g = self.layout.probe_batch(i)
         return () if g is None else self._infos_of_global(g, only_last=True)
 
-    def _submit_ahead(self) -> None:
+    def _submit_ahead(self, i: int) -> None:
         if self._pool is None:
             return
-        last = self._iteration + self.prefetch_queue_depth
+        last = i + self.prefetch_queue_depth
         if self._epoch_length is not None:
             last = min(last, self._epoch_length)
         while self._submitted < last:
-            i = self._submitted
-            g = self._global_iteration(i)
+            k = self._submitted
+            g = self._global_iteration(k)
             kind = self._program.kind
             if kind == TASK_SAMPLES:
-                chunks = [Chunk(kind, samples=c) for c in chunk_samples(self._sample_infos(i), self.py_num_workers)]
-                probe = self._probe(i)
+                chunks = [Chunk(kind, samples=c) for c in chunk_samples(self._sample_infos(k), self.py_num_workers)]
+                probe = self._probe(k)
                 if probe:
                     chunks.append(Chunk(kind, samples=probe))
             else:
                 chunks = [Chunk(kind, batch=BatchInfo(g, self.epoch_idx))]
-            self._pool.submit((self.epoch_idx, i), self.epoch_idx, g, chunks)
+            self._pool.submit((self.epoch_idx, k), self.epoch_idx, g, chunks)
             self._submitted += 1
 
     def run(self) -> tuple[TensorListCPU | TensorListGPU, ...]:
@@ -498,10 +545,42 @@ class Pipeline:
         if self._epoch_over:
             raise StopIteration
         i = self._iteration
+        if self._async:
+            ahead, self._ahead = self._ahead, None
+            fut = ahead[1] if ahead is not None and ahead[0] == i else None
+            if fut is None:
+                fut = self._ahead_thread.submit(self._compute, i, self._consumer_fence())
+            try:
+                outputs, self.last_timings = fut.result()
+            except _EndOfEpoch:
+                self._epoch_over = True
+                raise StopIteration from None
+            if self._epoch_length is None or i + 1 < self._epoch_length:
+                self._ahead = (i + 1, self._ahead_thread.submit(self._compute, i + 1, self._consumer_fence()))
+        else:
+            try:
+                outputs, self.last_timings = self._compute(i, None)
+            except _EndOfEpoch:
+                self._epoch_over = True
+                raise StopIteration from None
+        self._iteration = i + 1
+        return outputs
+
+    def _consumer_fence(self) -> Any:
+        """Called in the consumer's thread: a marker after everything it queued on the GPU so far
+        (its work on earlier batches), which the next batch's GPU work waits for before reusing
+        memory those batches had."""
+        if not self._gpu_main:
+            return None
+        from .fn import _gpu_exec
+
+        return _gpu_exec.consumer_fence()
+
+    def _compute(self, i: int, fence: Any) -> tuple[tuple, dict[str, float]]:
+        """Batch i of the epoch, start to finish (in the caller's or the ahead thread)."""
         if self._epoch_length is not None and i >= self._epoch_length:
-            self._epoch_over = True
-            raise StopIteration
-        self._submit_ahead()
+            raise _EndOfEpoch
+        self._submit_ahead(i)
         env: dict[int, Any] = {}
         key = (self.epoch_idx, i)
         t0 = time.perf_counter()
@@ -511,21 +590,32 @@ class Pipeline:
                 for k, x in enumerate(self._exports):
                     env.setdefault(x.source.op_id, {})[x.index] = [s[k] for s in samples]
             t1 = time.perf_counter()
+            if fence is not None:
+                from .fn import _gpu_exec
+
+                _gpu_exec.wait_fence(self, fence)
             outputs = self._run_main(i, env)
         except StopIteration:
-            self._epoch_over = True
-            raise
+            raise _EndOfEpoch from None
         finally:
             if self._pool is not None:
                 self._pool.release(key)
-        self._iteration += 1
         t2 = time.perf_counter()
-        self.last_timings = {
+        timings = {
             "worker_wait_s": t1 - t0,  # waiting for the workers' share of this batch
             "worker_compute_s": self._pool.last_compute_s if self._pool is not None else 0.0,
             "main_ops_s": t2 - t1,  # main-stage ops (GPU decode/augment) and assembling outputs
         }
-        return outputs
+        return outputs, timings
+
+    def _drain_ahead(self) -> None:
+        """Let a batch computed ahead finish (its result is dropped) before the pool is touched."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            try:
+                ahead[1].result()
+            except BaseException:  # noqa: BLE001 - its error belongs to a batch nobody will ask for
+                pass
 
     def _run_main(self, i: int, env: dict[int, dict[int, list]]) -> tuple:
         infos = self._sample_infos(i)
@@ -584,6 +674,7 @@ class Pipeline:
         """End the current epoch (wherever it stands) and start the next one (``epoch_idx + 1``)."""
         if self.state is State.CLOSED:
             raise LifecycleError("cannot reset a closed pipeline")
+        self._drain_ahead()
         if self._pool is not None:
             self._pool.discard()
         self.epoch_idx += 1
@@ -605,6 +696,7 @@ class Pipeline:
         global batches of the epoch were consumed under an earlier (maybe different) shard layout."""
         if self.state is State.CLOSED:
             raise LifecycleError("cannot move a closed pipeline")
+        self._drain_ahead()
         if self._pool is not None:
             self._pool.discard()
         if consumed_batches is not None:

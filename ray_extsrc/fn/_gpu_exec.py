@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 
 from ..graph import OpNode, SampleContext
+from ._gpu.ptrbatch import PREP_ARG, PtrBatch
 from ..tensors import TensorListGPU
 from ..types import SampleInfo
 
-__all__ = ["run_op", "assemble", "pipeline_stream"]
+__all__ = ["run_op", "assemble", "pipeline_stream", "consumer_fence", "wait_fence"]
 
+_immortal_streams: list = []
 _local = threading.local()  # the stream of the pipeline this thread ran last (for `assemble`)
 
 
@@ -42,6 +44,9 @@ def pipeline_stream(pipe: Any) -> Any:
         device_id = pipe.device_id if isinstance(pipe.device_id, int) else 0
         with cupy.cuda.Device(device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0):
             stream = cupy.cuda.Stream(non_blocking=True)
+        # Never destroyed: decoded images (nvImageCodec) and outputs a consumer still holds may be
+        # freed on this stream after the pipeline is gone; a destroyed stream there crashes.
+        _immortal_streams.append(stream)
         pipe._gpu_stream = stream
     return stream
 
@@ -61,10 +66,31 @@ def _contexts(pipe: Any, node: OpNode, infos: Sequence[SampleInfo]) -> list[Samp
     ]
 
 
+def consumer_fence() -> Any:
+    """An event after all work the consumer queued so far on the streams it uses (the legacy
+    default stream, which torch uses unless told otherwise, and CuPy's current stream)."""
+    import cupy
+
+    ev = cupy.cuda.Stream.null.record()
+    cur = cupy.cuda.get_current_stream()
+    return (ev, cur.record()) if cur.ptr != 0 else (ev,)
+
+
+def wait_fence(pipe: Any, fence: Any) -> None:
+    """Make the pipeline's stream wait for ``fence`` (see `pipeline.Pipeline._consumer_fence`)."""
+    stream = pipeline_stream(pipe)
+    for ev in fence:
+        stream.wait_event(ev)
+
+
 def _to_gpu(data: Any, stream: Any) -> Any:
     """A node's output for a GPU op: CuPy data stays, host samples are copied to the device."""
     import cupy
 
+    from ._gpu.ptrbatch import PtrBatch
+
+    if isinstance(data, PtrBatch):
+        return data
     if isinstance(data, cupy.ndarray):
         return data  # a dense batch from an earlier GPU op
     out = []
@@ -96,6 +122,11 @@ def run_op(pipe: Any, node: OpNode, infos: Sequence[SampleInfo], env: dict) -> d
         else:
             inputs = [_to_gpu(env[x.source.op_id][x.index], stream) for x in node.inputs]
         args = {k: _host_values(env[x.source.op_id][x.index]) for k, x in node.arg_inputs.items()}
+        prep = getattr(pipe, "_prep_of", {}).get(node.op_id)
+        if prep is not None:  # the op's per-sample host step, done in the workers
+            args[PREP_ARG] = env[prep.source.op_id][prep.index]
+        if not getattr(op, "accepts_ptr_batch", False):
+            inputs = [x.to_list() if isinstance(x, PtrBatch) else x for x in inputs]
         ctxs = _contexts(pipe, node, infos)
         try:
             out = op.run_gpu(inputs, args, ctxs, stream)
@@ -124,6 +155,8 @@ def assemble(data: Any, layout: str = "") -> TensorListGPU:
         cur.wait_event(ev)
         if cur.ptr != 0:
             cupy.cuda.Stream.null.wait_event(ev)
-    if not isinstance(data, cupy.ndarray):
+    if isinstance(data, PtrBatch):
+        data = data.to_list()
+    elif not isinstance(data, cupy.ndarray):
         data = list(data)
     return TensorListGPU(data, layout)

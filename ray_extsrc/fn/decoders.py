@@ -42,13 +42,21 @@ class ImageDecoder(Operator):
         data = _codec.as_bytes(self.name, inputs[0], ctx)
         return _codec.decode(self.name, data, self.output_type, ctx)
 
+    def worker_prep(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        """Per-sample host step of the GPU decode, run in the workers: ``[y, x, h, w, H, W, ok]``,
+        the region to keep (the whole image here) and the size from the header; ``ok`` is 1 for a
+        complete JPEG the GPU may decode, 0 for data the CPU decoder must judge."""
+        return _prep_row(self, inputs[0], ctx, random_crop=False)
+
     def run_gpu(
         self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
     ) -> list:
         """Batched nvImageCodec decode (device="mixed"), see `_gpu.decode`."""
         from ._gpu import decode
 
-        return decode.decode_batch(self, inputs[0], ctxs, stream, random_crop=False)
+        return decode.decode_batch(self, inputs[0], ctxs, stream, random_crop=False, prep=arg_inputs.get(decode.PREP_ARG))
 
 
 class ImageRandomCropDecoder(ImageDecoder):
@@ -133,13 +141,19 @@ class ImageRandomCropDecoder(ImageDecoder):
         y, x, h, w = _scale_box(box, denom, img.shape[0], img.shape[1])
         return np.ascontiguousarray(img[y : y + h, x : x + w])
 
+    def worker_prep(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        """As `ImageDecoder.worker_prep`, with this sample's random crop box (same draws as run_cpu)."""
+        return _prep_row(self, inputs[0], ctx, random_crop=True)
+
     def run_gpu(
         self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
     ) -> list:
-        """Batched nvImageCodec decode of each sample's crop only (region of interest)."""
+        """Batched nvImageCodec decode of each sample's crop (see `_gpu.decode`)."""
         from ._gpu import decode
 
-        return decode.decode_batch(self, inputs[0], ctxs, stream, random_crop=True)
+        return decode.decode_batch(self, inputs[0], ctxs, stream, random_crop=True, prep=arg_inputs.get(decode.PREP_ARG))
 
     def _scale_denom(self, header: _codec.Header, box: tuple[int, int, int, int]) -> int:
         if self._downscale_target is None or not header.is_jpeg:
@@ -205,3 +219,17 @@ def image_random_crop(
         random_aspect_ratio=random_aspect_ratio, num_attempts=num_attempts,
     )
     return add_op(ImageRandomCropDecoder(device, seed, **consts), data, **nodes)
+
+
+def _prep_row(op: ImageDecoder, raw: np.ndarray, ctx: SampleContext, random_crop: bool) -> np.ndarray:
+    """``[y, x, h, w, H, W, ok]`` for the GPU decoder (see `ImageDecoder.worker_prep`)."""
+    try:
+        data = _codec.as_bytes(op.name, raw, ctx)
+        header = _codec.read_header(op.name, data, ctx)
+    except Exception:  # noqa: BLE001 - the CPU decoder will raise the sample's DecodeError
+        return np.zeros(7, np.int32)
+    H, W = header.height, header.width
+    y, x, h, w = op.crop_window(ctx, H, W) if random_crop else (0, 0, H, W)
+    complete = data.size >= 4 and data[-2] == 0xFF and data[-1] == 0xD9  # nvJPEG decodes truncated files silently
+    ok = int(header.is_jpeg and complete and op.output_type is types.RGB)
+    return np.array([y, x, h, w, H, W, ok], np.int32)

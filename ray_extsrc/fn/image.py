@@ -83,6 +83,9 @@ class Resize(Operator):
         out_h, out_w, box = self.sizing.plan(self.name, img.shape[0], img.shape[1], arg_inputs)
         return resample(img, out_h, out_w, box, self.interp_type, self.antialias, out_dtype)
 
+    #: takes the decoders' pointer-table batches (`_gpu.ptrbatch`) without per-sample views
+    accepts_ptr_batch = True
+
     def run_gpu(
         self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
     ) -> Any:

@@ -248,11 +248,13 @@ class WorkerPool:
                 "py_callback_pickler=cloudpickle, or use py_start_method='fork'."
             ) from e
         fd = child_sock.fileno()
+        # Workers run one sample at a time each; BLAS thread pools in them only oversubscribe.
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "ray_extsrc.workers.zygote", str(fd)],
             stdin=subprocess.PIPE,
             pass_fds=(fd,),
-            start_new_session=False,
+            env=env,
         )
         assert proc.stdin is not None
         try:
@@ -354,7 +356,12 @@ class WorkerPool:
         Raises StopIteration when the source ended the epoch in this batch, `SourceError` when it
         raised, `WorkerDiedError` when a worker could not be replaced or a task kept killing them.
         """
-        batch = self._batches[key]
+        batch = self._batches.get(key)
+        if batch is None:
+            raise RuntimeError(
+                f"worker pool{self._label()}: batch {key!r} was not submitted, or was already "
+                "collected or failed; after an error, call reset() to start the next epoch"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         while batch.failed is None and len(batch.done) < len(batch.task_ids):
             remaining = None if deadline is None else deadline - time.monotonic()

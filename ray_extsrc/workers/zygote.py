@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 
 from .messages import SpawnWorker, WorkerSpawned
 from .worker import WorkerArgs, worker_main
@@ -73,7 +74,11 @@ def zygote_main(ctl: socket.socket, program: object) -> None:
                 for fd in fds:
                     os.close(fd)
                 continue
-            pid = os.fork()
+            with warnings.catch_warnings():
+                # Python 3.12 warns when the forking process has threads: here only native pools
+                # (OpenBLAS) that register their own fork handlers; this loop holds no locks.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
             if pid == 0:
                 code = 0
                 try:

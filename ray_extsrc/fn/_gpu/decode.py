@@ -29,6 +29,9 @@ import numpy as np
 
 from ... import types
 from ...graph import SampleContext
+from .ptrbatch import PREP_ARG, PtrBatch
+
+__all__ = ["decode_batch", "decoder_for", "PREP_ARG"]
 
 _lock = threading.Lock()
 _decoders: dict[int, tuple[Any, Any]] = {}
@@ -81,6 +84,76 @@ def _decode_thread() -> Any:
 
 
 def decode_batch(
+    op: Any,
+    inputs: Sequence[np.ndarray],
+    ctxs: Sequence[SampleContext],
+    stream: Any,
+    random_crop: bool,
+    prep: Sequence[np.ndarray] | None = None,
+) -> Any:
+    """Decode a batch; with the workers' ``prep`` rows, through `_decode_prepared` (fast path)."""
+    if prep is not None and os.environ.get("RAY_EXTSRC_GPU_ROI", "0") == "0":
+        return _decode_prepared(op, inputs, ctxs, stream, np.stack(prep))
+    return _decode_each(op, inputs, ctxs, stream, random_crop)
+
+
+def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[SampleContext], stream: Any,
+                     prep: np.ndarray) -> PtrBatch:
+    """The fast path: the workers already parsed headers and drew crop boxes (``prep`` rows
+    ``[y, x, h, w, H, W, ok]``), so the host does no per-sample work beyond one list: whole
+    images are decoded in one call (measured faster than region decode with nvImageCodec 0.9 on
+    an H100: hardware engine decodes whole images anyway), and each crop is a pointer into its
+    image (`PtrBatch`) that the next kernel reads with the image's row pitch.
+    """
+    import time
+
+    import cupy
+    from nvidia import nvimgcodec
+
+    t0 = time.perf_counter()
+    n = len(inputs)
+    ok = np.flatnonzero(prep[:, 6] == 1)
+    dec, params = decoder_for(cupy.cuda.Device().id)
+    data = [inputs[j] for j in ok]
+    try:
+        images = _decode_thread().submit(dec.decode, data, params=params, cuda_stream=stream.ptr).result()
+    except TypeError:  # a version that only takes code streams
+        data = [nvimgcodec.CodeStream(np.ascontiguousarray(a)) for a in data]
+        images = _decode_thread().submit(dec.decode, data, params=params, cuda_stream=stream.ptr).result()
+    t1 = time.perf_counter()
+    ptrs = np.zeros(n, np.uint64)
+    dims = np.zeros((n, 3), np.int32)
+    done = np.zeros(n, bool)
+    owners: list = []
+    for j, img in zip(ok.tolist(), images):
+        if img is None:
+            continue
+        cai = img.__cuda_array_interface__
+        shape = cai["shape"]
+        if len(shape) != 3 or shape[2] != 3 or shape[0] != prep[j, 4] or shape[1] != prep[j, 5]:
+            continue  # not what the header promised: the CPU decoder judges it
+        pitch = cai["strides"][0] if cai.get("strides") else shape[1] * 3
+        y, x, h, w = prep[j, :4].tolist()
+        ptrs[j] = cai["data"][0] + y * pitch + x * 3
+        dims[j] = (h, w, pitch)
+        done[j] = True
+        owners.append(img)
+    for j in np.flatnonzero(~done).tolist():  # see "Fallbacks" in the module docstring
+        arr = cupy.ascontiguousarray(cupy.asarray(op.run_cpu([inputs[j]], {}, ctxs[j])))
+        ptrs[j] = arr.data.ptr
+        dims[j] = (arr.shape[0], arr.shape[1], arr.strides[0])
+        owners.append(arr)
+    # nvImageCodec frees an image's memory when its object dies, maybe synchronously: keep this
+    # batch's images until two batches later, when the stream is long past them.
+    op._gpu_keep = [owners] + getattr(op, "_gpu_keep", [])[:1]
+    STATS["prepare_s"] += 0.0
+    STATS["decode_wait_s"] += t1 - t0
+    STATS["fallback_s"] += time.perf_counter() - t1
+    STATS["batches"] += 1
+    return PtrBatch(ptrs, dims, 3, owners)
+
+
+def _decode_each(
     op: Any,
     inputs: Sequence[np.ndarray],
     ctxs: Sequence[SampleContext],

@@ -140,11 +140,15 @@ def hwc_table(images: Any) -> tuple[list[int], np.ndarray, int]:
     """
     import cupy
 
+    from .ptrbatch import PtrBatch
+
+    if isinstance(images, PtrBatch):
+        return images.ptrs, images.dims, images.channels
     if isinstance(images, cupy.ndarray):
         arr = images if images.ndim == 4 else images[..., None]
         arr = _packed_rows(arr, batch=True)
         n, h, w, c = arr.shape
-        ptrs = [arr.data.ptr + j * arr.strides[0] for j in range(n)]
+        ptrs = arr.data.ptr + np.arange(n, dtype=np.uint64) * np.uint64(arr.strides[0])
         dims = np.tile(np.array([h, w, arr.strides[1]], np.int32), (n, 1))
         return ptrs, dims, c
     ptrs, rows, chans = [], [], set()
@@ -235,4 +239,8 @@ def crop_mirror_normalize(
 
 def as_samples(batch: Any) -> Sequence[Any]:
     """A dense batch or a list, as a sequence of per-sample arrays (views)."""
+    from .ptrbatch import PtrBatch
+
+    if isinstance(batch, PtrBatch):
+        return batch.to_list()
     return batch if isinstance(batch, list) else [batch[j] for j in range(batch.shape[0])]

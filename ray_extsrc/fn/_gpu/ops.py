@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import _args
 from . import kernels
+from .ptrbatch import PtrBatch
 
 _MODES = {"INTERP_NN": 0, "INTERP_LINEAR": 1, "INTERP_TRIANGULAR": 1}
 
@@ -45,10 +46,28 @@ def _dense_if_same(outs: list) -> Any:
     return outs
 
 
+def _full_box_size(op: Any) -> tuple[int, int] | None:
+    """The output size when every sample is resized whole to one integral size (no subpixel box)."""
+    size = op.fixed_output_size
+    if size is None or not all(float(v).is_integer() for v in op.sizing.values):
+        return None
+    return size
+
+
 def resize(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, stream: Any) -> Any:
-    samples = kernels.as_samples(inputs[0])
     out_dtype = np.dtype(np.uint8) if op.dtype is None else op.dtype
     mode = _MODES.get(getattr(op.interp_type, "name", str(op.interp_type)))
+    if isinstance(inputs[0], PtrBatch):
+        batch = inputs[0]
+        size = _full_box_size(op) if not arg_inputs else None
+        if size is not None and mode is not None and out_dtype.name in ("uint8", "float32"):
+            # vectorised planning: the box is each whole (cropped) image
+            zeros = np.zeros(len(batch), np.float32)
+            boxes = np.stack([zeros, zeros, batch.dims[:, 1], batch.dims[:, 0]], 1).astype(np.float32)
+            mode = 2 if mode == 1 and op.antialias else mode
+            return kernels.resize(batch, boxes, size[0], size[1], mode, out_dtype, [])
+        inputs = [batch.to_list()]
+    samples = kernels.as_samples(inputs[0])
     uint8_in = all(x.dtype == np.uint8 and x.ndim in (2, 3) for x in samples)
     if mode is None or not uint8_in or out_dtype.name not in ("uint8", "float32"):
         return _dense_if_same(_cpu_fallback(op, samples, arg_inputs, ctxs))  # cubic/lanczos, non-uint8
@@ -67,8 +86,32 @@ def resize(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, 
     return outs
 
 
+def _mirror_flags(op: Any, arg_inputs: Mapping, n: int) -> np.ndarray:
+    if "mirror" in arg_inputs:
+        return (np.asarray([np.asarray(v).reshape(-1)[0] for v in arg_inputs["mirror"]], np.float64) != 0).astype(np.int32)
+    return np.full(n, int(_args.sample_scalar(op.name, "mirror", op.mirror, {}) != 0), np.int32)
+
+
 def crop_mirror_normalize(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, stream: Any) -> Any:
-    samples = kernels.as_samples(inputs[0])
+    import cupy
+
+    batch = inputs[0]
+    if isinstance(batch, cupy.ndarray) and batch.dtype == np.uint8 and set(arg_inputs) <= {"mirror"}:
+        # a dense batch and constant crop arguments: one window for all, mirror flags as one array
+        h, w = int(batch.shape[1]), int(batch.shape[2])
+        y0, x0, ch, cw = op.crop.window(op.name, h, w, {})
+        if y0 >= 0 and x0 >= 0 and y0 + ch <= h and x0 + cw <= w:
+            n = int(batch.shape[0])
+            channels = int(batch.shape[3]) if batch.ndim == 4 else 1
+            a, b, _ = op._coefficients(channels, np.dtype(np.uint8))
+            fill = np.broadcast_to(op.crop.fill_for(op.name, np.empty((1, 1, channels), np.uint8)), (channels,))
+            out_c = 1 << (channels - 1).bit_length() if op.pad_output else channels
+            win = np.tile(np.array([y0, x0], np.int32), (n, 1))
+            return kernels.crop_mirror_normalize(
+                batch, win, _mirror_flags(op, arg_inputs, n), a, b, fill.astype(np.float32), ch, cw,
+                out_c, op.output_layout == "CHW", op.dtype, [],
+            )
+    samples = kernels.as_samples(batch)
     if not all(x.dtype == np.uint8 for x in samples):
         return _dense_if_same(_cpu_fallback(op, samples, arg_inputs, ctxs))
     windows, mirrors = [], []

@@ -1,0 +1,573 @@
+"""What a Ray Train ``train_loop_per_worker`` calls to get its batches: `Loader` and its iterator.
+
+`Loader` is a small, picklable description (a ``@pipeline_def`` function and its arguments) that
+travels in ``train_loop_config``. In each Train worker, ``loader.iter_torch_batches()`` creates —
+lazily, on first use — one `actor.LoaderActor` on the worker's node, pinned to the worker's GPU,
+serving shard ``rank`` of ``world_size``, and yields its batches as torch tensors::
+
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray_extsrc.train import Loader
+
+    def train_loop_per_worker(config):
+        it = config["loaders"]["train"].iter_torch_batches()
+        for epoch in range(2):
+            for batch in it:  # one whole epoch per `for`
+                images, labels = batch["images"], batch["labels"]  # on this worker's GPU, if any
+                ...
+            ray.train.report({"epoch": epoch, **it.stats()})
+
+    loader = Loader(training_pipeline, outputs=("images", "labels"), shuffle=True, py_num_workers=4)
+    TorchTrainer(train_loop_per_worker, scaling_config=ScalingConfig(num_workers=2),
+                 train_loop_config={"loaders": {"train": loader}}).fit()
+
+Exactly-once across failures: ``it.state_dict()`` (``{"epoch_idx", "consumed_batches", "seed"}``) is
+what a checkpoint saves; ``iter_torch_batches(state=...)`` resumes the epoch at the next unconsumed
+batch, with any number of workers (`sharding`). A crashed loader actor is restarted by Ray and
+resumes at the very batch its Train worker waits for (`actor`'s NOTE [position protocol]).
+
+Why loader actors reserve no CPU by default (``actor_num_cpus=0``): the CPU work happens in the
+pipeline's forked Python workers, which Ray cannot see or account for anyway; the actor itself mostly
+waits on them. Reserving a CPU for it would not bound the real load, and on a machine whose CPUs the
+Train workers already hold (a 2-CPU CI box running 2 one-CPU workers) the actors could never be
+scheduled. Account for the loaders' workers by giving the Train workers more CPUs
+(``ScalingConfig(resources_per_worker={"CPU": 1 + py_num_workers})``) or pass ``actor_num_cpus``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import inspect
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .actor import BatchReply, LoaderActor, LoaderSpec
+from .errors import RayExtSrcError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Loader", "LoaderIterator", "NAMESPACE"]
+
+#: Ray namespace of every loader actor (names are per run, loader, seed, rank and node).
+NAMESPACE = "ray_extsrc"
+_CLOSE_TIMEOUT_S = 10.0  # an actor's close() stops its workers (2 s SIGTERM grace) and unlinks shm
+_SET_BY_LOADER = ("num_shards", "shard_id", "device_id")
+_STAGES = ("worker_wait_s", "worker_compute_s", "main_ops_s", "encode_s", "delivery_s")
+
+
+def _decorator_seed(pipeline_fn: Callable) -> int | None:
+    """The ``seed`` given to ``@pipeline_def(...)``, if any (so the Loader does not override it)."""
+    kwargs = getattr(pipeline_fn, "pipeline_kwargs", None)
+    if kwargs is None:
+        try:  # pipeline_def keeps its arguments in the closure of the function it returns
+            kwargs = inspect.getclosurevars(pipeline_fn).nonlocals.get("pipeline_kwargs")
+        except TypeError:
+            kwargs = None
+    seed = kwargs.get("seed") if isinstance(kwargs, Mapping) else None
+    return seed if isinstance(seed, int) and seed >= 0 else None
+
+
+class Loader:
+    """A pipeline to be run as one sharded loader actor per Ray Train worker. Small and picklable.
+
+    Args:
+        pipeline_fn: a ``@pipeline_def`` function.
+        outputs: names of the pipeline's outputs: batches are then dicts ``name -> tensor``;
+            ``None`` yields tuples.
+        name: a label for actor names, metrics and messages (default: the function's name).
+        prefetch_batches: ``next_batch`` calls kept in flight per Train worker (backpressure).
+        actor_num_cpus: CPUs the loader actor reserves in Ray (see the module docstring).
+        zero_copy: hand GPU outputs to a Train worker on the same GPU by CUDA IPC (else via host).
+        actor_options: more ``ray.remote`` options for the actor (``runtime_env``, ``memory``...).
+        **pipeline_args: override the pipeline's arguments (``batch_size``, ``py_num_workers``,
+            ``shuffle``, ``seed``, ...) or go to the pipeline function, as ``@pipeline_def`` does.
+            ``num_shards``, ``shard_id`` and ``device_id`` are set per Train worker.
+    """
+
+    def __init__(
+        self,
+        pipeline_fn: Callable[..., Any],
+        outputs: tuple[str, ...] | list[str] | None = None,
+        *,
+        name: str | None = None,
+        prefetch_batches: int = 2,
+        actor_num_cpus: float = 0,
+        zero_copy: bool = True,
+        actor_options: Mapping[str, Any] | None = None,
+        **pipeline_args: Any,
+    ) -> None:
+        if not callable(pipeline_fn):
+            raise TypeError(f"Loader: pipeline_fn must be a @pipeline_def function; got {type(pipeline_fn).__name__}")
+        if outputs is not None:
+            if isinstance(outputs, str) or not all(isinstance(o, str) for o in outputs):
+                raise TypeError(f"Loader: outputs must be a tuple of names (str) or None; got {outputs!r}")
+            if len(set(outputs)) != len(outputs):
+                raise ValueError(f"Loader: output names must be unique; got {tuple(outputs)!r}")
+            outputs = tuple(outputs)
+        if not isinstance(prefetch_batches, int) or prefetch_batches < 1:
+            raise ValueError(f"Loader: prefetch_batches must be an int >= 1; got {prefetch_batches!r}")
+        if not isinstance(actor_num_cpus, (int, float)) or actor_num_cpus < 0:
+            raise ValueError(f"Loader: actor_num_cpus must be a number >= 0; got {actor_num_cpus!r}")
+        fixed = sorted(set(pipeline_args) & set(_SET_BY_LOADER))
+        if fixed:
+            raise ValueError(
+                f"Loader: {', '.join(fixed)} are set per Train worker by the Loader (shard = rank, "
+                "device = the worker's GPU); do not pass them"
+            )
+        seed = pipeline_args.pop("seed", None)
+        if seed is None or seed < 0:
+            seed = _decorator_seed(pipeline_fn)
+        # Every rank must shuffle with one permutation and draw the same random augmentation after
+        # a restart: one seed for the whole Loader, fixed here, saved in state_dict().
+        self.seed: int = seed if seed is not None else secrets.randbits(63)
+        self.pipeline_fn = pipeline_fn
+        self.outputs = outputs
+        self.name = name or getattr(pipeline_fn, "__name__", "loader")
+        self.prefetch_batches = prefetch_batches
+        self.actor_num_cpus = actor_num_cpus
+        self.zero_copy = bool(zero_copy)
+        self.actor_options = dict(actor_options or {})
+        self.pipeline_args = pipeline_args
+        self.uid = secrets.token_hex(4)  # tells this Loader's actors from another's of the same name
+
+    def __repr__(self) -> str:
+        return f"Loader({self.name!r}, outputs={self.outputs!r}, uid={self.uid!r})"
+
+    def iter_torch_batches(
+        self,
+        state: Mapping[str, int] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> LoaderIterator:
+        """This Train worker's iterator (the same object on every call in one process).
+
+        ``state`` (from `LoaderIterator.state_dict`) moves it to a saved position. ``rank`` and
+        ``world_size`` default to the Train context's (rank 0 of 1 outside Ray Train); ``device`` to
+        this worker's GPU when it has one, else the CPU.
+        """
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()  # what the first .remote() would do; the device lookup below needs it first
+        if (rank is None) != (world_size is None):
+            raise ValueError("iter_torch_batches: give both rank and world_size, or neither")
+        if rank is None:
+            rank, world_size = _train_rank()
+        if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(
+                f"iter_torch_batches: need 0 <= rank < world_size; got rank={rank!r}, world_size={world_size!r}"
+            )
+        key = (self.uid, rank, world_size)
+        it = _ITERATORS.get(key)
+        if it is None or it.closed:
+            it = _ITERATORS[key] = LoaderIterator(self, rank, world_size, device)
+        if state is not None:
+            it.load_state_dict(state)
+        return it
+
+
+_ITERATORS: dict[tuple[str, int, int], LoaderIterator] = {}
+_REMOTE_ACTOR: Any = None
+
+
+def _remote_actor_class() -> Any:
+    """`LoaderActor` as a Ray actor class (made once per process)."""
+    global _REMOTE_ACTOR
+    if _REMOTE_ACTOR is None:
+        import ray
+
+        _REMOTE_ACTOR = ray.remote(LoaderActor)
+    return _REMOTE_ACTOR
+
+
+def _train_rank() -> tuple[int, int]:
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+    except (RuntimeError, ImportError, AttributeError):
+        return 0, 1  # not inside a Ray Train worker: one shard
+
+
+def _run_name() -> str:
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    try:
+        import ray.train
+
+        return f"{job}/{ray.train.get_context().get_experiment_name()}"
+    except (RuntimeError, ImportError, AttributeError):
+        return job
+
+
+def _resolve_device(device: Any) -> tuple[torch.device, str | None]:
+    """The consumer's torch device, and its GPU as Ray names it (to pin the actor to), if any."""
+    import ray
+    import torch
+
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if device is None:
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if not gpu_ids:
+            return torch.device("cpu"), None
+        index = visible.index(gpu_ids[0]) if gpu_ids[0] in visible else 0
+        return torch.device("cuda", index), gpu_ids[0]
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev, None
+    index = dev.index or 0
+    return torch.device("cuda", index), (visible[index] if index < len(visible) else str(index))
+
+
+class _Metrics:
+    """Ray metrics of all iterators of this process, created on first use."""
+
+    _instance: _Metrics | None = None
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Gauge, Histogram
+
+        self.stage = Histogram(
+            "ray_extsrc_stage_seconds",
+            description="Seconds per batch, by stage: worker wait/compute, main-stage ops, encode, delivery.",
+            boundaries=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5],
+            tag_keys=("loader", "rank", "stage"),
+        )
+        self.throughput = Gauge(
+            "ray_extsrc_samples_per_second",
+            description="Samples per second delivered to one Train worker (over its current epoch).",
+            tag_keys=("loader", "rank"),
+        )
+
+    @classmethod
+    def get(cls) -> _Metrics:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+
+class LoaderIterator:
+    """One Train worker's batches; each ``for`` over it runs (the rest of) one epoch.
+
+    Positions: `state_dict` / `load_state_dict`. Observability: `stats`. Made by
+    `Loader.iter_torch_batches`; its actor side is `actor.LoaderActor`.
+    """
+
+    def __init__(self, loader: Loader, rank: int, world_size: int, device: Any = None) -> None:
+        self.loader = loader
+        self.rank = rank
+        self.world_size = world_size
+        self.device, self._gpu_id = _resolve_device(device)
+        self.seed = loader.seed
+        self.epoch_idx = 0
+        self._base = 0  # global batches consumed before this epoch's layout took over (resume)
+        self._iteration = 0  # local batches of this epoch already yielded
+        self._actor: Any = None
+        self._actor_name = ""
+        self._actor_pid: int | None = None
+        #: pids of the loader actor processes that served this iterator (a restart adds one)
+        self.actor_pids: list[int] = []
+        self._importer: Any = None
+        self.closed = False
+        self._reset_stats()
+        self._actor_restarts = 0
+        self._worker_respawns = 0
+
+    # -- position ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        """Where this iterator stands: ``{"epoch_idx", "consumed_batches", "seed"}``.
+
+        ``consumed_batches`` counts the global batches consumed by all ranks, assuming they are in
+        step (they are, at a synchronous ``ray.train.report``). Feed it to ``iter_torch_batches(state=)``.
+        """
+        return {
+            "epoch_idx": self.epoch_idx,
+            "consumed_batches": self._base + self._iteration * self.world_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        try:
+            epoch_idx, consumed = int(state["epoch_idx"]), int(state["consumed_batches"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"state must be a dict from state_dict() with 'epoch_idx' and 'consumed_batches'; got {state!r}"
+            ) from e
+        if epoch_idx < 0 or consumed < 0:
+            raise ValueError(f"state: epoch_idx and consumed_batches must be >= 0; got {dict(state)!r}")
+        seed = state.get("seed")
+        if seed is not None and int(seed) != self.seed:
+            self._stop_actor()  # its pipeline draws from the old seed: build a new one
+            self.seed = int(seed)
+        self.epoch_idx, self._base, self._iteration = epoch_idx, consumed, 0
+
+    # -- the actor --------------------------------------------------------------------------------
+
+    @property
+    def actor(self) -> Any:
+        """The `LoaderActor` handle (created on first use)."""
+        if self._actor is None:
+            self._start_actor()
+        return self._actor
+
+    def _start_actor(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self.closed:
+            raise RuntimeError(f"{self._label()}: the iterator is closed")
+        node_id = ray.get_runtime_context().get_node_id()
+        spec = LoaderSpec(
+            pipeline_fn=self.loader.pipeline_fn,
+            pipeline_kwargs=self.loader.pipeline_args,
+            output_names=self.loader.outputs,
+            num_shards=self.world_size,
+            shard_id=self.rank,
+            seed=self.seed,
+            gpu_id=self._gpu_id,
+            zero_copy=self.loader.zero_copy,
+            label=self._label(),
+        )
+        # One name per (run, loader, seed, rank, node): a Train worker that re-creates its iterator
+        # finds its actor again; anything that changes what the actor serves gets a new one.
+        self._actor_name = (
+            f"{_run_name()}/{self.loader.name}-{self.loader.uid}/seed{self.seed}/"
+            f"rank{self.rank}of{self.world_size}@{node_id[:12]}"
+        )
+        options = {
+            "num_cpus": self.loader.actor_num_cpus,
+            "num_gpus": 0,  # the GPU is the Train worker's: the actor shares it (CUDA_VISIBLE_DEVICES)
+            "max_restarts": -1,
+            "max_task_retries": -1,
+            "name": self._actor_name,
+            "namespace": NAMESPACE,
+            "get_if_exists": True,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            **self.loader.actor_options,
+        }
+        self._actor = _remote_actor_class().options(**options).remote(spec)
+        if self._gpu_id is not None and self.loader.zero_copy and self._importer is None:
+            from .transport import IpcImporter
+
+            self._importer = IpcImporter(self.device)
+
+    def _stop_actor(self) -> None:
+        if self._actor is None:
+            return
+        import ray
+
+        actor, self._actor = self._actor, None
+        try:
+            ray.get(actor.close.remote(), timeout=_CLOSE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - best effort: the janitor frees what close() could not
+            pass
+        ray.kill(actor, no_restart=True)
+
+    def worker_pids(self) -> dict[int, int]:
+        """worker id -> pid of the loader actor's Python workers."""
+        import ray
+
+        return ray.get(self.actor.worker_pids.remote())
+
+    def describe(self) -> dict[str, Any]:
+        """The loader actor's pid, node, shard, seed, epoch size, workers (see `LoaderActor.describe`)."""
+        import ray
+
+        return ray.get(self.actor.describe.remote())
+
+    def close(self) -> None:
+        """Stop the loader actor (its workers, shared memory, GPU buffers). Idempotent."""
+        if self.closed:
+            return
+        self._stop_actor()
+        if self._importer is not None:
+            self._importer.close()
+            self._importer = None
+        self.closed = True
+
+    def _label(self) -> str:
+        return f"loader {self.loader.name!r} rank {self.rank}/{self.world_size}"
+
+    # -- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[Any]:
+        """The rest of the current epoch. NOTE: the consumer's half of actor's [position protocol]."""
+        actor = self.actor
+        epoch_idx, base = self.epoch_idx, self._base
+        depth = self.loader.prefetch_batches
+        pending: collections.deque[tuple[int, Any]] = collections.deque()
+        to_release: list[int] = []
+        next_req = self._iteration
+        end: int | None = None
+        t_prev = time.perf_counter()
+        finished = False
+        try:
+            while True:
+                while len(pending) < depth and (end is None or next_req < end):
+                    ref = actor.next_batch.remote(epoch_idx, base, next_req, tuple(to_release))
+                    to_release = []
+                    pending.append((next_req, ref))
+                    next_req += 1
+                if not pending:
+                    finished = True
+                    break
+                pos, ref = pending.popleft()
+                t0 = time.perf_counter()
+                reply = self._get(ref)
+                delivery = time.perf_counter() - t0
+                if reply.end:
+                    finished = True
+                    break
+                if reply.epoch_size is not None:
+                    end = reply.epoch_size
+                batch = self._to_torch(reply)
+                now = time.perf_counter()
+                self._record(reply, delivery, now - t_prev)
+                t_prev = now
+                self._iteration = pos + 1
+                yield batch
+                # The caller asked for the next batch: it is done with this one.
+                if reply.lease is not None:
+                    self._importer.done_with_batch()
+                    to_release.append(reply.lease)
+        finally:
+            if self._importer is not None and (to_release or pending):
+                # Runs after every call still pending (one caller's calls run in order), so it
+                # frees their leases too. Not waited for: the next request queues behind it anyway.
+                actor.release.remote(everything=True)
+            if finished:
+                self.epoch_idx += 1
+                self._base = 0
+                self._iteration = 0
+
+    def _get(self, ref: Any) -> BatchReply:
+        import ray
+
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, RayExtSrcError):
+                cause.add_note(f"delivered to {self._label()} (loader actor {self._actor_name!r})")
+                raise cause from None
+            raise
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError) as e:
+            e.add_note(
+                f"{self._label()}: its loader actor {self._actor_name!r} is dead and cannot be restarted "
+                "(its node is gone, or its __init__ failed: see above). A loader actor lives on its Train "
+                "worker's node, so that worker is lost too: let Ray Train restart the worker group "
+                "(RunConfig(failure_config=FailureConfig(max_failures=...))) and resume with "
+                "iter_torch_batches(state=<state_dict() saved in the last checkpoint>)."
+            )
+            raise
+
+    def _to_torch(self, reply: BatchReply) -> Any:
+        from .transport import decode_outputs
+
+        if reply.actor_pid != self._actor_pid:
+            if self._actor_pid is not None:
+                self._actor_restarts += 1
+            self._actor_pid = reply.actor_pid
+            self.actor_pids.append(reply.actor_pid)
+        tensors = decode_outputs(reply.outputs, self.device, self._importer)
+        names = self.loader.outputs
+        return dict(zip(names, tensors)) if names is not None else tensors
+
+    # -- observability ----------------------------------------------------------------------------
+
+    def _reset_stats(self) -> None:
+        self._batches = 0
+        self._samples = 0
+        self._wall_s = 0.0  # time between consecutive batches (loader + the training step)
+        self._rate_ema: float | None = None
+        self._totals = dict.fromkeys(_STAGES, 0.0)
+
+    def _record(self, reply: BatchReply, delivery: float, wall: float) -> None:
+        self._worker_respawns = reply.worker_respawns
+        timings = dict(reply.timings)
+        timings["delivery_s"] = delivery
+        n = _batch_len(reply.outputs)
+        self._batches += 1
+        self._samples += n
+        self._wall_s += wall
+        for k in _STAGES:
+            self._totals[k] += timings.get(k, 0.0)
+        if wall > 0:
+            rate = n / wall
+            self._rate_ema = rate if self._rate_ema is None else 0.9 * self._rate_ema + 0.1 * rate
+        try:
+            m = _Metrics.get()
+            tags = {"loader": self.loader.name, "rank": str(self.rank)}
+            for k in _STAGES:
+                m.stage.observe(timings.get(k, 0.0), tags={**tags, "stage": k.removesuffix("_s")})
+            if self._rate_ema is not None:
+                m.throughput.set(self._rate_ema, tags=tags)
+        except Exception as e:  # noqa: BLE001 - metrics must never break training
+            warnings.warn(f"ray_extsrc: could not export Ray metrics: {e}", RuntimeWarning, stacklevel=2)
+
+    def stats(self) -> dict[str, Any]:
+        """Throughput and mean seconds per batch by stage, since this iterator was created.
+
+        Stages: ``worker_wait_s`` (the actor waiting for its Python workers), ``worker_compute_s``
+        (workers running the source and worker-side ops, summed over workers), ``main_ops_s``
+        (main-stage ops: GPU decode/augment), ``encode_s`` (the actor preparing the batch for
+        transport), ``delivery_s`` (this Train worker waiting in ``ray.get``: near zero when the
+        loader keeps up). ``samples_per_s`` counts the training step's time too: it is the rate the
+        Train worker actually consumed at. The same numbers go to Ray metrics
+        (``ray_extsrc_stage_seconds``, ``ray_extsrc_samples_per_second``, tagged ``loader``, ``rank``).
+        """
+        b = max(self._batches, 1)
+        out: dict[str, Any] = {
+            "loader": self.loader.name,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "epoch_idx": self.epoch_idx,
+            "batches": self._batches,
+            "samples": self._samples,
+            "samples_per_s": self._samples / self._wall_s if self._wall_s > 0 else 0.0,
+            "actor_restarts": self._actor_restarts,
+            "worker_respawns": self._worker_respawns,
+            "transport": "cuda_ipc" if self._importer is not None else "host",
+        }
+        out.update({k: self._totals[k] / b for k in _STAGES})
+        return out
+
+
+def _batch_len(outputs: Any) -> int:
+    for x in outputs:
+        try:
+            return len(x) if not hasattr(x, "shape") else int(x.shape[0])
+        except (TypeError, IndexError):
+            continue
+    return 0
+
+
+@atexit.register
+def _close_all() -> None:
+    """Best effort at interpreter exit: close this process's loader actors cleanly."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return
+    except ImportError:
+        return
+    for it in list(_ITERATORS.values()):
+        try:
+            it.close()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,347 @@
+"""Loader actors under a local Ray, driven straight from the test (no TorchTrainer, for speed).
+
+Every test checks the exactly-once contract on labels that are the samples' ``idx_in_epoch``, and
+that no shared-memory segment of a loader actor outlives it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+torch = pytest.importorskip("torch")
+
+from ray_extsrc import SourceError, pipeline_def  # noqa: E402
+from ray_extsrc.actor import shm_pattern  # noqa: E402
+from ray_extsrc.pipeline import external_source  # noqa: E402
+from ray_extsrc.train import Loader  # noqa: E402
+
+# Ray pickles the sources and pipeline functions below into the actors; tests/ is not importable
+# there, so send this module's definitions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.allow_children]
+
+N, B = 103, 4  # 25 full batches: 8 per rank for 3 ranks (one global batch dropped), 12 for 2
+_SHM_GONE_S = 10.0  # the janitor unlinks a killed actor's segments once Ray has reaped the process
+
+
+class IndexSource:
+    """Sample i is (a 2x3 float32 array filled with i, [i]); ``bad`` raises, ``slow`` sleeps."""
+
+    def __init__(self, n: int, bs: int, bad: int | None = None, delay: float = 0.0) -> None:
+        self.n = n
+        self.full_iterations = n // bs
+        self.bad = bad
+        self.delay = delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __call__(self, info):
+        if info.iteration >= self.full_iterations:
+            raise StopIteration
+        if info.idx_in_epoch == self.bad:
+            raise ValueError(f"record {info.idx_in_epoch} is unreadable")
+        if self.delay:
+            time.sleep(self.delay)
+        return np.full((2, 3), info.idx_in_epoch, dtype=np.float32), np.int64([info.idx_in_epoch])
+
+
+class RaggedSource:
+    """Samples of different lengths: the output stays a list of per-sample tensors."""
+
+    def __call__(self, info):
+        if info.iteration >= 3:
+            raise StopIteration
+        return np.arange(info.idx_in_epoch % 3 + 1, dtype=np.int32)
+
+
+@pipeline_def(batch_size=B, num_threads=1, py_num_workers=2, prefetch_queue_depth=2)
+def index_pipeline(n=N, bad=None, delay=0.0):
+    return external_source(source=IndexSource(n, B, bad, delay), num_outputs=2, batch=False, parallel=True)
+
+
+@pipeline_def(batch_size=B, num_threads=1, py_num_workers=1)
+def ragged_pipeline():
+    return external_source(source=RaggedSource(), batch=False, parallel=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def labels(batch) -> list[int]:
+    return batch["labels"].ravel().tolist()
+
+
+def assert_no_shm_left(iterators) -> None:
+    """No /dev/shm segment of any loader actor that served these iterators remains."""
+    pids = {p for it in iterators for p in it.actor_pids}
+    assert pids
+    deadline = time.monotonic() + _SHM_GONE_S
+    while True:
+        left = [f for p in pids for f in glob.glob(shm_pattern(p))]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"shared memory left behind by loader actors: {left}"
+
+
+def make_loader(**kw) -> Loader:
+    return Loader(index_pipeline, outputs=("images", "labels"), **kw)
+
+
+def test_three_ranks_awkward_count_equal_batches_no_duplicates():
+    loader = make_loader()
+    its = [loader.iter_torch_batches(rank=r, world_size=3) for r in range(3)]
+    try:
+        for epoch in range(2):
+            per_rank = [[labels(b) for b in it] for it in its]
+            assert [len(b) for b in per_rank] == [8, 8, 8]  # 25 batches // 3 ranks, every epoch
+            for r, batches in enumerate(per_rank):
+                for i, batch in enumerate(batches):
+                    g = 3 * i + r  # rank r, local step i serves global batch 3i + r
+                    assert batch == list(range(g * B, g * B + B))
+            flat = [i for b in per_rank for batch in b for i in batch]
+            assert len(flat) == len(set(flat)) == 8 * 3 * B
+            assert all(it.epoch_idx == epoch + 1 for it in its)
+        batch = next(iter(its[0]))
+        assert batch["images"].dtype == torch.float32 and batch["images"].shape == (B, 2, 3)
+        assert batch["images"].device.type == "cpu"
+        assert (batch["images"][:, 0, 0] == batch["labels"].ravel().float()).all()
+        d = its[1].describe()
+        assert (d["num_shards"], d["shard_id"], d["epoch_size"]) == (3, 1, 8)
+        assert d["node_id"] == ray.get_runtime_context().get_node_id()  # on its consumer's node
+        assert d["cuda_visible_devices"] == ""  # a CPU consumer's actor sees no GPU
+    finally:
+        for it in its:
+            it.close()
+    assert_no_shm_left(its)
+
+
+def test_each_for_is_one_epoch_and_iter_torch_batches_returns_the_same_iterator():
+    loader = Loader(index_pipeline, outputs=("images", "labels"), n=24)  # 6 batches, one rank
+    it = loader.iter_torch_batches()
+    try:
+        assert loader.iter_torch_batches() is it
+        first = [labels(b) for b in it]
+        assert len(first) == 6 and it.epoch_idx == 1
+        second = [labels(b) for b in loader.iter_torch_batches()]  # Ray Data style: call per epoch
+        assert second == first and it.epoch_idx == 2
+        # leaving a `for` early keeps the position: the next `for` finishes that epoch
+        for k, b in enumerate(it):
+            if k == 1:
+                break
+        assert it.state_dict()["consumed_batches"] == 2
+        assert [labels(b) for b in it] == first[2:]
+    finally:
+        it.close()
+    assert_no_shm_left([it])
+
+
+def test_backpressure_keeps_at_most_prefetch_batches_requested():
+    loader = make_loader(prefetch_batches=2)
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    try:
+        gen = iter(it)
+        next(gen)
+        # describe() runs after every call already sent: the actor served batches 0 and 1 only
+        assert it.describe()["cursor"] == (0, 0, 2)
+        time.sleep(0.3)
+        assert it.describe()["cursor"] == (0, 0, 2)
+        gen.close()
+    finally:
+        it.close()
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+def test_killed_loader_actor_restarts_and_resumes_at_the_waited_batch(how):
+    loader = make_loader(n=60, delay=0.01)  # 15 batches; slow, so the kill lands mid-call
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    seen = []
+    try:
+        gen = iter(it)
+        for _ in range(5):
+            seen += labels(next(gen))
+        old_pid = it.describe()["pid"]
+        if how == "ray.kill":
+            ray.kill(it.actor, no_restart=False)
+        else:
+            os.kill(old_pid, signal.SIGKILL)
+        seen += [i for b in gen for i in labels(b)]
+        assert seen == list(range(60))  # in order: nothing lost, nothing twice
+        st = it.stats()
+        assert st["actor_restarts"] == 1 and it.actor_pids[0] == old_pid != it.actor_pids[1]
+        assert [labels(b) for b in it][:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # next epoch is whole
+    finally:
+        it.close()
+    assert_no_shm_left([it])  # the dead actor's segments were unlinked by its janitor
+
+
+def test_killed_forked_worker_is_replaced_and_its_samples_replayed():
+    loader = make_loader(n=60, delay=0.01)
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    seen = []
+    try:
+        gen = iter(it)
+        for _ in range(3):
+            seen += labels(next(gen))
+        victim = it.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        seen += [i for b in gen for i in labels(b)]
+        assert seen == list(range(60))
+        d = it.describe()
+        assert d["worker_respawns"] >= 1 and victim not in d["worker_pids"].values()
+        assert it.stats()["actor_restarts"] == 0
+    finally:
+        it.close()
+    assert_no_shm_left([it])
+
+
+def test_resume_mid_epoch_from_state_with_a_new_loader_object_and_shuffle():
+    # A new Loader (as in a new run restored from a checkpoint) draws another seed; the state
+    # carries the old one, so the shuffled order of the resumed epoch is the same.
+    first = make_loader(shuffle=True)
+    it = first.iter_torch_batches(rank=0, world_size=1)
+    try:
+        gen = iter(it)
+        seen = [i for _ in range(7) for i in labels(next(gen))]
+        state = it.state_dict()
+        gen.close()
+    finally:
+        it.close()
+    assert state["epoch_idx"] == 0 and state["consumed_batches"] == 7 and state["seed"] == first.seed
+    second = make_loader(shuffle=True)
+    assert second.seed != first.seed
+    it2 = second.iter_torch_batches(state=pickle.loads(pickle.dumps(state)), rank=0, world_size=1)
+    try:
+        rest = [i for b in it2 for i in labels(b)]
+        assert len(seen) + len(rest) == 25 * B
+        assert len(set(seen + rest)) == 25 * B and set(seen + rest) <= set(range(N))
+        assert it2.state_dict() == {"epoch_idx": 1, "consumed_batches": 0, "seed": first.seed}
+    finally:
+        it2.close()
+    assert_no_shm_left([it, it2])
+
+
+def test_elastic_resume_with_three_ranks_after_two_finishes_the_epoch_exactly_once():
+    loader = make_loader(shuffle=True)
+    old = [loader.iter_torch_batches(rank=r, world_size=2) for r in range(2)]
+    seen: list[int] = []
+    try:
+        gens = [iter(it) for it in old]
+        for _ in range(4):  # both ranks in step, as between two ray.train.report calls
+            for g in gens:
+                seen += labels(next(g))
+        state = old[0].state_dict()
+        assert state == old[1].state_dict() and state["consumed_batches"] == 8
+        for g in gens:
+            g.close()
+    finally:
+        for it in old:
+            it.close()
+    new = [loader.iter_torch_batches(state=state, rank=r, world_size=3) for r in range(3)]
+    try:
+        rest = [[labels(b) for b in it] for it in new]
+        assert [len(r) for r in rest] == [(25 - 8) // 3] * 3  # equal steps on every new rank
+        seen += [i for r in rest for batch in r for i in batch]
+        assert len(seen) == len(set(seen)) == (8 + 15) * B
+        # the next epoch is a whole one over the new layout
+        assert [len([b for b in it]) for it in new] == [8, 8, 8]
+    finally:
+        for it in new:
+            it.close()
+    assert_no_shm_left(old + new)
+
+
+def test_source_error_surfaces_with_sample_index_and_traceback():
+    loader = make_loader(bad=13)
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    try:
+        with pytest.raises(SourceError) as info:
+            for _ in it:
+                pass
+        err = info.value
+        assert err.idx_in_epoch == 13
+        assert "idx_in_epoch=13" in str(err) and "record 13 is unreadable" in str(err)
+        assert "Original traceback" in str(err) and "in __call__" in err.remote_traceback
+        assert any("rank 0/1" in n for n in err.__notes__)
+        assert it.state_dict()["consumed_batches"] == 3  # batches 0..2 were delivered, 3 failed
+    finally:
+        it.close()
+    assert_no_shm_left([it])
+
+
+def test_outputs_none_gives_tuples_and_ragged_outputs_give_lists():
+    loader = Loader(ragged_pipeline)
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    try:
+        batches = list(it)
+        assert len(batches) == 3 and all(isinstance(b, tuple) and len(b) == 1 for b in batches)
+        samples = batches[1][0]
+        assert isinstance(samples, list) and [t.tolist() for t in samples] == [[0, 1], [0, 1, 2], [0], [0, 1]]
+    finally:
+        it.close()
+
+
+def test_stats_report_throughput_and_stage_timings():
+    loader = make_loader(n=40)
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    try:
+        assert len(list(it)) == 10
+        st = it.stats()
+        assert st["batches"] == 10 and st["samples"] == 40 and st["transport"] == "host"
+        for k in ("worker_wait_s", "worker_compute_s", "main_ops_s", "encode_s", "delivery_s"):
+            assert st[k] >= 0.0
+        assert st["samples_per_s"] > 0 and st["worker_compute_s"] > 0
+    finally:
+        it.close()
+
+
+def test_loader_is_small_picklable_and_validates_its_arguments():
+    loader = make_loader(shuffle=True, py_num_workers=3)
+    blob = pickle.dumps(loader)
+    assert len(blob) < 4096
+    assert pickle.loads(blob).seed == loader.seed
+    with pytest.raises(ValueError, match="shard_id are set per Train worker"):
+        make_loader(shard_id=1)
+    with pytest.raises(ValueError, match="prefetch_batches must be an int >= 1; got 0"):
+        make_loader(prefetch_batches=0)
+    with pytest.raises(TypeError, match="outputs must be a tuple of names"):
+        Loader(index_pipeline, outputs="images")
+    with pytest.raises(ValueError, match="give both rank and world_size"):
+        loader.iter_torch_batches(rank=0)
+
+
+def not_a_pipeline(**kwargs):
+    return kwargs
+
+
+@pytest.mark.parametrize(
+    ("loader", "message"),
+    [
+        (Loader(index_pipeline, outputs=("only_one",)), "names 1 outputs, but the pipeline"),
+        (Loader(not_a_pipeline), "must be a @pipeline_def function, which returns a Pipeline"),
+    ],
+    ids=["output-names", "not-a-pipeline"],
+)
+def test_a_bad_loader_fails_at_actor_start_with_a_clear_message(loader, message):
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    try:
+        with pytest.raises(ray.exceptions.ActorDiedError, match=message) as info:
+            next(iter(it))
+        assert any("cannot be restarted" in n for n in info.value.__notes__)
+    finally:
+        it.close()
