@@ -26,6 +26,7 @@ __all__ = [
     "DecodeError",
     "ForkAfterCUDAError",
     "LifecycleError",
+    "Loader",
     "NoGPUWarning",
     "Pipeline",
     "RayExtSrcError",
@@ -42,9 +43,11 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # fn pulls in the op implementations (simplejpeg, Pillow); load it on first use.
-    if name == "fn":
-        import importlib
+    # fn pulls in the op implementations (simplejpeg, Pillow), Loader pulls in Ray: load on first use.
+    import importlib
 
+    if name == "fn":
         return importlib.import_module(".fn", __name__)
+    if name == "Loader":
+        return importlib.import_module(".train", __name__).Loader
     raise AttributeError(f"module 'ray_extsrc' has no attribute {name!r}")

@@ -21,11 +21,13 @@ shuffled sample at that position) and ``iteration = g``.
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import inspect
 import os
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -244,8 +246,9 @@ class Pipeline:
         self.layout = ShardLayout(num_shards, shard_id)
         self.shuffle = shuffle
         self._exec_async = bool(exec_async and exec_pipelined)
-        self._ahead: Any = None  # (local iteration, Future) of the batch computed ahead
+        self._ahead: collections.deque = collections.deque()  # (local iteration, Future), in order
         self._ahead_thread: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()  # the pool is driven from the ahead threads
         self.graph = Graph()
         self.outputs: tuple[DataNode, ...] = ()
         self.state = State.DEFINED
@@ -320,7 +323,7 @@ class Pipeline:
         if self._main_cpu:
             self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
         if self._async:
-            self._ahead_thread = ThreadPoolExecutor(1, thread_name_prefix="ray_extsrc-ahead")
+            self._ahead_thread = ThreadPoolExecutor(self._ahead_depth, thread_name_prefix="ray_extsrc-ahead")
         self.state = State.BUILT
 
     def close(self) -> None:
@@ -447,6 +450,11 @@ class Pipeline:
         # Main stage one batch ahead in a background thread (DALI's exec_async/exec_pipelined):
         # batch i+1's decode/augment overlaps the consumer's work on batch i.
         self._async = self._exec_async and any(not _is_source(n) for n in self._main_nodes)
+        # GPU main stages run two batches at once: one batch's decode (a blocking call in its own
+        # thread) overlaps the other's gathering and kernels.
+        # In-process sources stay on one thread (batch callables and iterables are stateful).
+        in_process = any(_is_source(n) and not n.op.spec.parallel for n in nodes)
+        self._ahead_depth = 2 if self._gpu_main and not in_process else 1
         self._planned = True
 
     def _enable_downscaled_decode(self, nodes: Sequence[OpNode]) -> None:
@@ -546,17 +554,14 @@ class Pipeline:
             raise StopIteration
         i = self._iteration
         if self._async:
-            ahead, self._ahead = self._ahead, None
-            fut = ahead[1] if ahead is not None and ahead[0] == i else None
-            if fut is None:
-                fut = self._ahead_thread.submit(self._compute, i, self._consumer_fence())
+            self._fill_ahead(i)
+            _, fut = self._ahead.popleft()
             try:
                 outputs, self.last_timings = fut.result()
             except _EndOfEpoch:
                 self._epoch_over = True
                 raise StopIteration from None
-            if self._epoch_length is None or i + 1 < self._epoch_length:
-                self._ahead = (i + 1, self._ahead_thread.submit(self._compute, i + 1, self._consumer_fence()))
+            self._fill_ahead(i + 1)  # start the next batches now, overlapping the consumer
         else:
             try:
                 outputs, self.last_timings = self._compute(i, None)
@@ -565,6 +570,13 @@ class Pipeline:
                 raise StopIteration from None
         self._iteration = i + 1
         return outputs
+
+    def _fill_ahead(self, start: int) -> None:
+        """Have batches ``start .. start + depth - 1`` (within the epoch) computing ahead."""
+        nxt = self._ahead[-1][0] + 1 if self._ahead else start
+        while len(self._ahead) < self._ahead_depth and (self._epoch_length is None or nxt < self._epoch_length or not self._ahead):
+            self._ahead.append((nxt, self._ahead_thread.submit(self._compute, nxt, self._consumer_fence())))
+            nxt += 1
 
     def _consumer_fence(self) -> Any:
         """Called in the consumer's thread: a marker after everything it queued on the GPU so far
@@ -580,13 +592,15 @@ class Pipeline:
         """Batch i of the epoch, start to finish (in the caller's or the ahead thread)."""
         if self._epoch_length is not None and i >= self._epoch_length:
             raise _EndOfEpoch
-        self._submit_ahead(i)
         env: dict[int, Any] = {}
         key = (self.epoch_idx, i)
         t0 = time.perf_counter()
         try:
             if self._pool is not None:
-                samples = self._pool.collect(key)[: self.batch_size]  # minus the probe, if any
+                with self._pool_lock:
+                    self._submit_ahead(i)
+                    samples = self._pool.collect(key)[: self.batch_size]  # minus the probe, if any
+                    compute_s = self._pool.last_compute_s
                 for k, x in enumerate(self._exports):
                     env.setdefault(x.source.op_id, {})[x.index] = [s[k] for s in samples]
             t1 = time.perf_counter()
@@ -599,21 +613,22 @@ class Pipeline:
             raise _EndOfEpoch from None
         finally:
             if self._pool is not None:
-                self._pool.release(key)
+                with self._pool_lock:
+                    self._pool.release(key)
         t2 = time.perf_counter()
         timings = {
             "worker_wait_s": t1 - t0,  # waiting for the workers' share of this batch
-            "worker_compute_s": self._pool.last_compute_s if self._pool is not None else 0.0,
+            "worker_compute_s": compute_s if self._pool is not None else 0.0,
             "main_ops_s": t2 - t1,  # main-stage ops (GPU decode/augment) and assembling outputs
         }
         return outputs, timings
 
     def _drain_ahead(self) -> None:
         """Let a batch computed ahead finish (its result is dropped) before the pool is touched."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
+        while self._ahead:
+            _, fut = self._ahead.popleft()
             try:
-                ahead[1].result()
+                fut.result()
             except BaseException:  # noqa: BLE001 - its error belongs to a batch nobody will ask for
                 pass
 
@@ -748,6 +763,7 @@ def pipeline_def(fn: Callable | None = None, **pipeline_kwargs: Any) -> Callable
             pipe.set_outputs(*outputs)
             return pipe
 
+        create.pipeline_kwargs = dict(pipeline_kwargs)  # read by train.Loader (e.g. the seed)
         return create
 
     return decorate(fn) if fn is not None else decorate

@@ -378,3 +378,25 @@ def test_ctrl_c_leaves_no_processes_or_shared_memory():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_parent_killed_leaves_no_processes_or_shared_memory():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT.format(tests=os.path.dirname(__file__))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        tree = descendants(proc.pid)
+        assert len(tree) == 3 and our_shm(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)  # no finalizer runs in the parent
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 8
+        while ({p for p in tree if os.path.exists(f"/proc/{p}")} or our_shm(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not {p for p in tree if os.path.exists(f"/proc/{p}")}, "workers or zygote outlived their parent"
+        assert not our_shm(proc.pid), "the dead parent's segments were not unlinked"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

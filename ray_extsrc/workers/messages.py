@@ -45,11 +45,10 @@ class Shutdown:
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class ArrayMeta:
-    offset: int
-    shape: tuple[int, ...]
-    dtype: str
+#: Where one array of a sample lies in a slot: ``(offset, shape, dtype.str)``. A plain tuple, not
+#: a dataclass: a batch carries hundreds of them and plain tuples unpickle in C (a dataclass with
+#: slots unpickles through a Python function per object, measured at ~5 ms per batch of 256).
+ArrayMeta = tuple[int, tuple[int, ...], str]
 
 
 @dataclass(frozen=True, slots=True)

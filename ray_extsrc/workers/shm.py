@@ -106,7 +106,7 @@ def write_samples(seg: Segment, samples: Sequence[Sequence[np.ndarray]]) -> tupl
             if a.nbytes:
                 dst = np.ndarray(a.shape, dtype=a.dtype, buffer=seg.buf, offset=offset)
                 np.copyto(dst, a, casting="no")
-            metas.append(ArrayMeta(offset, tuple(a.shape), a.dtype.str))
+            metas.append((offset, a.shape, a.dtype.str))
             offset += _align(a.nbytes)
         out.append(tuple(metas))
     return tuple(out)
@@ -117,13 +117,11 @@ def read_samples(seg: Segment, layout: Sequence[Sequence[ArrayMeta]]) -> list[tu
     out = []
     for metas in layout:
         arrays = []
-        for m in metas:
-            dtype = np.dtype(m.dtype)
-            count = int(np.prod(m.shape, dtype=np.int64))
-            if count:
-                a = np.ndarray(m.shape, dtype=dtype, buffer=seg.buf, offset=m.offset)
+        for offset, shape, dtype in metas:
+            if all(shape):
+                a = np.ndarray(shape, dtype=dtype, buffer=seg.buf, offset=offset)
             else:
-                a = np.empty(m.shape, dtype=dtype)
+                a = np.empty(shape, dtype=dtype)
             a.flags.writeable = False
             arrays.append(a)
         out.append(tuple(arrays))

@@ -7,12 +7,14 @@ and forks a worker whenever the parent asks (`SpawnWorker`, with the worker's tw
 over SCM_RIGHTS), answering `WorkerSpawned`. It is single-threaded, so its forks are safe.
 
 Lifetime: it exits when its control socket closes (the pool closed, or the parent died), after
-terminating and reaping every worker it forked. It ignores SIGINT: Ctrl-C is the parent's to
+terminating and reaping every worker it forked; if the parent died, it also unlinks the parent's
+shared-memory segments, which nobody else would. It ignores SIGINT: Ctrl-C is the parent's to
 handle. Parent side: `pool.WorkerPool`.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import select
@@ -23,6 +25,7 @@ import time
 import warnings
 
 from .messages import SpawnWorker, WorkerSpawned
+from .shm import SHM_PREFIX
 from .worker import WorkerArgs, worker_main
 
 _MAX_CTL_MESSAGE = 1 << 16
@@ -54,8 +57,19 @@ def _terminate(children: set[int]) -> None:
             return
 
 
+def _unlink_orphaned_segments(owner: int) -> None:
+    """The pool's owner died without closing it (kill -9): remove its segments, which only it
+    would have unlinked. Never done while the owner lives: its other pools use the same prefix."""
+    for path in glob.glob(f"/dev/shm/{SHM_PREFIX}{owner}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def zygote_main(ctl: socket.socket, program: object) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    owner = os.getppid()
     children: set[int] = set()
     try:
         while True:
@@ -95,6 +109,8 @@ def zygote_main(ctl: socket.socket, program: object) -> None:
             ctl.send(pickle.dumps(WorkerSpawned(msg.worker_id, pid)))
     finally:
         _terminate(children)
+        if os.getppid() != owner:
+            _unlink_orphaned_segments(owner)
 
 
 def run_forked(ctl_fd: int, program: object) -> None:

@@ -144,8 +144,8 @@ def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[Sampl
         dims[j] = (arr.shape[0], arr.shape[1], arr.strides[0])
         owners.append(arr)
     # nvImageCodec frees an image's memory when its object dies, maybe synchronously: keep this
-    # batch's images until two batches later, when the stream is long past them.
-    op._gpu_keep = [owners] + getattr(op, "_gpu_keep", [])[:1]
+    # batch's images until three batches later (two compute at once), when the stream is past them.
+    op._gpu_keep = [owners] + getattr(op, "_gpu_keep", [])[:2]
     STATS["prepare_s"] += 0.0
     STATS["decode_wait_s"] += t1 - t0
     STATS["fallback_s"] += time.perf_counter() - t1
