@@ -236,3 +236,19 @@ def test_source_error_fails_the_run_with_the_sample_index_and_traceback(tmp_path
     assert isinstance(err, SourceError) and err.idx_in_epoch == 13 and err.epoch_idx == 0
     assert "Original traceback" in str(err) and "raise ValueError" in err.remote_traceback
     assert list(info.value.worker_failures) == [1]
+
+
+def test_eight_workers_eight_loader_actors_equal_steps_exactly_once(tmp_path):
+    """The width of an 8-GPU host (issue: scale-out on nvidia-h100-x8), on CPUs: 8 Train workers,
+    8 loader actors, an awkward sample count (103 samples, batch 4 -> 25 global batches)."""
+    loaders = {"train": Loader(pipeline, outputs=("images", "labels"), shuffle=True)}
+    result, out = fit(tmp_path, "eight", {"loaders": loaders, "epochs": 2}, num_workers=8, cpu_per_worker=0.25)
+    records = _load_all(out, "first_rank*.json")
+    assert len(records) == 8
+    for epoch in range(2):
+        per_rank = train_labels(records, epoch)
+        assert {len(b) for b in per_rank.values()} == {25 // 8}  # equal steps: 3 batches per rank
+        flat = [i for batches in per_rank.values() for b in batches for i in b]
+        assert len(flat) == len(set(flat)) == 8 * 3 * B and set(flat) <= set(range(103))
+    assert len({p for r in records.values() for p in r["actor_pids"]}) == 8
+    assert_no_shm_left(records)
