@@ -19,12 +19,12 @@ class FileListSource:
     loaders agree on the epoch length up front.
     """
 
-    def __init__(self, root: str | os.PathLike, batch_size: int) -> None:
+    def __init__(self, root: str | os.PathLike, batch_size: int, limit: int | None = None) -> None:
         from .synthetic import read_file_list
 
         self.root = os.fspath(root)
         self.batch_size = batch_size
-        entries = read_file_list(self.root)
+        entries = read_file_list(self.root)[:limit]  # limit: only the first ``limit`` files
         self.files = [name for name, _ in entries]
         self.labels = [label for _, label in entries]
         self.full_iterations = len(self.files) // batch_size

@@ -4,40 +4,11 @@ so Ray Train's loader actors and spawned workers can import it."""
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
-
 from .. import fn, pipeline_def, types
-from ..synthetic import read_file_list
+from ..sources import FileListSource
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
-
-
-class FileListSource:
-    """``source(sample_info) -> (encoded JPEG as uint8 array, int32 label)``, DALI-tutorial style."""
-
-    def __init__(self, root: str, batch_size: int, limit: int | None = None) -> None:
-        self.root = root
-        entries = read_file_list(root)
-        if limit is not None:
-            entries = entries[:limit]
-        self.files = [name for name, _ in entries]
-        self.labels = [label for _, label in entries]
-        self.batch_size = batch_size
-        self.full_iterations = len(self.files) // batch_size
-
-    def __len__(self) -> int:
-        return self.full_iterations * self.batch_size
-
-    def __call__(self, sample_info):
-        if sample_info.iteration >= self.full_iterations:
-            raise StopIteration
-        idx = sample_info.idx_in_epoch
-        with open(os.path.join(self.root, self.files[idx]), "rb") as f:
-            encoded = np.frombuffer(f.read(), dtype=np.uint8)
-        return encoded, np.int32([self.labels[idx]])
 
 
 @pipeline_def(batch_size=256, num_threads=2, device_id=0, py_num_workers=12, seed=0, prefetch_queue_depth=2)
