@@ -249,6 +249,7 @@ class Pipeline:
         self._ahead: collections.deque = collections.deque()  # (local iteration, Future), in order
         self._ahead_thread: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()  # the pool is driven from the ahead threads
+        self._broken: tuple[int, str] | None = None  # (batch, error type) that stopped the epoch
         self.graph = Graph()
         self.outputs: tuple[DataNode, ...] = ()
         self.state = State.DEFINED
@@ -552,22 +553,26 @@ class Pipeline:
             self.build()
         if self._epoch_over:
             raise StopIteration
+        if self._broken is not None:
+            raise LifecycleError(
+                f"this epoch stopped at batch {self._broken[0]} with {self._broken[1]}; "
+                "call reset() to start the next epoch (or skip_to() to go elsewhere)"
+            )
         i = self._iteration
-        if self._async:
-            self._fill_ahead(i)
-            _, fut = self._ahead.popleft()
-            try:
+        try:
+            if self._async:
+                self._fill_ahead(i)
+                _, fut = self._ahead.popleft()
                 outputs, self.last_timings = fut.result()
-            except _EndOfEpoch:
-                self._epoch_over = True
-                raise StopIteration from None
-            self._fill_ahead(i + 1)  # start the next batches now, overlapping the consumer
-        else:
-            try:
+                self._fill_ahead(i + 1)  # start the next batches now, overlapping the consumer
+            else:
                 outputs, self.last_timings = self._compute(i, None)
-            except _EndOfEpoch:
-                self._epoch_over = True
-                raise StopIteration from None
+        except _EndOfEpoch:
+            self._epoch_over = True
+            raise StopIteration from None
+        except Exception as e:
+            self._broken = (i, type(e).__name__)
+            raise
         self._iteration = i + 1
         return outputs
 
@@ -692,6 +697,7 @@ class Pipeline:
         self._drain_ahead()
         if self._pool is not None:
             self._pool.discard()
+        self._broken = None
         self.epoch_idx += 1
         if self.layout.base:  # a resumed epoch is over: the next one starts from its beginning
             self.layout = ShardLayout(self.layout.num_shards, self.layout.shard_id)
@@ -720,6 +726,7 @@ class Pipeline:
         self._iteration = iteration
         self._submitted = iteration
         self._epoch_over = False
+        self._broken = None
 
 
 def _row(outs: dict[int, list], j: int) -> tuple:

@@ -171,6 +171,8 @@ def test_source_error_names_sample_worker_and_traceback_quickly(start_method):
         assert err.pid in p.py_worker_pids.values() and err.worker_id in p.py_worker_pids
         assert "cannot read record 9" in str(err) and "idx_in_epoch=9" in str(err)
         assert "sources.py" in err.remote_traceback and "raise ValueError" in err.remote_traceback
+        with pytest.raises(LifecycleError, match=r"stopped at batch 2 with SourceError.*reset\(\)"):
+            p.run()
         # the pool survives: the next epoch (where the source no longer fails) is complete
         p.reset()
         assert np.concatenate(epoch(p, col=0)).tolist() == list(range(32))
