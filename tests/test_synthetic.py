@@ -234,3 +234,23 @@ def test_concurrent_callers_generate_once(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["content_sha256"] == dataset_content_hash(tmp_path)
     assert len(list(tmp_path.rglob("*.jpg"))) == TINY.num_images
+
+
+def test_visible_labels_can_be_learned_and_are_the_same_across_seeds(tmp_path):
+    """labels_visible tints each image with its class colour, the same palette for every seed
+    (train and validation sets): a nearest-centroid classifier on mean colours beats chance."""
+    import simplejpeg
+
+    def mean_colours(seed):
+        spec = dataclasses.replace(SMALL, num_images=200, seed=seed, labels_visible=True)
+        root = make_jpeg_dataset(tmp_path / f"s{seed}", spec, progress=False)
+        rows = read_file_list(root)
+        x = np.array([simplejpeg.decode_jpeg((root / name).read_bytes()).reshape(-1, 3).mean(0) for name, _ in rows])
+        return x, np.array([label for _, label in rows])
+
+    x_train, y_train = mean_colours(0)
+    x_val, y_val = mean_colours(1)
+    centroids = np.array([x_train[y_train == c].mean(0) for c in range(SMALL.num_classes)])
+    pred = np.argmin(((x_val[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert (pred == y_val).mean() > 0.5  # chance is 0.1
+    assert dataclasses.replace(SMALL).labels_visible is False  # benchmark sets stay label-independent
