@@ -669,7 +669,8 @@ class Pipeline:
             sample_env = {op_id: _row(outs, j) for op_id, outs in env.items()}
             return self._main_eval.run(infos[j], sample_env, self.epoch_idx)
 
-        assert self._threads is not None
+        if self._threads is None:  # build() makes the pool when the main stage has CPU ops
+            raise LifecycleError("the pipeline is not built")
         results = list(self._threads.map(one, range(len(infos))))
         for node in self._main_eval.nodes:
             env[node.op_id] = {

@@ -256,8 +256,7 @@ class WorkerPool:
             pass_fds=(fd,),
             env=env,
         )
-        assert proc.stdin is not None
-        try:
+        try:  # stdin=PIPE: proc.stdin is set
             pickle.dump(list(sys.path), proc.stdin)
             proc.stdin.write(payload)
             proc.stdin.close()
@@ -269,7 +268,8 @@ class WorkerPool:
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
         try:
-            assert self._ctl is not None
+            if self._ctl is None:
+                raise RuntimeError("the worker pool is not started")
             socket.send_fds(self._ctl, [pickle.dumps(SpawnWorker(worker_id))], [task_r, result_w])
             self._ctl.settimeout(_ZYGOTE_REPLY_TIMEOUT_S)
             reply = self._ctl.recv(1 << 16)
