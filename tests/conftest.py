@@ -44,6 +44,24 @@ def our_shm(pid: int | None = None) -> set[str]:
     return set(glob.glob(f"/dev/shm/{SHM_PREFIX}{os.getpid() if pid is None else pid}_*"))
 
 
+# A loader actor killed by Ray leaves its segments to its janitor (or its zygote), which unlink
+# them once Ray has ended the process: 10 s covers Ray's reaping on a loaded 2-core machine.
+_DEAD_OWNER_SHM_GRACE_S = 10.0
+
+
+def assert_no_segments_of(pids) -> None:
+    """No /dev/shm segment created by any process in ``pids`` remains (within the grace time)."""
+    pids = set(pids)
+    assert pids, "no process to check"
+    deadline = time.monotonic() + _DEAD_OWNER_SHM_GRACE_S
+    while True:
+        left = sorted(f for p in pids for f in our_shm(p))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"shared memory left behind by loader actors: {left}"
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request):
     if request.node.get_closest_marker("allow_children"):

@@ -6,7 +6,6 @@ that no shared-memory segment of a loader actor outlives it.
 
 from __future__ import annotations
 
-import glob
 import os
 import pickle
 import signal
@@ -20,7 +19,7 @@ ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 
 from ray_extsrc import SourceError, pipeline_def  # noqa: E402
-from ray_extsrc.actor import shm_pattern  # noqa: E402
+from conftest import assert_no_segments_of  # noqa: E402
 from ray_extsrc.pipeline import external_source  # noqa: E402
 from ray_extsrc.train import Loader  # noqa: E402
 
@@ -31,7 +30,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = [pytest.mark.timeout(120), pytest.mark.allow_children]
 
 N, B = 103, 4  # 25 full batches: 8 per rank for 3 ranks (one global batch dropped), 12 for 2
-_SHM_GONE_S = 10.0  # the janitor unlinks a killed actor's segments once Ray has reaped the process
 
 
 class IndexSource:
@@ -88,15 +86,7 @@ def labels(batch) -> list[int]:
 
 def assert_no_shm_left(iterators) -> None:
     """No /dev/shm segment of any loader actor that served these iterators remains."""
-    pids = {p for it in iterators for p in it.actor_pids}
-    assert pids
-    deadline = time.monotonic() + _SHM_GONE_S
-    while True:
-        left = [f for p in pids for f in glob.glob(shm_pattern(p))]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not left, f"shared memory left behind by loader actors: {left}"
+    assert_no_segments_of(p for it in iterators for p in it.actor_pids)
 
 
 def make_loader(**kw) -> Loader:

@@ -14,7 +14,6 @@ carry on unaffected; and a restart from the last state (what Ray Train does with
 
 from __future__ import annotations
 
-import glob
 import sys
 import time
 
@@ -28,7 +27,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from ray_extsrc import pipeline_def  # noqa: E402
-from ray_extsrc.actor import shm_pattern  # noqa: E402
+from conftest import assert_no_segments_of  # noqa: E402
 from ray_extsrc.pipeline import external_source  # noqa: E402
 from ray_extsrc.train import Loader  # noqa: E402
 
@@ -37,7 +36,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not
 pytestmark = [pytest.mark.timeout(60), pytest.mark.allow_children]
 
 N, B = 61, 4  # 15 full batches: 7 per rank for 2 ranks
-_SHM_GONE_S = 10.0  # a lost node's actors die when their raylet does; their janitors then unlink
 
 
 class IndexSource:
@@ -108,16 +106,6 @@ def consumer_on(resource: str):
     return Consumer.options(resources={resource: 0.01}).remote()
 
 
-def assert_no_shm_left(pids) -> None:
-    deadline = time.monotonic() + _SHM_GONE_S
-    while True:
-        left = [f for p in pids for f in glob.glob(shm_pattern(p))]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not left, f"shared memory left behind by loader actors: {left}"
-
-
 def test_each_loader_actor_runs_on_its_consumers_node_and_shards_hold_across_nodes(cluster):
     loader = Loader(pipeline)
     consumers = [consumer_on("node_a"), consumer_on("node_b")]
@@ -133,7 +121,7 @@ def test_each_loader_actor_runs_on_its_consumers_node_and_shards_hold_across_nod
                 assert batches == [list(range((2 * i + r) * B, (2 * i + r + 1) * B)) for i in range(7)]
     finally:
         pids = [p for c in consumers for p in ray.get(c.close.remote())]
-    assert_no_shm_left(pids)
+    assert_no_segments_of(pids)
 
 
 def test_losing_a_node_fails_its_rank_clearly_and_a_restart_finishes_the_epoch_exactly_once(cluster):
@@ -176,4 +164,4 @@ def test_losing_a_node_fails_its_rank_clearly_and_a_restart_finishes_the_epoch_e
     seen += [i for b in rest for i in b]
     assert sorted(seen) == list(range(15 * B))
     pids = survivor_pids + ray.get(restarted.close.remote()) + [infos[1]["actor_pid"], stray_pid]
-    assert_no_shm_left(pids)  # including the lost node's actors: their janitors unlinked them
+    assert_no_segments_of(pids)  # including the lost node's actors: their janitors unlinked them

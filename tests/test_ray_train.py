@@ -25,7 +25,7 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig  # noq
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from ray_extsrc import SourceError, pipeline_def  # noqa: E402
-from ray_extsrc.actor import shm_pattern  # noqa: E402
+from conftest import assert_no_segments_of  # noqa: E402
 from ray_extsrc.pipeline import external_source  # noqa: E402
 from ray_extsrc.train import Loader  # noqa: E402
 
@@ -150,17 +150,8 @@ def train_labels(records, epoch):
 
 
 def assert_no_shm_left(records) -> None:
-    """No /dev/shm segment of the loader actors that served these records remains. Actors killed
-    with their worker group are cleaned by their janitors once Ray has ended them: allow 10 s."""
-    pids = {p for r in records.values() for p in r.get("actor_pids", [])}
-    assert pids
-    deadline = time.monotonic() + 10.0
-    while True:
-        left = [f for p in pids for f in glob.glob(shm_pattern(p))]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not left, f"shared memory left behind by loader actors: {left}"
+    """No /dev/shm segment of the loader actors that served these records remains."""
+    assert_no_segments_of(p for r in records.values() for p in r.get("actor_pids", []))
 
 
 def test_two_workers_two_epochs_train_and_val_exactly_once_even_with_an_actor_killed(tmp_path):
