@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 
 import numpy as np
 import pytest

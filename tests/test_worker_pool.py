@@ -16,7 +16,6 @@ import pytest
 import sources
 from conftest import descendants, our_shm
 from ray_extsrc import (
-    DecodeError,
     ForkAfterCUDAError,
     LifecycleError,
     SourceError,

@@ -39,7 +39,6 @@ from ..types import BatchInfo, SampleInfo
 from ._cuda import cuda_initialized
 from .messages import (
     TASK_ITER,
-    TASK_SAMPLES,
     Shutdown,
     SlotRef,
     SpawnWorker,
