@@ -50,6 +50,20 @@ class SampleContext:
     def rng(self) -> np.random.Generator:
         return sample_rng(self.seed, self.op_key, self.epoch_idx, self.idx_in_epoch)
 
+    @classmethod
+    def of(cls, node: OpNode, pipeline_seed: int, epoch_idx: int, info: Any) -> SampleContext:
+        """The context of sample ``info`` (a SampleInfo) for ``node``: the op's own seed if it has
+        one, and its random-stream key (``rng_key`` for a worker-side prep step of a GPU op). Every
+        device builds contexts here, so CPU and GPU draw the same crop boxes and flips."""
+        return cls(
+            seed=node.op.seed if node.op.seed is not None else pipeline_seed,
+            op_key=node.op_id if node.rng_key is None else node.rng_key,
+            epoch_idx=epoch_idx,
+            idx_in_epoch=info.idx_in_epoch,
+            idx_in_batch=info.idx_in_batch,
+            iteration=info.iteration,
+        )
+
 
 class Operator:
     """Base of every op. Subclasses set ``name`` and implement ``run_cpu`` (and maybe ``run_gpu``)."""

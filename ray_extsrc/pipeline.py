@@ -137,14 +137,7 @@ class _Evaluator:
                 continue
             inputs = [env[x.source.op_id][x.index] for x in node.inputs]
             args = {k: env[x.source.op_id][x.index] for k, x in node.arg_inputs.items()}
-            ctx = SampleContext(
-                seed=node.op.seed if node.op.seed is not None else self.seed,
-                op_key=node.op_id if node.rng_key is None else node.rng_key,
-                epoch_idx=epoch_idx,
-                idx_in_epoch=info.idx_in_epoch,
-                idx_in_batch=info.idx_in_batch,
-                iteration=info.iteration,
-            )
+            ctx = SampleContext.of(node, self.seed, epoch_idx, info)
             try:
                 out = node.op.run_cpu(inputs, args, ctx)
             except SampleError:
@@ -397,7 +390,6 @@ class Pipeline:
                     worker_ids.add(node.op_id)
         elif parallel_batch:
             worker_ids.add(parallel_batch[0].op_id)
-        self._worker_ids = worker_ids
         used_by_main = [
             x for n in nodes if n.op_id not in worker_ids for x in (*n.inputs, *n.arg_inputs.values())
         ] + list(self.outputs)

@@ -159,6 +159,21 @@ def test_random_crop_decoder_is_decode_then_slice(jpeg):
         np.testing.assert_array_equal(run(op, data, c=c), full[y : y + h, x : x + w])
 
 
+def test_worker_prep_gives_the_gpu_decoder_the_cpu_crop_box(jpeg, tmp_path):
+    """The GPU decoders read [y, x, h, w, H, W, ok] drawn in the workers: the same box the CPU op
+    crops, and ok=0 (CPU fallback) for truncated or non-JPEG data."""
+    _, data = jpeg
+    op = ImageRandomCropDecoder()
+    for idx in range(5):
+        c = ctx(idx=idx)
+        row = op.worker_prep([data], {}, c)
+        crop = run(op, data, c=c)
+        assert row[6] == 1 and tuple(row[2:4]) == crop.shape[:2]
+        assert tuple(row[:4]) == op.crop_window(c, int(row[4]), int(row[5]))
+    assert op.worker_prep([data[: data.size // 2]], {}, ctx())[6] == 0
+    assert op.worker_prep([encode(picture(16, 16), "PNG", tmp_path)], {}, ctx())[6] == 0
+
+
 def test_random_crop_decoder_works_for_png(tmp_path):
     img = picture(80, 120)
     data = encode(img, "PNG", tmp_path)

@@ -124,6 +124,14 @@ def _is_jpeg(data: np.ndarray) -> bool:
     return data.size >= 2 and data[0] == 0xFF and data[1] == 0xD8
 
 
+def is_complete_jpeg(data: np.ndarray) -> bool:
+    """A JPEG that starts with SOI and ends with its EOI marker. nvJPEG decodes a truncated file
+    without complaint (grey rest), libjpeg-turbo in strict mode refuses it: the GPU decoders send
+    anything else to the CPU decoder, which decodes it or names it in a DecodeError."""
+    n = data.size
+    return n >= 4 and _is_jpeg(data) and data[2] == 0xFF and data[n - 2] == 0xFF and data[n - 1] == 0xD9
+
+
 def decode_error(op_name: str, data: np.ndarray, ctx: SampleContext, reason: str) -> DecodeError:
     head = bytes(data[:8]).hex(" ")
     kind = "JPEG" if _is_jpeg(data) else "image"

@@ -52,18 +52,7 @@ def pipeline_stream(pipe: Any) -> Any:
 
 
 def _contexts(pipe: Any, node: OpNode, infos: Sequence[SampleInfo]) -> list[SampleContext]:
-    seed = node.op.seed if node.op.seed is not None else pipe.seed
-    return [
-        SampleContext(
-            seed=seed,
-            op_key=node.op_id,
-            epoch_idx=pipe.epoch_idx,
-            idx_in_epoch=info.idx_in_epoch,
-            idx_in_batch=info.idx_in_batch,
-            iteration=info.iteration,
-        )
-        for info in infos
-    ]
+    return [SampleContext.of(node, pipe.seed, pipe.epoch_idx, info) for info in infos]
 
 
 def consumer_fence() -> Any:

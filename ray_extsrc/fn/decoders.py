@@ -230,6 +230,5 @@ def _prep_row(op: ImageDecoder, raw: np.ndarray, ctx: SampleContext, random_crop
         return np.zeros(7, np.int32)
     H, W = header.height, header.width
     y, x, h, w = op.crop_window(ctx, H, W) if random_crop else (0, 0, H, W)
-    complete = data.size >= 4 and data[-2] == 0xFF and data[-1] == 0xD9  # nvJPEG decodes truncated files silently
-    ok = int(header.is_jpeg and complete and op.output_type is types.RGB)
+    ok = int(header.is_jpeg and _codec.is_complete_jpeg(data) and op.output_type is types.RGB)
     return np.array([y, x, h, w, H, W, ok], np.int32)

@@ -58,13 +58,6 @@ def decoder_for(device_id: int) -> tuple[Any, Any]:
         return _decoders[device_id]
 
 
-def _is_complete_jpeg(data: np.ndarray) -> bool:
-    """A JPEG that ends with its EOI marker. nvJPEG decodes a truncated file without complaint
-    (grey rest), libjpeg-turbo in strict mode refuses it: such files go to the CPU, which names them."""
-    n = data.size
-    return n >= 4 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF and data[n - 2] == 0xFF and data[n - 1] == 0xD9
-
-
 #: Host-side time of the last batches, by stage (seconds, cumulative): read by the benchmark.
 STATS: dict[str, float] = {"prepare_s": 0.0, "decode_wait_s": 0.0, "fallback_s": 0.0, "batches": 0}
 
@@ -146,7 +139,6 @@ def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[Sampl
     # nvImageCodec frees an image's memory when its object dies, maybe synchronously: keep this
     # batch's images until three batches later (two compute at once), when the stream is past them.
     op._gpu_keep = [owners] + getattr(op, "_gpu_keep", [])[:2]
-    STATS["prepare_s"] += 0.0
     STATS["decode_wait_s"] += t1 - t0
     STATS["fallback_s"] += time.perf_counter() - t1
     STATS["batches"] += 1
@@ -195,7 +187,7 @@ def _decode_each(
 
     for j, (raw, ctx) in enumerate(zip(inputs, ctxs)):
         data = _codec.as_bytes(op.name, raw, ctx)
-        if op.output_type is not types.RGB or not _is_complete_jpeg(data):
+        if op.output_type is not types.RGB or not _codec.is_complete_jpeg(data):
             continue  # CPU fallback below
         try:
             cs = nvimgcodec.CodeStream(data)
