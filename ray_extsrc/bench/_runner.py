@@ -312,6 +312,15 @@ def _read_all(args) -> list[bytes]:
 
 
 def run_nvimgcodec(args) -> dict:
+    """Decode-only nvImageCodec. By default one decoder (its default backends) called batch by batch
+    on the main thread. Variants: ``--codec-backend`` (which backends), ``--split S`` (each batch
+    split between a hardware-engine-only decoder, share S, and a ``--split-kind`` decoder, both at
+    once in two threads), ``--inflight N`` (N batches decoding at once, each thread with its own
+    decoder and stream)."""
+    import collections
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     import torch
     from nvidia import nvimgcodec
@@ -319,16 +328,21 @@ def run_nvimgcodec(args) -> dict:
     from ..fn._crop_window import random_crop_window
 
     data = [np.frombuffer(b, np.uint8) for b in _read_all(args)]
-    kw = {}
-    if args.codec_options:
-        kw["options"] = args.codec_options
-    if args.codec_backend == "hw":
-        kw["backends"] = [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]
-    elif args.codec_backend == "hybrid":
-        kw["backends"] = [nvimgcodec.Backend(nvimgcodec.BackendKind.HYBRID_CPU_GPU)]
-    dec = nvimgcodec.Decoder(**kw)
+    K = nvimgcodec.BackendKind
+
+    def make(kind: str):
+        kw = {"options": args.codec_options} if args.codec_options else {}
+        backends = {
+            "default": None, "hw": [nvimgcodec.Backend(K.HW_GPU_ONLY)], "cuda": [nvimgcodec.Backend(K.GPU_ONLY)],
+            "hybrid": [nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
+            "hwload": [nvimgcodec.Backend(K.HW_GPU_ONLY, load_hint=args.hw_load), nvimgcodec.Backend(K.GPU_ONLY),
+                       nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
+        }[kind]
+        if backends:
+            kw["backends"] = backends
+        return nvimgcodec.Decoder(**kw)
+
     params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
-    stream = torch.cuda.current_stream().cuda_stream
     gpu = _Gpu()
     rng = np.random.default_rng(0)
 
@@ -339,14 +353,52 @@ def run_nvimgcodec(args) -> dict:
             cs = cs.get_sub_code_stream(image_idx=0, region=nvimgcodec.Region(y, x, y + h, x + w))
         return cs
 
-    def epoch():
-        for i in range(0, len(data), BATCH):
-            yield dec.decode([code_stream(b) for b in data[i : i + BATCH]], params=params, cuda_stream=stream)
+    if not args.split and args.inflight <= 1:
+        dec = make(args.codec_backend)
+        stream = torch.cuda.current_stream().cuda_stream
+
+        def epoch():
+            for i in range(0, len(data), BATCH):
+                yield dec.decode([code_stream(b) for b in data[i : i + BATCH]], params=params, cuda_stream=stream)
+    else:
+        local = threading.local()
+        pool = ThreadPoolExecutor(max(1, args.inflight) * (2 if args.split else 1))
+
+        def run(kind, chunk):
+            if not hasattr(local, "stream"):
+                local.stream, local.decs = torch.cuda.Stream(), {}
+            dec = local.decs.get(kind) or local.decs.setdefault(kind, make(kind))
+            images = dec.decode([code_stream(b) for b in chunk], params=params, cuda_stream=local.stream.cuda_stream)
+            return images, local.stream.record_event()
+
+        def submit(batch):
+            if not args.split:
+                return [pool.submit(run, args.codec_backend, batch)]
+            k = round(args.split * len(batch))
+            return [pool.submit(run, "hw", batch[:k]), pool.submit(run, args.split_kind, batch[k:])]
+
+        def epoch():
+            pending = collections.deque()
+            for i in range(0, len(data), BATCH):
+                pending.append(submit(data[i : i + BATCH]))
+                if len(pending) >= max(1, args.inflight):
+                    yield _join(pending.popleft())
+            while pending:
+                yield _join(pending.popleft())
+
+        def _join(futs):
+            out = []
+            for f in futs:
+                images, ev = f.result()
+                torch.cuda.current_stream().wait_event(ev)
+                out.extend(images)
+            return out
 
     recs = timed(epoch, args.epochs, args.warmup, gpu, _torch_sync)
     return {"records": recs, "gpu_peak_used_mb": round(gpu.peak_used / 2**20),
             "note": f"files read into memory first; nvImageCodec backend={args.codec_backend}, "
-                    f"options={args.codec_options!r}, roi={args.roi}, batch 256"}
+                    f"options={args.codec_options!r}, roi={args.roi}, split={args.split} ({args.split_kind}), "
+                    f"inflight={args.inflight}, batch 256"}
 
 
 def run_tv_decode(args) -> dict:
@@ -402,9 +454,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ray-data-images", type=int, default=8000)
     p.add_argument("--ray-data-epochs", type=int, default=1)
     p.add_argument("--codec-options", default="", help="e1: nvImageCodec decoder options")
-    p.add_argument("--codec-backend", default="default", choices=("default", "hw", "hybrid"))
+    p.add_argument("--codec-backend", default="default", choices=("default", "hw", "cuda", "hybrid", "hwload"))
+    p.add_argument("--hw-load", type=float, default=0.65, help="e1 hwload: the hardware engine's load hint")
+    p.add_argument("--split", type=float, default=0.0, help="e1: hardware-engine share of a batch split in two")
+    p.add_argument("--split-kind", default="cuda", choices=("cuda", "hybrid", "default"))
+    p.add_argument("--inflight", type=int, default=1, help="e1: batches decoding at once (threads)")
     p.add_argument("--roi", action="store_true", help="e1: decode random-resized-crop regions only")
     args = p.parse_args(argv)
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):  # experiments: the GIL's switch interval (seconds)
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     name, fn_ = SYSTEMS[args.system]
     t = time.perf_counter()
     res = fn_(args)

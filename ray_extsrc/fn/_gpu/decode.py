@@ -33,47 +33,145 @@ from .ptrbatch import PREP_ARG, PtrBatch
 
 __all__ = ["decode_batch", "decoder_for", "PREP_ARG"]
 
-_lock = threading.Lock()
-_decoders: dict[int, tuple[Any, Any]] = {}
-
 #: Extra nvImageCodec decoder options (space-separated, nvImageCodec's format); the default asks
 #: for libjpeg-turbo's chroma upsampling.
 OPTIONS_ENV = "RAY_EXTSRC_NVIMGCODEC_OPTIONS"
 
 
-def decoder_for(device_id: int) -> tuple[Any, Any]:
-    """``(Decoder, DecodeParams)`` for ``device_id``, made once per process."""
-    with _lock:
-        if device_id not in _decoders:
-            from nvidia import nvimgcodec
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
 
-            options = os.environ.get(OPTIONS_ENV, ":fancy_upsampling=1")
-            threads = int(os.environ.get("RAY_EXTSRC_NVIMGCODEC_THREADS", "0"))
+
+def _make_decoder(device_id: int, kind: str) -> Any:
+    """A new nvImageCodec decoder. ``kind``: "default" (its default backends), "hw" (the hardware JPEG
+    engine only), "cuda" (nvJPEG's CUDA decoder), "hybrid" (CPU Huffman + GPU IDCT), or "hwload"
+    (hardware engine with ``RAY_EXTSRC_HW_LOAD`` of each batch, the CUDA decoder for the rest)."""
+    from nvidia import nvimgcodec
+
+    K = nvimgcodec.BackendKind
+    backends = {
+        "default": None,
+        "hw": [nvimgcodec.Backend(K.HW_GPU_ONLY)],
+        "cuda": [nvimgcodec.Backend(K.GPU_ONLY)],
+        "hybrid": [nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
+        "hwload": [nvimgcodec.Backend(K.HW_GPU_ONLY, load_hint=_env_float("RAY_EXTSRC_HW_LOAD", 0.65)),
+                   nvimgcodec.Backend(K.GPU_ONLY), nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
+    }[kind]
+    kw: dict[str, Any] = {"device_id": device_id,
+                          "max_num_cpu_threads": int(os.environ.get("RAY_EXTSRC_NVIMGCODEC_THREADS", "0"))}
+    if backends is not None:
+        kw["backends"] = backends
+    try:
+        return nvimgcodec.Decoder(**kw, options=os.environ.get(OPTIONS_ENV, ":fancy_upsampling=1"))
+    except Exception:  # an option this version does not know: keep the defaults
+        return nvimgcodec.Decoder(**kw)
+
+
+class _DecodeThreads:
+    """Threads that run nvImageCodec's blocking ``decode`` calls off the pipeline's threads.
+
+    Each thread has its own decoders (nvImageCodec decoders are not shared between concurrent
+    calls) and its own CUDA stream, so two calls (two batches in flight, or the two halves of a
+    split batch) decode at once, and a decode never queues behind the pipeline's kernels. A call
+    returns the images and an event after them; the caller's stream waits on that event.
+    """
+
+    def __init__(self, device_id: int, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.device_id = device_id
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"ray_extsrc-nvimgcodec{device_id}")
+        self.local = threading.local()
+
+    def _run(self, kind: str, data: list, params: Any) -> tuple[list, Any]:
+        import cupy
+
+        loc = self.local
+        with cupy.cuda.Device(self.device_id):
+            if not hasattr(loc, "stream"):
+                loc.stream = cupy.cuda.Stream(non_blocking=True)
+                _immortal.append(loc.stream)  # decoded images may be freed on it later
+                loc.decoders = {}
+            dec = loc.decoders.get(kind)
+            if dec is None:
+                dec = loc.decoders[kind] = _make_decoder(self.device_id, kind)
             try:
-                dec = nvimgcodec.Decoder(device_id=device_id, max_num_cpu_threads=threads, options=options)
-            except Exception:  # an option this version does not know: keep the defaults
-                dec = nvimgcodec.Decoder(device_id=device_id, max_num_cpu_threads=threads)
-            params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
-            _decoders[device_id] = (dec, params)
-        return _decoders[device_id]
+                images = dec.decode(data, params=params, cuda_stream=loc.stream.ptr)
+            except TypeError:  # a version that only takes code streams
+                from nvidia import nvimgcodec
+
+                data = [nvimgcodec.CodeStream(np.ascontiguousarray(a)) for a in data]
+                images = dec.decode(data, params=params, cuda_stream=loc.stream.ptr)
+            return images, loc.stream.record()
+
+    def submit(self, kind: str, data: list, params: Any) -> Any:
+        return self.pool.submit(self._run, kind, data, params)
+
+
+_lock = threading.Lock()
+_immortal: list = []
+_threads: dict[int, _DecodeThreads] = {}
+_params: list = []
+
+
+def _decode_threads(device_id: int) -> _DecodeThreads:
+    """The process's decode threads for ``device_id``: ``RAY_EXTSRC_DECODE_THREADS`` (default 2;
+    twice that when batches are split between two decoders, see `_plan_split`)."""
+    with _lock:
+        if device_id not in _threads:
+            n = max(1, int(os.environ.get("RAY_EXTSRC_DECODE_THREADS", "2")))
+            _threads[device_id] = _DecodeThreads(device_id, n * (2 if _split_share() else 1))
+        return _threads[device_id]
+
+
+def _decode_params() -> Any:
+    if not _params:
+        from nvidia import nvimgcodec
+
+        _params.append(nvimgcodec.DecodeParams(apply_exif_orientation=False))
+    return _params[0]
+
+
+def _split_share() -> float:
+    """``RAY_EXTSRC_HW_SHARE``: the fraction of each batch for a hardware-engine-only decoder, the rest
+    going at the same time to a second decoder (``RAY_EXTSRC_SPLIT_KIND``: "cuda" or "hybrid"). The
+    hardware engines and the CUDA decoder are separate resources; 0 (default) = one decoder,
+    ``RAY_EXTSRC_DECODER`` ("default", "hw", "cuda", "hybrid", "hwload") for the whole batch."""
+    share = _env_float("RAY_EXTSRC_HW_SHARE", 0.0)
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"RAY_EXTSRC_HW_SHARE must be in [0, 1); got {share}")
+    return share
+
+
+def decoder_for(device_id: int) -> tuple[Any, Any]:
+    """A ``(Decoder, DecodeParams)`` for ``device_id`` with the default backends (made per call)."""
+    return _make_decoder(device_id, "default"), _decode_params()
 
 
 #: Host-side time of the last batches, by stage (seconds, cumulative): read by the benchmark.
 STATS: dict[str, float] = {"prepare_s": 0.0, "decode_wait_s": 0.0, "fallback_s": 0.0, "batches": 0}
 
-_pool_lock = threading.Lock()
-_pool: Any = None
 
-
-def _decode_thread() -> Any:
-    """One background thread per process that runs nvImageCodec's blocking ``decode`` calls."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _pool = ThreadPoolExecutor(1, thread_name_prefix="ray_extsrc-nvimgcodec")
-        return _pool
+def _decode_async(device_id: int, data: list) -> list[tuple[list[int], Any]]:
+    """Start decoding ``data``; returns ``[(positions in data, future of (images, event))]``."""
+    dt = _decode_threads(device_id)
+    params = _decode_params()
+    share = _split_share()
+    if share <= 0.0 or len(data) < 2:
+        kind = os.environ.get("RAY_EXTSRC_DECODER", "default")
+        return [(list(range(len(data))), dt.submit(kind, data, params))]
+    k = max(1, min(len(data) - 1, round(share * len(data))))
+    other = os.environ.get("RAY_EXTSRC_SPLIT_KIND", "cuda")
+    # interleaved, so both halves get a similar mix of image sizes
+    hw = [j for j in range(len(data)) if (j * k) // len(data) != ((j + 1) * k) // len(data)]
+    hw_set = set(hw)
+    rest = [j for j in range(len(data)) if j not in hw_set]
+    return [(hw, dt.submit("hw", [data[j] for j in hw], params)),
+            (rest, dt.submit(other, [data[j] for j in rest], params))]
 
 
 def decode_batch(
@@ -90,29 +188,59 @@ def decode_batch(
     return _decode_each(op, inputs, ctxs, stream, random_crop)
 
 
+def _collect(parts: list[tuple[list[int], Any]], stream: Any) -> list:
+    """Wait for the decode calls of `_decode_async`; ``stream`` waits on their events (the host only
+    waits for the calls to return). Returns the images in the order of the data."""
+    out: list = [None] * sum(len(where) for where, _ in parts)
+    for where, fut in parts:
+        images, ev = fut.result()
+        stream.wait_event(ev)
+        for j, img in zip(where, images):
+            out[j] = img
+    return out
+
+
+_keep_lock = threading.Lock()
+
+
+def _keep(op: Any, stream: Any, owners: list) -> None:
+    """Hold a batch's decoded images until the GPU is done with them.
+
+    nvImageCodec frees an image's memory when its Python object dies, on the stream it was decoded
+    on or synchronously: either may be before our kernels on ``stream`` read it. So each call
+    records an event on ``stream``, the event of a call three calls later (by then the pipeline
+    enqueued every kernel of this batch: at most two batches compute at once) is attached, and the
+    images are dropped once that event has completed. The host never waits here.
+    """
+    with _keep_lock:
+        keep = op.__dict__.setdefault("_gpu_keep", [])
+        seq = op.__dict__.get("_gpu_keep_seq", 0)
+        op._gpu_keep_seq = seq + 1
+        ev = stream.record()
+        for entry in keep:
+            if entry[0] is None and entry[1] <= seq - 3:
+                entry[0] = ev
+        while keep and keep[0][0] is not None and keep[0][0].done:
+            keep.pop(0)
+        keep.append([None, seq, owners])
+
+
 def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[SampleContext], stream: Any,
                      prep: np.ndarray) -> PtrBatch:
     """The fast path: the workers already parsed headers and drew crop boxes (``prep`` rows
     ``[y, x, h, w, H, W, ok]``), so the host does no per-sample work beyond one list: whole
-    images are decoded in one call (measured faster than region decode with nvImageCodec 0.9 on
-    an H100: hardware engine decodes whole images anyway), and each crop is a pointer into its
-    image (`PtrBatch`) that the next kernel reads with the image's row pitch.
+    images are decoded (measured faster than region decode with nvImageCodec 0.9 on an H100: the
+    hardware engine decodes whole images anyway), and each crop is a pointer into its image
+    (`PtrBatch`) that the next kernel reads with the image's row pitch.
     """
     import time
 
     import cupy
-    from nvidia import nvimgcodec
 
     t0 = time.perf_counter()
     n = len(inputs)
     ok = np.flatnonzero(prep[:, 6] == 1)
-    dec, params = decoder_for(cupy.cuda.Device().id)
-    data = [inputs[j] for j in ok]
-    try:
-        images = _decode_thread().submit(dec.decode, data, params=params, cuda_stream=stream.ptr).result()
-    except TypeError:  # a version that only takes code streams
-        data = [nvimgcodec.CodeStream(np.ascontiguousarray(a)) for a in data]
-        images = _decode_thread().submit(dec.decode, data, params=params, cuda_stream=stream.ptr).result()
+    images = _collect(_decode_async(cupy.cuda.Device().id, [inputs[j] for j in ok]), stream)
     t1 = time.perf_counter()
     ptrs = np.zeros(n, np.uint64)
     dims = np.zeros((n, 3), np.int32)
@@ -136,9 +264,7 @@ def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[Sampl
         ptrs[j] = arr.data.ptr
         dims[j] = (arr.shape[0], arr.shape[1], arr.strides[0])
         owners.append(arr)
-    # nvImageCodec frees an image's memory when its object dies, maybe synchronously: keep this
-    # batch's images until three batches later (two compute at once), when the stream is past them.
-    op._gpu_keep = [owners] + getattr(op, "_gpu_keep", [])[:2]
+    _keep(op, stream, owners)
     STATS["decode_wait_s"] += t1 - t0
     STATS["fallback_s"] += time.perf_counter() - t1
     STATS["batches"] += 1
@@ -154,11 +280,12 @@ def _decode_each(
 ) -> list:
     """Decode (a random crop of) each encoded sample to an HWC uint8 CuPy array on ``stream``.
 
-    The batch can go to nvImageCodec in chunks (``RAY_EXTSRC_DECODE_CHUNK`` samples): while one
-    chunk decodes in a background thread, this thread parses the next chunk's headers and draws its
-    crop boxes. Measured on an H100 (R1, 2026-11-25), chunks of 128 were no faster than one call per
-    batch (the default, 256), so by default the thread only moves the call off the GIL holder.
-    With ``RAY_EXTSRC_GPU_ROI=0`` the whole image is decoded and the crop is a view.
+    The host parses each header and draws the crop box here (the path without the workers' prep:
+    in-process sources, or ``RAY_EXTSRC_GPU_ROI=1``). The batch can go to nvImageCodec in chunks
+    (``RAY_EXTSRC_DECODE_CHUNK`` samples): while one chunk decodes in a decode thread, this thread
+    prepares the next. Measured on an H100 (R1, 2026-11-25), chunks of 128 were no faster than one
+    call per batch (the default, 256). With ``RAY_EXTSRC_GPU_ROI=0`` the whole image is decoded and
+    the crop is a view.
     """
     import time
 
@@ -172,17 +299,15 @@ def _decode_each(
     out: list[Any] = [None] * n
     use_roi = os.environ.get("RAY_EXTSRC_GPU_ROI", "1") != "0"
     chunk = max(1, int(os.environ.get("RAY_EXTSRC_DECODE_CHUNK", "256")))
-    dec, params = decoder_for(cupy.cuda.Device().id)
-    pool = _decode_thread()
-    pending: list[tuple[Any, list[int], list]] = []
+    device_id = cupy.cuda.Device().id
+    pending: list[tuple[list, list[int], list]] = []
     streams: list = []
     where: list[int] = []
     views: list = []  # (y, x, h, w) to cut from a full decode, when not using ROI
 
     def submit() -> None:
         if streams:
-            fut = pool.submit(dec.decode, list(streams), params=params, cuda_stream=stream.ptr)
-            pending.append((fut, list(where), list(views)))
+            pending.append((_decode_async(device_id, list(streams)), list(where), list(views)))
             streams.clear(), where.clear(), views.clear()
 
     for j, (raw, ctx) in enumerate(zip(inputs, ctxs)):
@@ -208,10 +333,12 @@ def _decode_each(
             submit()
     submit()
     t1 = time.perf_counter()
-    for fut, idx, boxes in pending:
-        images = fut.result()
+    owners: list = []
+    for parts, idx, boxes in pending:
+        images = _collect(parts, stream)
         for j, img, box in zip(idx, images, boxes):
             if img is not None:
+                owners.append(img)
                 arr = _as_cupy(img)
                 if box is not None:
                     y, x, h, w = box
@@ -222,6 +349,7 @@ def _decode_each(
         if out[j] is None:  # see "Fallbacks" above
             host = op.run_cpu([inputs[j]], {}, ctxs[j])
             out[j] = cupy.asarray(host)
+    _keep(op, stream, owners)
     STATS["prepare_s"] += t1 - t0
     STATS["decode_wait_s"] += t2 - t1
     STATS["fallback_s"] += time.perf_counter() - t2
