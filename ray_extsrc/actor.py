@@ -37,6 +37,7 @@ that EOF (the zygote closes every inherited descriptor, so only this process hol
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -82,6 +83,8 @@ class LoaderSpec:
     gpu_id: str | None = None  # the consumer's GPU (as Ray names it), or None for a CPU consumer
     zero_copy: bool = True  # same-GPU outputs by CUDA IPC (else through host memory)
     label: str = "loader"  # for messages: which loader this is
+    ways: int = 1  # loader actors serving this shard in turn (see `sharding`)
+    way: int = 0  # which of them this actor is
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,9 @@ class BatchReply:
     end: bool  # the epoch has no batch at this position (outputs empty)
     outputs: tuple[Any, ...] = ()  # per output: a NumPy array, a list of them, or a transport.IpcBuffer
     lease: int | None = None  # IPC buffers to give back once the consumer is done (see transport)
-    epoch_size: int | None = None  # local iterations of this epoch, when the source knows its length
+    # the shard's batches this epoch (its consumer's iterations, over all the shard's actors), when
+    # the source knows its length
+    epoch_size: int | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     actor_pid: int = 0
     worker_respawns: int = 0
@@ -129,6 +134,7 @@ class LoaderActor:
                 f"{spec.label}: the Loader's pipeline function must be a @pipeline_def function, which "
                 f"returns a Pipeline; {spec.pipeline_fn!r} returned {type(self.pipe).__name__}"
             )
+        self.pipe.layout = dataclasses.replace(self.pipe.layout, ways=spec.ways, way=spec.way)
         n_out = len(self.pipe.outputs)
         if spec.output_names is not None and len(spec.output_names) != n_out:
             self.close()
@@ -163,6 +169,7 @@ class LoaderActor:
             "node_id": ray.get_runtime_context().get_node_id(),
             "num_shards": self.spec.num_shards,
             "shard_id": self.spec.shard_id,
+            "way": (self.spec.way, self.spec.ways),
             "seed": self.pipe.seed,
             "gpu_id": self.spec.gpu_id,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -230,7 +237,7 @@ class LoaderActor:
             end=False,
             outputs=payload,
             lease=lease,
-            epoch_size=self.pipe.epoch_size(),
+            epoch_size=self.pipe.shard_epoch_size(),
             timings=timings,
             actor_pid=self.pid,
             worker_respawns=self.pipe.py_worker_respawns,
@@ -242,7 +249,7 @@ class LoaderActor:
             base,
             iteration,
             end=True,
-            epoch_size=self._ends.get((epoch_idx, base)),
+            epoch_size=self._ends.get((epoch_idx, base)) if self.spec.ways == 1 else None,
             actor_pid=self.pid,
             worker_respawns=self.pipe.py_worker_respawns,
         )

@@ -22,6 +22,7 @@ shuffled sample at that position) and ``iteration = g``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import functools
 import inspect
@@ -434,7 +435,7 @@ class Pipeline:
         self._num_samples = self._known_num_samples([n for n in nodes if _is_source(n)])
         if self.shuffle and self._num_samples is None:
             raise ValueError("shuffle=True needs per-sample sources that define __len__ (the number of samples)")
-        if self.layout.num_shards > 1 and any(
+        if (self.layout.num_shards > 1 or self.layout.ways > 1) and any(
             _is_source(n) and n.op.spec.kind is SourceKind.ITERABLE for n in nodes
         ):
             raise ValueError("an iterable source cannot be sharded (it is stateful); use a callable source")
@@ -489,6 +490,15 @@ class Pipeline:
         if not self._planned:
             self._plan()
         return self._epoch_length
+
+    def shard_epoch_size(self) -> int | None:
+        """Batches the whole shard yields per epoch (all the ways of a shard that several
+        pipelines serve in turn, see `sharding`), if the source has ``__len__``."""
+        if not self._planned:
+            self._plan()
+        if self._num_samples is None:
+            return None
+        return self.layout.shard_length(self._num_samples, self.batch_size)
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -693,7 +703,7 @@ class Pipeline:
         self._broken = None
         self.epoch_idx += 1
         if self.layout.base:  # a resumed epoch is over: the next one starts from its beginning
-            self.layout = ShardLayout(self.layout.num_shards, self.layout.shard_id)
+            self.layout = dataclasses.replace(self.layout, base=0)
         self._iteration = 0
         self._submitted = 0
         self._epoch_over = False
@@ -714,7 +724,7 @@ class Pipeline:
         if self._pool is not None:
             self._pool.discard()
         if consumed_batches is not None:
-            self.layout = ShardLayout(self.layout.num_shards, self.layout.shard_id, consumed_batches)
+            self.layout = dataclasses.replace(self.layout, base=consumed_batches)
         self.epoch_idx = epoch_idx
         self._iteration = iteration
         self._submitted = iteration

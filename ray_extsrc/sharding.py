@@ -11,6 +11,12 @@ round of R are dropped, like a sampler's ``drop_last``. When the source has no `
 shard learns the end from a probe: local iteration i exists for all shards iff the last sample of
 global batch ``base + i*R + R-1`` exists (StopIteration is monotonic within an epoch).
 
+Several loader actors can serve one shard in turn (``ways`` > 1, one Python process each, so their
+main stages run in parallel): way k of shard r serves the shard's batches n = k, k + ways,
+k + 2*ways, ... of the layout above, i.e. at its local iteration i the global batch
+``base + (i*ways + k)*R + r``. The shard as a whole still sees ``g = base + n*R + r``, so its
+consumer's position, the epoch length and resumes are the same for any number of ways.
+
 An optional shuffle maps epoch positions to sample indices with a permutation drawn from
 (seed, epoch), identical on every shard.
 """
@@ -31,6 +37,8 @@ class ShardLayout:
     num_shards: int = 1
     shard_id: int = 0
     base: int = 0  # global batches of this epoch consumed before the current layout took over
+    ways: int = 1  # loader actors serving this shard in turn
+    way: int = 0  # which of them this is
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_shards, int) or self.num_shards < 1:
@@ -39,22 +47,37 @@ class ShardLayout:
             raise ValueError(f"shard_id must be in [0, {self.num_shards}); got {self.shard_id!r}")
         if self.base < 0:
             raise ValueError(f"base must be >= 0; got {self.base!r}")
+        if not isinstance(self.ways, int) or self.ways < 1:
+            raise ValueError(f"ways must be a positive int; got {self.ways!r}")
+        if not isinstance(self.way, int) or not 0 <= self.way < self.ways:
+            raise ValueError(f"way must be in [0, {self.ways}); got {self.way!r}")
+
+    def shard_iteration(self, i: int) -> int:
+        """The shard's own iteration served at this way's local iteration ``i``."""
+        return i * self.ways + self.way
 
     def global_batch(self, i: int) -> int:
-        return self.base + i * self.num_shards + self.shard_id
+        return self.base + self.shard_iteration(i) * self.num_shards + self.shard_id
 
     def probe_batch(self, i: int) -> int | None:
         """The global batch whose existence decides whether local iteration i exists for all shards."""
-        last = self.base + i * self.num_shards + self.num_shards - 1
+        last = self.base + self.shard_iteration(i) * self.num_shards + self.num_shards - 1
         return None if last == self.global_batch(i) else last
 
-    def epoch_length(self, num_samples: int, batch_size: int) -> int:
+    def shard_length(self, num_samples: int, batch_size: int) -> int:
+        """Batches each shard (all its ways together) serves per epoch."""
         full_batches = num_samples // batch_size
         return max(0, full_batches - self.base) // self.num_shards
 
+    def epoch_length(self, num_samples: int, batch_size: int) -> int:
+        """Local iterations of this way of this shard per epoch."""
+        n = self.shard_length(num_samples, batch_size)
+        return max(0, n - self.way + self.ways - 1) // self.ways
+
     def consumed_after(self, local_iterations: int) -> int:
-        """Global batches consumed (by all shards together) once every shard did ``local_iterations``."""
-        return self.base + local_iterations * self.num_shards
+        """Global batches consumed (by all shards together) once every shard did ``local_iterations``
+        (with several ways: once every way of every shard did)."""
+        return self.base + local_iterations * self.ways * self.num_shards
 
 
 def epoch_permutation(seed: int, epoch_idx: int, num_samples: int) -> np.ndarray:

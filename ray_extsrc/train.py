@@ -2,8 +2,8 @@
 
 `Loader` is a small, picklable description (a ``@pipeline_def`` function and its arguments) that
 travels in ``train_loop_config``. In each Train worker, ``loader.iter_torch_batches()`` creates —
-lazily, on first use — one `actor.LoaderActor` on the worker's node, pinned to the worker's GPU,
-serving shard ``rank`` of ``world_size``, and yields its batches as torch tensors::
+lazily, on first use — loader actors (`actor.LoaderActor`) on the worker's node, pinned to the worker's GPU,
+serving shard ``rank`` of ``world_size``, and yields their batches as torch tensors::
 
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -25,6 +25,13 @@ Exactly-once across failures: ``it.state_dict()`` (``{"epoch_idx", "consumed_bat
 what a checkpoint saves; ``iter_torch_batches(state=...)`` resumes the epoch at the next unconsumed
 batch, with any number of workers (`sharding`). A crashed loader actor is restarted by Ray and
 resumes at the very batch its Train worker waits for (`actor`'s NOTE [position protocol]).
+
+Several actors per Train worker (``actors_per_worker``; by default 3 for a GPU worker, 1 for a CPU
+one): a pipeline's main stage (collecting the workers' samples, driving nvImageCodec and the CUDA
+kernels) is Python in one process, and one process tops out well below what a GPU decodes (R1 on
+an H100: one process ~9k img/s, three ~22k). The shard's batches are dealt to its actors in turn
+(batch n from actor ``n % actors_per_worker``, see `sharding`), so positions, checkpoints and
+exactly-once are the same as with one actor. Each actor forks its own ``py_num_workers``.
 
 Why loader actors reserve no CPU by default (``actor_num_cpus=0``): the CPU work happens in the
 pipeline's forked Python workers, which Ray cannot see or account for anyway; the actor itself mostly
@@ -82,7 +89,9 @@ class Loader:
             ``None`` yields tuples.
         name: a label for actor names, metrics and messages (default: the function's name).
         prefetch_batches: ``next_batch`` calls kept in flight per Train worker (backpressure).
-        actor_num_cpus: CPUs the loader actor reserves in Ray (see the module docstring).
+        actor_num_cpus: CPUs each loader actor reserves in Ray (see the module docstring).
+        actors_per_worker: loader actors feeding each Train worker in turn (each a process with its
+            own ``py_num_workers``); ``None``: 3 for a worker with a GPU, 1 for a CPU worker.
         zero_copy: hand GPU outputs to a Train worker on the same GPU by CUDA IPC (else via host).
         actor_options: more ``ray.remote`` options for the actor (``runtime_env``, ``memory``...).
         **pipeline_args: override the pipeline's arguments (``batch_size``, ``py_num_workers``,
@@ -98,6 +107,7 @@ class Loader:
         name: str | None = None,
         prefetch_batches: int = 2,
         actor_num_cpus: float = 0,
+        actors_per_worker: int | None = None,
         zero_copy: bool = True,
         actor_options: Mapping[str, Any] | None = None,
         **pipeline_args: Any,
@@ -114,6 +124,8 @@ class Loader:
             raise ValueError(f"Loader: prefetch_batches must be an int >= 1; got {prefetch_batches!r}")
         if not isinstance(actor_num_cpus, (int, float)) or actor_num_cpus < 0:
             raise ValueError(f"Loader: actor_num_cpus must be a number >= 0; got {actor_num_cpus!r}")
+        if actors_per_worker is not None and (not isinstance(actors_per_worker, int) or actors_per_worker < 1):
+            raise ValueError(f"Loader: actors_per_worker must be an int >= 1 or None; got {actors_per_worker!r}")
         fixed = sorted(set(pipeline_args) & set(_SET_BY_LOADER))
         if fixed:
             raise ValueError(
@@ -131,6 +143,7 @@ class Loader:
         self.name = name or getattr(pipeline_fn, "__name__", "loader")
         self.prefetch_batches = prefetch_batches
         self.actor_num_cpus = actor_num_cpus
+        self.actors_per_worker = actors_per_worker
         self.zero_copy = bool(zero_copy)
         self.actor_options = dict(actor_options or {})
         self.pipeline_args = pipeline_args
@@ -260,7 +273,8 @@ class LoaderIterator:
     """One Train worker's batches; each ``for`` over it runs (the rest of) one epoch.
 
     Positions: `state_dict` / `load_state_dict`. Observability: `stats`. Made by
-    `Loader.iter_torch_batches`; its actor side is `actor.LoaderActor`.
+    `Loader.iter_torch_batches`; its actor side is `actor.LoaderActor` (``ways`` of them, serving
+    this worker's batches in turn).
     """
 
     def __init__(self, loader: Loader, rank: int, world_size: int, device: Any = None) -> None:
@@ -268,20 +282,23 @@ class LoaderIterator:
         self.rank = rank
         self.world_size = world_size
         self.device, self._gpu_id = _resolve_device(device)
+        default_ways = 3 if self._gpu_id is not None else 1
+        #: loader actors serving this worker in turn (batch n comes from actor n % ways)
+        self.ways: int = loader.actors_per_worker or default_ways
         self.seed = loader.seed
         self.epoch_idx = 0
         self._base = 0  # global batches consumed before this epoch's layout took over (resume)
         self._iteration = 0  # local batches of this epoch already yielded
-        self._actor: Any = None
-        self._actor_name = ""
-        self._actor_pid: int | None = None
+        self._actors: list[Any] = []
+        self._actor_names: list[str] = []
+        self._actor_pid: list[int | None] = [None] * self.ways
         #: pids of the loader actor processes that served this iterator (a restart adds one)
         self.actor_pids: list[int] = []
-        self._importer: Any = None
+        self._importers: list[Any] = []
         self.closed = False
         self._reset_stats()
         self._actor_restarts = 0
-        self._worker_respawns = 0
+        self._worker_respawns = [0] * self.ways
 
     # -- position ---------------------------------------------------------------------------------
 
@@ -308,96 +325,110 @@ class LoaderIterator:
             raise ValueError(f"state: epoch_idx and consumed_batches must be >= 0; got {dict(state)!r}")
         seed = state.get("seed")
         if seed is not None and int(seed) != self.seed:
-            self._stop_actor()  # its pipeline draws from the old seed: build a new one
+            self._stop_actors()  # their pipelines draw from the old seed: build new ones
             self.seed = int(seed)
         self.epoch_idx, self._base, self._iteration = epoch_idx, consumed, 0
 
-    # -- the actor --------------------------------------------------------------------------------
+    # -- the actors -------------------------------------------------------------------------------
 
     @property
     def actor(self) -> Any:
-        """The `LoaderActor` handle (created on first use)."""
-        if self._actor is None:
-            self._start_actor()
-        return self._actor
+        """The first `LoaderActor` handle (all are created on first use)."""
+        return self.actors[0]
 
-    def _start_actor(self) -> None:
+    @property
+    def actors(self) -> list[Any]:
+        """The `LoaderActor` handles, one per way (created on first use)."""
+        if not self._actors:
+            self._start_actors()
+        return self._actors
+
+    def _start_actors(self) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if self.closed:
             raise RuntimeError(f"{self._label()}: the iterator is closed")
         node_id = ray.get_runtime_context().get_node_id()
-        spec = LoaderSpec(
-            pipeline_fn=self.loader.pipeline_fn,
-            pipeline_kwargs=self.loader.pipeline_args,
-            output_names=self.loader.outputs,
-            num_shards=self.world_size,
-            shard_id=self.rank,
-            seed=self.seed,
-            gpu_id=self._gpu_id,
-            zero_copy=self.loader.zero_copy,
-            label=self._label(),
-        )
-        # One name per (run, loader, seed, rank, node): a Train worker that re-creates its iterator
-        # finds its actor again; anything that changes what the actor serves gets a new one.
-        self._actor_name = (
-            f"{_run_name()}/{self.loader.name}-{self.loader.uid}/seed{self.seed}/"
-            f"rank{self.rank}of{self.world_size}@{node_id[:12]}"
-        )
-        options = {
-            "num_cpus": self.loader.actor_num_cpus,
-            "num_gpus": 0,  # the GPU is the Train worker's: the actor shares it (CUDA_VISIBLE_DEVICES)
-            "max_restarts": -1,
-            "max_task_retries": -1,
-            "name": self._actor_name,
-            "namespace": NAMESPACE,
-            "get_if_exists": True,
-            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-            **self.loader.actor_options,
-        }
-        self._actor = _remote_actor_class().options(**options).remote(spec)
-        if self._gpu_id is not None and self.loader.zero_copy and self._importer is None:
+        names, actors = [], []
+        for way in range(self.ways):
+            spec = LoaderSpec(
+                pipeline_fn=self.loader.pipeline_fn,
+                pipeline_kwargs=self.loader.pipeline_args,
+                output_names=self.loader.outputs,
+                num_shards=self.world_size,
+                shard_id=self.rank,
+                seed=self.seed,
+                gpu_id=self._gpu_id,
+                zero_copy=self.loader.zero_copy,
+                label=self._label(way),
+                ways=self.ways,
+                way=way,
+            )
+            # One name per (run, loader, seed, rank, way, node): a Train worker that re-creates its
+            # iterator finds its actors again; anything that changes what they serve gets new ones.
+            name = (
+                f"{_run_name()}/{self.loader.name}-{self.loader.uid}/seed{self.seed}/"
+                f"rank{self.rank}of{self.world_size}/way{way}of{self.ways}@{node_id[:12]}"
+            )
+            options = {
+                "num_cpus": self.loader.actor_num_cpus,
+                "num_gpus": 0,  # the GPU is the Train worker's: the actor shares it (CUDA_VISIBLE_DEVICES)
+                "max_restarts": -1,
+                "max_task_retries": -1,
+                "name": name,
+                "namespace": NAMESPACE,
+                "get_if_exists": True,
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+                **self.loader.actor_options,
+            }
+            names.append(name)
+            actors.append(_remote_actor_class().options(**options).remote(spec))
+        self._actor_names, self._actors = names, actors
+        if self._gpu_id is not None and self.loader.zero_copy and not self._importers:
             from .transport import IpcImporter
 
-            self._importer = IpcImporter(self.device)
+            self._importers = [IpcImporter(self.device) for _ in range(self.ways)]
 
-    def _stop_actor(self) -> None:
-        if self._actor is None:
+    def _stop_actors(self) -> None:
+        if not self._actors:
             return
         import ray
 
-        actor, self._actor = self._actor, None
+        actors, self._actors = self._actors, []
+        closing = [a.close.remote() for a in actors]
         try:
-            ray.get(actor.close.remote(), timeout=_CLOSE_TIMEOUT_S)
+            ray.get(closing, timeout=_CLOSE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - best effort: the janitor frees what close() could not
             pass
-        ray.kill(actor, no_restart=True)
+        for a in actors:
+            ray.kill(a, no_restart=True)
 
-    def worker_pids(self) -> dict[int, int]:
-        """worker id -> pid of the loader actor's Python workers."""
+    def worker_pids(self, way: int = 0) -> dict[int, int]:
+        """worker id -> pid of the Python workers of loader actor ``way``."""
         import ray
 
-        return ray.get(self.actor.worker_pids.remote())
+        return ray.get(self.actors[way].worker_pids.remote())
 
-    def describe(self) -> dict[str, Any]:
-        """The loader actor's pid, node, shard, seed, epoch size, workers (see `LoaderActor.describe`)."""
+    def describe(self, way: int = 0) -> dict[str, Any]:
+        """Loader actor ``way``'s pid, node, shard, seed, epoch size, workers (see `LoaderActor.describe`)."""
         import ray
 
-        return ray.get(self.actor.describe.remote())
+        return ray.get(self.actors[way].describe.remote())
 
     def close(self) -> None:
-        """Stop the loader actor (its workers, shared memory, GPU buffers). Idempotent."""
+        """Stop the loader actors (their workers, shared memory, GPU buffers). Idempotent."""
         if self.closed:
             return
-        self._stop_actor()
-        if self._importer is not None:
-            self._importer.close()
-            self._importer = None
+        self._stop_actors()
+        for imp in self._importers:
+            imp.close()
+        self._importers = []
         self.closed = True
 
-    def _label(self) -> str:
-        return f"loader {self.loader.name!r} rank {self.rank}/{self.world_size}"
+    def _label(self, way: int | None = None) -> str:
+        label = f"loader {self.loader.name!r} rank {self.rank}/{self.world_size}"
+        return label if way is None or self.ways == 1 else f"{label} actor {way}/{self.ways}"
 
     # -- iteration --------------------------------------------------------------------------------
 
@@ -405,12 +436,15 @@ class LoaderIterator:
         return self._epoch()
 
     def _epoch(self) -> Iterator[Any]:
-        """The rest of the current epoch. NOTE: the consumer's half of actor's [position protocol]."""
-        actor = self.actor
+        """The rest of the current epoch. NOTE: the consumer's half of actor's [position protocol].
+
+        Batch n of this worker's epoch is local iteration ``n // ways`` of actor ``n % ways``.
+        """
+        actors, ways = self.actors, self.ways
         epoch_idx, base = self.epoch_idx, self._base
-        depth = self.loader.prefetch_batches
+        depth = max(self.loader.prefetch_batches, ways)  # every actor has work queued
         pending: collections.deque[tuple[int, Any]] = collections.deque()
-        to_release: list[int] = []
+        to_release: list[list[int]] = [[] for _ in range(ways)]
         next_req = self._iteration
         end: int | None = None
         t_prev = time.perf_counter()
@@ -418,43 +452,47 @@ class LoaderIterator:
         try:
             while True:
                 while len(pending) < depth and (end is None or next_req < end):
-                    ref = actor.next_batch.remote(epoch_idx, base, next_req, tuple(to_release))
-                    to_release = []
+                    way = next_req % ways
+                    ref = actors[way].next_batch.remote(epoch_idx, base, next_req // ways, tuple(to_release[way]))
+                    to_release[way] = []
                     pending.append((next_req, ref))
                     next_req += 1
                 if not pending:
                     finished = True
                     break
                 pos, ref = pending.popleft()
+                way = pos % ways
                 t0 = time.perf_counter()
-                reply = self._get(ref)
+                reply = self._get(ref, way)
                 delivery = time.perf_counter() - t0
                 if reply.end:
                     finished = True
                     break
                 if reply.epoch_size is not None:
                     end = reply.epoch_size
-                batch = self._to_torch(reply)
+                batch = self._to_torch(reply, way)
                 now = time.perf_counter()
-                self._record(reply, delivery, now - t_prev)
+                self._record(reply, delivery, now - t_prev, way)
                 t_prev = now
                 self._iteration = pos + 1
                 yield batch
                 # The caller asked for the next batch: it is done with this one.
                 if reply.lease is not None:
-                    self._importer.done_with_batch()
-                    to_release.append(reply.lease)
+                    self._importers[way].done_with_batch()
+                    to_release[way].append(reply.lease)
         finally:
-            if self._importer is not None and (to_release or pending):
-                # Runs after every call still pending (one caller's calls run in order), so it
-                # frees their leases too. Not waited for: the next request queues behind it anyway.
-                actor.release.remote(everything=True)
+            if self._importers:
+                busy = {pos % ways for pos, _ in pending} | {w for w in range(ways) if to_release[w]}
+                for way in sorted(busy):
+                    # Runs after every call still pending (one caller's calls run in order), so it
+                    # frees their leases too. Not waited for: the next request queues behind it anyway.
+                    actors[way].release.remote(everything=True)
             if finished:
                 self.epoch_idx += 1
                 self._base = 0
                 self._iteration = 0
 
-    def _get(self, ref: Any) -> BatchReply:
+    def _get(self, ref: Any, way: int = 0) -> BatchReply:
         import ray
 
         try:
@@ -462,28 +500,28 @@ class LoaderIterator:
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if isinstance(cause, RayExtSrcError):
-                cause.add_note(f"delivered to {self._label()} (loader actor {self._actor_name!r})")
+                cause.add_note(f"delivered to {self._label()} (loader actor {self._actor_names[way]!r})")
                 raise cause from None
             raise
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError) as e:
             e.add_note(
-                f"{self._label()}: its loader actor {self._actor_name!r} is dead and cannot be restarted "
-                "(its node is gone, or its __init__ failed: see above). A loader actor lives on its Train "
-                "worker's node, so that worker is lost too: let Ray Train restart the worker group "
-                "(RunConfig(failure_config=FailureConfig(max_failures=...))) and resume with "
+                f"{self._label()}: its loader actor {self._actor_names[way]!r} is dead and cannot be "
+                "restarted (its node is gone, or its __init__ failed: see above). A loader actor lives on "
+                "its Train worker's node, so that worker is lost too: let Ray Train restart the worker "
+                "group (RunConfig(failure_config=FailureConfig(max_failures=...))) and resume with "
                 "iter_torch_batches(state=<state_dict() saved in the last checkpoint>)."
             )
             raise
 
-    def _to_torch(self, reply: BatchReply) -> Any:
+    def _to_torch(self, reply: BatchReply, way: int = 0) -> Any:
         from .transport import decode_outputs
 
-        if reply.actor_pid != self._actor_pid:
-            if self._actor_pid is not None:
+        if reply.actor_pid != self._actor_pid[way]:
+            if self._actor_pid[way] is not None:
                 self._actor_restarts += 1
-            self._actor_pid = reply.actor_pid
+            self._actor_pid[way] = reply.actor_pid
             self.actor_pids.append(reply.actor_pid)
-        tensors = decode_outputs(reply.outputs, self.device, self._importer)
+        tensors = decode_outputs(reply.outputs, self.device, self._importers[way] if self._importers else None)
         names = self.loader.outputs
         return dict(zip(names, tensors)) if names is not None else tensors
 
@@ -496,8 +534,8 @@ class LoaderIterator:
         self._rate_ema: float | None = None
         self._totals = dict.fromkeys(_STAGES, 0.0)
 
-    def _record(self, reply: BatchReply, delivery: float, wall: float) -> None:
-        self._worker_respawns = reply.worker_respawns
+    def _record(self, reply: BatchReply, delivery: float, wall: float, way: int = 0) -> None:
+        self._worker_respawns[way] = reply.worker_respawns
         timings = dict(reply.timings)
         timings["delivery_s"] = delivery
         n = _batch_len(reply.outputs)
@@ -540,8 +578,9 @@ class LoaderIterator:
             "samples": self._samples,
             "samples_per_s": self._samples / self._wall_s if self._wall_s > 0 else 0.0,
             "actor_restarts": self._actor_restarts,
-            "worker_respawns": self._worker_respawns,
-            "transport": "cuda_ipc" if self._importer is not None else "host",
+            "worker_respawns": sum(self._worker_respawns),
+            "actors_per_worker": self.ways,
+            "transport": "cuda_ipc" if self._importers else "host",
         }
         out.update({k: self._totals[k] / b for k in _STAGES})
         return out

@@ -256,6 +256,56 @@ def test_elastic_resume_with_three_ranks_after_two_finishes_the_epoch_exactly_on
     assert_no_shm_left(old + new)
 
 
+def test_two_actors_per_worker_serve_its_batches_in_turn_and_survive_a_kill():
+    loader = make_loader(actors_per_worker=2)
+    its = [loader.iter_torch_batches(rank=r, world_size=2) for r in range(2)]
+    try:
+        per_rank = [[labels(b) for b in it] for it in its]
+        assert [len(b) for b in per_rank] == [12, 12]  # as with one actor per worker
+        for r, batches in enumerate(per_rank):
+            for i, batch in enumerate(batches):
+                g = 2 * i + r
+                assert batch == list(range(g * B, g * B + B))
+        for it in its:
+            d0, d1 = it.describe(0), it.describe(1)
+            assert d0["pid"] != d1["pid"] and (d0["way"], d1["way"]) == ((0, 2), (1, 2))
+            assert d0["epoch_size"] == d1["epoch_size"] == 6  # each serves half the worker's 12
+            assert it.stats()["actors_per_worker"] == 2
+        # kill the second actor of rank 0 mid-epoch: Ray restarts it at the batch awaited from it
+        gen = iter(its[0])
+        seen = [labels(next(gen)) for _ in range(3)]
+        os.kill(its[0].describe(1)["pid"], signal.SIGKILL)
+        seen += [labels(b) for b in gen]
+        assert seen == [list(range(g * B, g * B + B)) for g in range(0, 24, 2)]
+        assert its[0].stats()["actor_restarts"] == 1
+    finally:
+        for it in its:
+            it.close()
+    assert_no_shm_left(its)
+
+
+@pytest.mark.parametrize("ways_before,ways_after", [(2, 3), (3, 1)])
+def test_resume_with_another_number_of_actors_per_worker_is_exactly_once(ways_before, ways_after):
+    first = make_loader(actors_per_worker=ways_before)
+    it = first.iter_torch_batches(rank=0, world_size=1)
+    try:
+        gen = iter(it)
+        seen = [i for _ in range(7) for i in labels(next(gen))]
+        state = it.state_dict()
+        gen.close()
+    finally:
+        it.close()
+    assert state["consumed_batches"] == 7
+    second = make_loader(actors_per_worker=ways_after)
+    it2 = second.iter_torch_batches(state=state, rank=0, world_size=1)
+    try:
+        rest = [i for b in it2 for i in labels(b)]
+        assert seen + rest == list(range(25 * B))  # in order, nothing lost, nothing twice
+    finally:
+        it2.close()
+    assert_no_shm_left([it, it2])
+
+
 def test_source_error_surfaces_with_sample_index_and_traceback():
     loader = make_loader(bad=13)
     it = loader.iter_torch_batches(rank=0, world_size=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import sources
@@ -105,3 +107,59 @@ def test_elastic_resume_with_other_shard_count_finishes_the_epoch_exactly_once()
 def test_layout_validation_quotes_the_value():
     with pytest.raises(ValueError, match="shard_id must be in \\[0, 2\\); got 2"):
         ShardLayout(2, 2)
+
+
+def test_ways_of_a_layout_deal_each_shards_batches_out_exactly_once():
+    """Pure layout arithmetic, every small case: the ways of a shard together serve exactly the
+    shard's batches of the one-way layout, and every shard the same number of them."""
+    for shards in range(1, 5):
+        for ways in range(1, 5):
+            for full in range(0, 23):
+                for base in (0, 1, 5):
+                    n = full * B
+                    one_way = [ShardLayout(shards, r, base) for r in range(shards)]
+                    expected = {lay.global_batch(i) for lay in one_way for i in range(lay.epoch_length(n, B))}
+                    got: list[int] = []
+                    for r in range(shards):
+                        lays = [ShardLayout(shards, r, base, ways, k) for k in range(ways)]
+                        lengths = [lay.epoch_length(n, B) for lay in lays]
+                        assert sum(lengths) == one_way[r].epoch_length(n, B) == lays[0].shard_length(n, B)
+                        for k, lay in enumerate(lays):
+                            for i in range(lengths[k]):
+                                # way k's local step i is the shard's step i*ways + k
+                                assert lay.global_batch(i) == one_way[r].global_batch(i * ways + k)
+                                got.append(lay.global_batch(i))
+                    assert len(got) == len(set(got)) and set(got) == expected
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["with-len", "probe"])
+def test_pipelines_serving_one_shard_in_turn_yield_the_shards_batches(sized):
+    cls = sources.SizedIndexSource if sized else sources.IndexSource
+    shards, ways = 2, 3
+
+    @pipeline_def(batch_size=B, num_threads=1, py_num_workers=1, seed=7)
+    def pipe():
+        return external_source(source=cls(N, B), num_outputs=4, batch=False, parallel=True)
+
+    pipes = {}
+    for r in range(shards):
+        for k in range(ways):
+            p = pipe(num_shards=shards, shard_id=r)
+            p.layout = dataclasses.replace(p.layout, ways=ways, way=k)
+            p.start_py_workers()
+            pipes[r, k] = p
+    try:
+        for _ in range(2):
+            for r in range(shards):
+                per_way = [run_epoch(pipes[r, k]) for k in range(ways)]
+                assert [len(b) for b in per_way] == [4, 4, 4]  # 25 // 2 = 12 shard steps over 3 ways
+                merged = [per_way[n % ways][n // ways] for n in range(12)]
+                for n, batch in enumerate(merged):
+                    g = shards * n + r
+                    assert batch == list(range(g * B, g * B + B))
+        if sized:
+            assert {p.epoch_size() for p in pipes.values()} == {4}
+            assert {p.shard_epoch_size() for p in pipes.values()} == {12}
+    finally:
+        for p in pipes.values():
+            p.close()

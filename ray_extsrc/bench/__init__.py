@@ -6,6 +6,8 @@ Systems, each in its own fresh process (see `_runner`), interleaved round by rou
 
     a   ray_extsrc pipeline alone (py_num_workers=12, decoders.image_random_crop(device="mixed"))
     b   the same pipeline behind ray_extsrc.train.Loader inside a Ray Train TorchTrainer worker
+        (``--actors`` loader actors per worker, ``--workers`` Python workers per GPU in all)
+    b2  as b with two GPUs: two Train workers, each with its own loader actors (total img/s)
     c   torch DataLoader + Pillow + torchvision v2, 15 workers, pin_memory, copy to GPU
     d   Ray Data read_images + the same torchvision augmentation in map_batches ->
         iter_torch_batches(device="cuda")  (one epoch by default: it is slow)
@@ -54,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved runs per system (default 2)")
     p.add_argument("--systems", default="a,b,c,d,e1,e2")
     p.add_argument("--gpus", type=int, default=1, help="Train workers for system b (total throughput)")
-    p.add_argument("--workers", type=int, default=12, help="py_num_workers of ray_extsrc")
+    p.add_argument("--workers", type=int, default=12,
+                   help="ray_extsrc's Python workers per GPU (a: py_num_workers; b: split over the actors)")
+    p.add_argument("--actors", type=int, default=3, help="b, b2: loader actors per Train worker")
     p.add_argument("--torch-workers", type=int, default=15)
     p.add_argument("--ray-data-images", type=int, default=8000)
     p.add_argument("--ray-data-epochs", type=int, default=1)
@@ -79,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "ray_extsrc.bench._runner", s, "--root", root,
                    "--images", str(args.images), "--epochs", str(args.epochs), "--warmup", str(args.warmup),
                    "--workers", str(args.workers), "--torch-workers", str(args.torch_workers),
-                   "--gpus", str(args.gpus), "--ray-data-images", str(args.ray_data_images),
+                   "--gpus", str(args.gpus), "--actors", str(args.actors),
+                   "--ray-data-images", str(args.ray_data_images),
                    "--ray-data-epochs", str(args.ray_data_epochs)]
             print(f"round {r} system {s}: running", flush=True)
             t = time.perf_counter()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-_ORDER = ["a", "b", "c", "d", "e1", "e2"]
+_ORDER = ["a", "b", "b2", "c", "d", "e1", "e2"]
 
 
 def table(summary: dict) -> str:
@@ -21,6 +21,8 @@ def table(summary: dict) -> str:
             other = dec if key is None else summary.get(key, {}).get("median_images_per_s")
             if other:
                 rows.append(f"{b['system']} / {name}: {ref / other:.2f}x")
+        if "b2" in summary and "b" in summary:
+            rows.append(f"2 GPUs / 1 GPU (in Train): {summary['b2']['median_images_per_s'] / ref:.2f}x")
     return "\n".join(rows)
 
 

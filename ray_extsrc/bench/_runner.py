@@ -178,24 +178,26 @@ def run_train(args) -> dict:
     from ..train import Loader
     from ._pipelines import r1_pipeline
 
-    ray.init(num_cpus=os.cpu_count(), num_gpus=args.gpus, include_dashboard=False, log_to_driver=True)
-    loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=args.workers,
-                    root=args.root, limit=args.images)
+    gpus = 2 if args.system == "b2" else args.gpus
+    per_actor = max(1, args.workers // args.actors)  # --workers Python workers per GPU in all
+    ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
+    loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=per_actor,
+                    actors_per_worker=args.actors, root=args.root, limit=args.images)
     out = f"/tmp/r1_train_{os.getpid()}"
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"loader": loader, "epochs": args.epochs, "warmup": args.warmup, "out": out},
-        scaling_config=ScalingConfig(num_workers=args.gpus, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1}),
+        scaling_config=ScalingConfig(num_workers=gpus, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1}),
         run_config=RunConfig(storage_path="/tmp/ray_results", name=f"r1_{os.getpid()}"),
     )
     trainer.fit()
     ranks = []
-    for r in range(args.gpus):
+    for r in range(gpus):
         with open(f"{out}.rank{r}.json") as f:
             ranks.append(json.load(f))
     ray.shutdown()
     res = ranks[0]
-    if args.gpus > 1:  # total throughput: all ranks' images over the slowest rank's time, per epoch
+    if gpus > 1:  # total throughput: all ranks' images over the slowest rank's time, per epoch
         total = []
         for recs in zip(*[r["records"] for r in ranks]):
             if "epoch" not in recs[0]:
@@ -205,8 +207,9 @@ def run_train(args) -> dict:
             imgs = sum(x["images"] for x in recs)
             total.append({**recs[0], "seconds": secs, "images": imgs, "images_per_s": round(imgs / secs, 1)})
         res = {**ranks[0], "records": total, "per_rank": ranks}
-    res["py_num_workers"] = args.workers
-    res["gpus"] = args.gpus
+    res["py_num_workers"] = per_actor
+    res["actors_per_worker"] = args.actors
+    res["gpus"] = gpus
     return res
 
 
@@ -278,7 +281,6 @@ def _ray_data_augment(batch: dict) -> dict:
 
 def run_ray_data(args) -> dict:
     import ray
-    import torch
 
     ray.init(num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()
@@ -420,6 +422,7 @@ def run_tv_decode(args) -> dict:
 SYSTEMS = {
     "a": ("ray_extsrc", run_extsrc),
     "b": ("ray_extsrc_in_train", run_train),
+    "b2": ("ray_extsrc_in_train_2gpus", run_train),
     "c": ("torch_dataloader", run_torch),
     "d": ("ray_data", run_ray_data),
     "e1": ("decode_nvimgcodec", run_nvimgcodec),
@@ -451,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--torch-workers", type=int, default=15)
     p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--actors", type=int, default=3, help="b: loader actors per Train worker")
     p.add_argument("--ray-data-images", type=int, default=8000)
     p.add_argument("--ray-data-epochs", type=int, default=1)
     p.add_argument("--codec-options", default="", help="e1: nvImageCodec decoder options")
