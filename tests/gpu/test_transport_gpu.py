@@ -262,8 +262,11 @@ def test_loader_actor_forks_first_then_serves_gpu_batches_by_ipc():
         actor.stop()
 
 
-def test_loader_on_ray_delivers_gpu_outputs_by_ipc_to_a_gpu_consumer():
+def test_loader_on_ray_delivers_gpu_outputs_by_ipc_to_a_gpu_consumer(monkeypatch):
     ray = pytest.importorskip("ray")
+    # The GPU machine's first Ray start of a session (freshly unpacked bundle) was seen to miss
+    # Ray's default 30 s wait for its GCS server, twice; later starts took seconds.
+    monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "120")
     pytest.importorskip("nvidia.nvimgcodec")
     import ray_extsrc.synthetic as synthetic
     from ray_extsrc import fn, pipeline_def
