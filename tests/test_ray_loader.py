@@ -93,6 +93,20 @@ def make_loader(**kw) -> Loader:
     return Loader(index_pipeline, outputs=("images", "labels"), **kw)
 
 
+def consume_then_save(loader: Loader, batches: int):
+    """Rank 0 of 1 takes ``batches`` batches, saves its state and stops (as a run that fails after a
+    checkpoint). Returns the closed iterator, the labels seen and the state."""
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    try:
+        gen = iter(it)
+        seen = [i for _ in range(batches) for i in labels(next(gen))]
+        state = it.state_dict()
+        gen.close()
+    finally:
+        it.close()
+    return it, seen, state
+
+
 def test_three_ranks_awkward_count_equal_batches_no_duplicates():
     loader = make_loader()
     its = [loader.iter_torch_batches(rank=r, world_size=3) for r in range(3)]
@@ -204,14 +218,7 @@ def test_resume_mid_epoch_from_state_with_a_new_loader_object_and_shuffle():
     # A new Loader (as in a new run restored from a checkpoint) draws another seed; the state
     # carries the old one, so the shuffled order of the resumed epoch is the same.
     first = make_loader(shuffle=True)
-    it = first.iter_torch_batches(rank=0, world_size=1)
-    try:
-        gen = iter(it)
-        seen = [i for _ in range(7) for i in labels(next(gen))]
-        state = it.state_dict()
-        gen.close()
-    finally:
-        it.close()
+    it, seen, state = consume_then_save(first, 7)
     assert state["epoch_idx"] == 0 and state["consumed_batches"] == 7 and state["seed"] == first.seed
     second = make_loader(shuffle=True)
     assert second.seed != first.seed
@@ -287,14 +294,7 @@ def test_two_actors_per_worker_serve_its_batches_in_turn_and_survive_a_kill():
 @pytest.mark.parametrize("ways_before,ways_after", [(2, 3), (3, 1)])
 def test_resume_with_another_number_of_actors_per_worker_is_exactly_once(ways_before, ways_after):
     first = make_loader(actors_per_worker=ways_before)
-    it = first.iter_torch_batches(rank=0, world_size=1)
-    try:
-        gen = iter(it)
-        seen = [i for _ in range(7) for i in labels(next(gen))]
-        state = it.state_dict()
-        gen.close()
-    finally:
-        it.close()
+    it, seen, state = consume_then_save(first, 7)
     assert state["consumed_batches"] == 7
     second = make_loader(actors_per_worker=ways_after)
     it2 = second.iter_torch_batches(state=state, rank=0, world_size=1)

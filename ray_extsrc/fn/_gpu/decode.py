@@ -36,7 +36,7 @@ from ... import types
 from ...graph import SampleContext
 from .ptrbatch import PREP_ARG, PtrBatch
 
-__all__ = ["decode_batch", "decoder_for", "PREP_ARG"]
+__all__ = ["decode_batch", "PREP_ARG"]
 
 #: Extra nvImageCodec decoder options (space-separated, nvImageCodec's format); the default asks
 #: for libjpeg-turbo's chroma upsampling.
@@ -53,7 +53,8 @@ def _env_float(name: str, default: float) -> float:
 
 def _make_decoder(device_id: int, kind: str) -> Any:
     """A new nvImageCodec decoder. ``kind``: "default" (its default backends), "hw" (the hardware JPEG
-    engine only), "cuda" (nvJPEG's CUDA decoder), "hybrid" (CPU Huffman + GPU IDCT), or "hwload"
+    engine only), "cuda" (nvJPEG's CUDA decoder; nvImageCodec 0.9 on an H100 refused to create it
+    alone), "hybrid" (CPU Huffman + GPU IDCT), or "hwload"
     (hardware engine with ``RAY_EXTSRC_HW_LOAD`` of each batch, the CUDA decoder for the rest)."""
     from nvidia import nvimgcodec
 
@@ -125,7 +126,7 @@ _params: list = []
 
 def _decode_threads(device_id: int) -> _DecodeThreads:
     """The process's decode threads for ``device_id``: ``RAY_EXTSRC_DECODE_THREADS`` (default 2;
-    twice that when batches are split between two decoders, see `_plan_split`)."""
+    twice that when batches are split between two decoders, see `_split_share`)."""
     with _lock:
         if device_id not in _threads:
             n = max(1, int(os.environ.get("RAY_EXTSRC_DECODE_THREADS", "2")))
@@ -150,11 +151,6 @@ def _split_share() -> float:
     if not 0.0 <= share < 1.0:
         raise ValueError(f"RAY_EXTSRC_HW_SHARE must be in [0, 1); got {share}")
     return share
-
-
-def decoder_for(device_id: int) -> tuple[Any, Any]:
-    """A ``(Decoder, DecodeParams)`` for ``device_id`` with the default backends (made per call)."""
-    return _make_decoder(device_id, "default"), _decode_params()
 
 
 #: Host-side time of the last batches, by stage (seconds, cumulative): read by the benchmark.
