@@ -7,7 +7,8 @@ Systems, each in its own fresh process (see `_runner`), interleaved round by rou
     a   ray_extsrc pipeline alone (py_num_workers=12, decoders.image_random_crop(device="mixed"))
     b   the same pipeline behind ray_extsrc.train.Loader inside a Ray Train TorchTrainer worker
         (``--actors`` loader actors per worker, ``--workers`` Python workers per GPU in all)
-    b2  as b with two GPUs: two Train workers, each with its own loader actors (total img/s)
+    bN  as b with N GPUs (b2, b8, ...): N Train workers, each with its own loader actors; total
+        img/s (all ranks' images over the slowest rank's time), per rank in the JSON
     c   torch DataLoader + Pillow + torchvision v2, 15 workers, pin_memory, copy to GPU
     d   Ray Data read_images + the same torchvision augmentation in map_batches ->
         iter_torch_batches(device="cuda")  (with a warm-up epoch like the others; until session 2's
@@ -15,7 +16,7 @@ Systems, each in its own fresh process (see `_runner`), interleaved round by rou
     e1  decode-only ceiling: nvImageCodec batched decode (default backends) of the files in memory
     e2  decode-only ceiling: torchvision.io.decode_jpeg(device="cuda"), lists of 256
 
-    python -m ray_extsrc.bench --rounds 2 --out benchmarks/results   # b2 too where 2 GPUs are visible
+    python -m ray_extsrc.bench --rounds 2 --out benchmarks/results   # + bN where N >= 2 GPUs are visible
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per run (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs before them (default 1)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved runs per system (default 2)")
-    p.add_argument("--systems", default="", help="default: a,b,c,d,e1,e2, and b2 with two or more GPUs")
+    p.add_argument("--systems", default="", help="default: a,b,c,d,e1,e2, and bN with N >= 2 GPUs visible")
     p.add_argument("--gpus", type=int, default=1, help="Train workers for system b (total throughput)")
     p.add_argument("--workers", type=int, default=12,
                    help="ray_extsrc's Python workers per GPU (a: py_num_workers; b: split over the actors)")
-    p.add_argument("--actors", type=int, default=3, help="b, b2: loader actors per Train worker")
+    p.add_argument("--actors", type=int, default=3, help="b, bN: loader actors per Train worker")
     p.add_argument("--torch-workers", type=int, default=15)
     p.add_argument("--ray-data-images", type=int, default=0, help="Ray Data on a subset (0: all images)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per system run")
@@ -82,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = str(make_jpeg_dataset(args.data, spec, progress=False))
     print(f"data: {args.images} R1 images in {root} ({time.perf_counter() - t:.1f} s)", flush=True)
     if not args.systems:
-        args.systems = "a,b,b2,c,d,e1,e2" if _gpu_count() >= 2 else "a,b,c,d,e1,e2"
+        n = _gpu_count()
+        args.systems = f"a,b,{f'b{n},' if n >= 2 else ''}c,d,e1,e2"
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     errors: dict[str, list[str]] = {}

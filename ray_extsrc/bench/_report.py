@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-_ORDER = ["a", "b", "b2", "c", "d", "e1", "e2"]
+
+
+def _keys(summary: dict) -> list[str]:
+    """Systems in table order: a, b, then b on several GPUs (b2, b8, ...), then the peers."""
+    multi = sorted((k for k in summary if k[:1] == "b" and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    order = ["a", "b", *multi, "c", "d", "e1", "e2"]
+    return [k for k in order if k in summary] + [k for k in summary if k not in order]
 
 
 def table(summary: dict) -> str:
     rows = [f"{'system':<24}{'median img/s':>14}{'epochs (img/s)':>40}{'1st batch s':>12}{'GPU MB':>8}{'RSS MB':>9}"]
-    for k in [k for k in _ORDER if k in summary] + [k for k in summary if k not in _ORDER]:
+    for k in _keys(summary):
         s = summary[k]
         eps = ", ".join(f"{v:.0f}" for v in s["epochs"])
         first = f"{s['startup_to_first_batch_s']:.1f}" if s["startup_to_first_batch_s"] is not None else "-"
@@ -21,13 +27,16 @@ def table(summary: dict) -> str:
             other = dec if key is None else summary.get(key, {}).get("median_images_per_s")
             if other:
                 rows.append(f"{b['system']} / {name}: {ref / other:.2f}x")
-        if "b2" in summary and "b" in summary:
-            rows.append(f"2 GPUs / 1 GPU (in Train): {summary['b2']['median_images_per_s'] / ref:.2f}x")
+        for k in summary:
+            if "b" in summary and k[:1] == "b" and k[1:].isdigit():
+                n = int(k[1:])
+                total = summary[k]["median_images_per_s"]
+                rows.append(f"{n} GPUs / 1 GPU (in Train): {total / ref:.2f}x ({total / n:,.0f} img/s per GPU)")
     return "\n".join(rows)
 
 
 def chart(summary: dict, path: str, title: str) -> None:
-    keys = [k for k in _ORDER if k in summary]
+    keys = _keys(summary)
     names = [summary[k]["system"] for k in keys]
     vals = [summary[k]["median_images_per_s"] for k in keys]
     try:

@@ -178,7 +178,7 @@ def run_train(args) -> dict:
     from ..train import Loader
     from ._pipelines import r1_pipeline
 
-    gpus = 2 if args.system == "b2" else args.gpus
+    gpus = _multi_gpu(args.system) or args.gpus
     per_actor = max(1, args.workers // args.actors)  # --workers Python workers per GPU in all
     ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
     loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=per_actor,
@@ -424,12 +424,16 @@ def run_tv_decode(args) -> dict:
 SYSTEMS = {
     "a": ("ray_extsrc", run_extsrc),
     "b": ("ray_extsrc_in_train", run_train),
-    "b2": ("ray_extsrc_in_train_2gpus", run_train),
     "c": ("torch_dataloader", run_torch),
     "d": ("ray_data", run_ray_data),
     "e1": ("decode_nvimgcodec", run_nvimgcodec),
     "e2": ("decode_torchvision", run_tv_decode),
 }
+
+
+def _multi_gpu(system: str) -> int:
+    """N for a system named ``bN`` (N >= 2: system b on N GPUs), else 0."""
+    return int(system[1:]) if system[:1] == "b" and system[1:].isdigit() and int(system[1:]) >= 2 else 0
 
 
 def _versions() -> dict:
@@ -448,7 +452,7 @@ def _versions() -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("system", choices=sorted(SYSTEMS))
+    p.add_argument("system", help=f"one of {sorted(SYSTEMS)}, or bN: b on N GPUs (N Train workers)")
     p.add_argument("--root", required=True)
     p.add_argument("--images", type=int, default=8000)
     p.add_argument("--epochs", type=int, default=3)
@@ -468,7 +472,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if os.environ.get("BENCH_SWITCH_INTERVAL"):  # experiments: the GIL's switch interval (seconds)
         sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
-    name, fn_ = SYSTEMS[args.system]
+    n = _multi_gpu(args.system)
+    if n:
+        name, fn_ = f"ray_extsrc_in_train_{n}gpus", run_train
+    elif args.system in SYSTEMS:
+        name, fn_ = SYSTEMS[args.system]
+    else:
+        p.error(f"unknown system {args.system!r}: one of {sorted(SYSTEMS)}, or bN (N GPUs)")
     t = time.perf_counter()
     res = fn_(args)
     res.update(system=name, key=args.system, wall_s=round(time.perf_counter() - t, 2),

@@ -1,0 +1,39 @@
+"""The R1 benchmark's report: ratios against the peers and the multi-GPU scaling line (CPU only)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ray_extsrc.bench._report import table
+from ray_extsrc.bench._runner import _multi_gpu
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _row(system: str, rate: float) -> dict:
+    return {"system": system, "median_images_per_s": rate, "epochs": [rate], "startup_to_first_batch_s": 1.0,
+            "gpu_peak_used_mb": 100, "tree_rss_mb": 10.0}
+
+
+def test_table_gives_each_ratio_and_the_scaling_per_gpu():
+    summary = {
+        "b": _row("ray_extsrc_in_train", 24000), "b8": _row("ray_extsrc_in_train_8gpus", 172800),
+        "c": _row("torch_dataloader", 2400), "d": _row("ray_data", 1200),
+        "e1": _row("decode_nvimgcodec", 16000), "e2": _row("decode_torchvision", 20000),
+    }
+    out = table(summary)
+    assert "ray_extsrc_in_train / best decode-only: 1.20x" in out  # the faster decode-only peer
+    assert "ray_extsrc_in_train / torch DataLoader: 10.00x" in out
+    assert "ray_extsrc_in_train / Ray Data: 20.00x" in out
+    assert "8 GPUs / 1 GPU (in Train): 7.20x (21,600 img/s per GPU)" in out
+    assert out.index("ray_extsrc_in_train ") < out.index("ray_extsrc_in_train_8gpus") < out.index("torch_dataloader")
+
+
+def test_system_names_for_several_gpus():
+    assert [_multi_gpu(s) for s in ("b", "b1", "b2", "b8", "bx", "e1")] == [0, 0, 2, 8, 0, 0]
+    p = subprocess.run([sys.executable, "-m", "ray_extsrc.bench._runner", "zz", "--root", "/nonexistent"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown system 'zz'" in p.stderr
