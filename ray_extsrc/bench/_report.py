@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def _keys(summary: dict) -> list[str]:
     """Systems in table order: a, b, then b on several GPUs (b2, b8, ...), then the peers."""
     multi = sorted((k for k in summary if k[:1] == "b" and k[1:].isdigit()), key=lambda k: int(k[1:]))
