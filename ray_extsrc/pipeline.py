@@ -254,6 +254,7 @@ class Pipeline:
         self._pool: WorkerPool | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._planned = False
+        self._gpu_retained = False  # holds the process's GPU decoders (see build/close)
         self._scope: graph_scope | None = None
         #: seconds spent on the last batch, by stage (see run())
         self.last_timings: dict[str, float] = {}
@@ -319,6 +320,11 @@ class Pipeline:
             self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
         if self._async:
             self._ahead_thread = ThreadPoolExecutor(self._ahead_depth, thread_name_prefix="ray_extsrc-ahead")
+        if self._gpu_main and not self._gpu_retained:
+            from .fn._gpu import decode
+
+            decode.retain()  # the process's GPU decoders live while a GPU pipeline is open
+            self._gpu_retained = True
         self.state = State.BUILT
 
     def close(self) -> None:
@@ -333,6 +339,11 @@ class Pipeline:
         if self._threads is not None:
             self._threads.shutdown(wait=True, cancel_futures=True)
             self._threads = None
+        if self._gpu_retained:
+            self._gpu_retained = False
+            from .fn._gpu import decode
+
+            decode.release()
         self.state = State.CLOSED
 
     @property

@@ -227,6 +227,7 @@ _FORK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.timeout(200)  # above the subprocess's own limit
 def test_fork_after_cuda_is_refused_and_spawn_works():
     import os
 
@@ -236,3 +237,48 @@ def test_fork_after_cuda_is_refused_and_spawn_works():
     )  # 180 s: a cold CUDA context plus a spawned zygote and worker on a busy machine
     assert "REFUSED:" in res.stdout, res.stdout + res.stderr
     assert "SPAWN-OK" in res.stdout, res.stdout + res.stderr
+
+
+_RAY_AFTER_GPU_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    from ray_extsrc import fn, pipeline_def
+    from ray_extsrc.fn._gpu import decode
+    from gpu.test_gpu_ops import ListSource, _jpegs
+    files = _jpegs(8)
+    @pipeline_def(batch_size=4, num_threads=1, device_id=0, py_num_workers=1)
+    def p():
+        j, l = fn.external_source(ListSource(files, 4), num_outputs=2, batch=False, parallel=True)
+        return fn.decoders.image(j, device="mixed"), l
+    pipe = p()
+    pipe.build()
+    pipe.run(); pipe.run()
+    print("DECODE-THREADS-OPEN", len(decode._threads))
+    pipe.close()
+    print("DECODE-THREADS-CLOSED", len(decode._threads))
+    import ray
+    os.environ["RAY_gcs_server_port_wait_time_s"] = "60"
+    ray.init(num_cpus=1, include_dashboard=False)
+    print("RAY-OK")
+    ray.shutdown()
+    """
+)
+
+
+@pytest.mark.timeout(200)
+def test_ray_starts_in_a_process_that_ran_and_closed_a_gpu_pipeline():
+    # Seen on the H100 (session 2): after GPU pipelines ran in the pytest process, ray.init there
+    # never got its GCS server up. Closing the last GPU pipeline now stops the decode threads and
+    # their nvImageCodec decoders; this checks that Ray then starts.
+    import os
+
+    pytest.importorskip("ray")
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(
+        [sys.executable, "-c", _RAY_AFTER_GPU_SCRIPT.format(tests=tests)], capture_output=True, text=True,
+        timeout=150,
+    )
+    out = res.stdout + res.stderr[-3000:]
+    assert "DECODE-THREADS-OPEN 1" in res.stdout and "DECODE-THREADS-CLOSED 0" in res.stdout, out
+    assert "RAY-OK" in res.stdout, out

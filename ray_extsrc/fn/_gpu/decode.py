@@ -134,6 +134,30 @@ def _decode_threads(device_id: int) -> _DecodeThreads:
         return _threads[device_id]
 
 
+_users = 0  # open GPU pipelines of this process (`retain` / `release`)
+
+
+def retain() -> None:
+    """A GPU pipeline was built: keep the decode threads (made on first use) until `release`."""
+    global _users
+    with _lock:
+        _users += 1
+
+
+def release() -> None:
+    """A GPU pipeline was closed. With none left, stop the decode threads: their nvImageCodec
+    decoders (GPU memory, CPU thread pools) go with them. A later pipeline makes new ones."""
+    global _users
+    with _lock:
+        _users = max(0, _users - 1)
+        if _users:
+            return
+        stopping = list(_threads.values())
+        _threads.clear()
+    for t in stopping:
+        t.pool.shutdown(wait=True)  # thread exit drops the thread's decoders
+
+
 def _decode_params() -> Any:
     if not _params:
         from nvidia import nvimgcodec
