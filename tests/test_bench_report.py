@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from ray_extsrc.bench._report import table
-from ray_extsrc.bench._runner import _multi_gpu
+from ray_extsrc.bench._runner import _multi_gpu, _rss_mb, _tree_rss_mb
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,3 +39,23 @@ def test_system_names_for_several_gpus():
     p = subprocess.run([sys.executable, "-m", "ray_extsrc.bench._runner", "zz", "--root", "/nonexistent"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown system 'zz'" in p.stderr
+
+
+def test_tree_rss_counts_a_process_and_its_descendants():
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(64 << 20); sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 5
+        while _rss_mb(child.pid) < 64 and time.monotonic() < deadline:  # until it holds its 64 MB
+            time.sleep(0.05)
+        me = os.getpid()
+        assert _tree_rss_mb(me) >= _rss_mb(me) + _rss_mb(child.pid) - 1
+        assert 64 <= _tree_rss_mb(child.pid) < _tree_rss_mb(me)
+    finally:
+        child.communicate(b"", timeout=30)
+
+
+def test_table_counts_the_loader_actors_memory_for_train_systems():
+    row = {**_row("ray_extsrc_in_train", 24000), "tree_rss_mb": 800.0, "loader_tree_rss_mb": 1500.0}
+    line = [ln for ln in table({"b": row}).splitlines() if ln.startswith("ray_extsrc_in_train ")][0]
+    assert line.split()[-1] == "2300"

@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "startup_to_first_batch_s": statistics.median(firsts) if firsts else None,
                 "gpu_peak_used_mb": max(res.get("gpu_peak_used_mb", 0) for res in rs),
                 "tree_rss_mb": max(x.get("tree_rss_mb", 0) for res in rs for x in res["records"]),
+                # b, bN: rank 0's loader actors with their workers (not in tree_rss_mb, see _runner)
+                "loader_tree_rss_mb": max(res.get("loader_tree_rss_mb", 0) for res in rs),
                 "peak_rss_self_mb": max(res.get("peak_rss_self_mb", 0) for res in rs),
             }
     device = _device_name()

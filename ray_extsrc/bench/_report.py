@@ -16,8 +16,9 @@ def table(summary: dict) -> str:
         s = summary[k]
         eps = ", ".join(f"{v:.0f}" for v in s["epochs"])
         first = f"{s['startup_to_first_batch_s']:.1f}" if s["startup_to_first_batch_s"] is not None else "-"
+        rss = s["tree_rss_mb"] + s.get("loader_tree_rss_mb", 0)  # + the loader actors of b, bN
         rows.append(f"{s['system']:<24}{s['median_images_per_s']:>14.0f}{eps[:38]:>40}{first:>12}"
-                    f"{s['gpu_peak_used_mb']:>8}{s['tree_rss_mb']:>9.0f}")
+                    f"{s['gpu_peak_used_mb']:>8}{rss:>9.0f}")
     b = summary.get("b", summary.get("a"))
     if b:
         ref = b["median_images_per_s"]

@@ -33,9 +33,10 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _tree_rss_mb() -> float:
-    """RSS of this process and all its descendants (shared pages are counted in each)."""
-    me = os.getpid()
+def _tree_rss_mb(root: int | None = None) -> float:
+    """RSS of process ``root`` (default: this one) and all its descendants (shared pages are
+    counted in each)."""
+    me = os.getpid() if root is None else root
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -157,8 +158,12 @@ def _train_loop(config):
             yield batch["images"]
 
     recs = me.timed(epoch, config["epochs"], config["warmup"], gpu, torch.cuda.synchronize)
+    # The loader actors are Ray workers, not this process's children: their trees (actor, zygote,
+    # Python workers, janitor) are measured here, on the same node, while they still run.
+    loader_rss = sum(me._tree_rss_mb(it.describe(w)["pid"]) for w in range(it.ways))
     out = {"records": recs, "gpu_peak_used_mb": round(gpu.peak_used / 2**20),
-           "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20)}
+           "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20),
+           "loader_tree_rss_mb": round(loader_rss, 1)}
     try:
         out["loader_stats"] = {k: v for k, v in it.stats().items() if isinstance(v, (int, float, str))}
     except Exception:
