@@ -144,6 +144,9 @@ def assemble(data: Any, layout: str = "") -> TensorListGPU:
         cur.wait_event(ev)
         if cur.ptr != 0:
             cupy.cuda.Stream.null.wait_event(ev)
+        from ._gpu import decode
+
+        decode.batch_enqueued(ev)  # the batch's decoded images may go once the GPU passes ev
     if isinstance(data, PtrBatch):
         data = data.to_list()
     elif not isinstance(data, cupy.ndarray):

@@ -226,28 +226,49 @@ def _collect(parts: list[tuple[list[int], Any]], stream: Any) -> list:
 
 
 _keep_lock = threading.Lock()
+_batch = threading.local()  # this thread's batch: its keep entries, waiting for the batch's end event
 
 
 def _keep(op: Any, stream: Any, owners: list) -> None:
     """Hold a batch's decoded images until the GPU is done with them.
 
     nvImageCodec frees an image's memory when its Python object dies, on the stream it was decoded
-    on or synchronously: either may be before our kernels on ``stream`` read it. So each call
-    records an event on ``stream``, the event of a call three calls later (by then the pipeline
-    enqueued every kernel of this batch: at most two batches compute at once) is attached, and the
-    images are dropped once that event has completed. The host never waits here.
+    on or synchronously: either may be before our kernels on ``stream`` read it. So the images are
+    kept with an event on ``stream`` that follows every kernel of their batch, and dropped once
+    that event has completed; the host never waits. The event comes from `batch_enqueued`, which
+    the pipeline calls (in this same thread) once all the batch's GPU work is queued. Should it not
+    come, the event of a call three calls later stands in (by then the pipeline queued every kernel
+    of this batch: at most two batches compute at once).
     """
+    entry = [None, 0, owners]
     with _keep_lock:
         keep = op.__dict__.setdefault("_gpu_keep", [])
         seq = op.__dict__.get("_gpu_keep_seq", 0)
-        op._gpu_keep_seq = seq + 1
+        op._gpu_keep_seq = entry[1] = seq + 1
         ev = stream.record()
-        for entry in keep:
-            if entry[0] is None and entry[1] <= seq - 3:
-                entry[0] = ev
-        while keep and keep[0][0] is not None and keep[0][0].done:
-            keep.pop(0)
-        keep.append([None, seq, owners])
+        for e in keep:
+            if e[0] is None and e[1] <= seq - 2:
+                e[0] = ev
+        keep[:] = [e for e in keep if e[0] is None or not e[0].done]
+        keep.append(entry)
+    if not hasattr(_batch, "entries"):
+        _batch.entries = []
+    _batch.entries.append((op, entry))
+
+
+def batch_enqueued(event: Any) -> None:
+    """All GPU work of this thread's current batch is queued before ``event`` (on the pipeline's
+    stream): its decoded images can go once the event completes (see `_keep`)."""
+    entries = getattr(_batch, "entries", None)
+    if not entries:
+        return
+    with _keep_lock:
+        for op, entry in entries:
+            if entry[0] is None:
+                entry[0] = event
+            keep = op.__dict__.get("_gpu_keep", [])
+            keep[:] = [e for e in keep if e[0] is None or not e[0].done]
+    entries.clear()
 
 
 def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[SampleContext], stream: Any,
