@@ -262,11 +262,10 @@ def test_loader_actor_forks_first_then_serves_gpu_batches_by_ipc():
         actor.stop()
 
 
-def test_loader_on_ray_delivers_gpu_outputs_by_ipc_to_a_gpu_consumer(monkeypatch):
+def test_loader_on_ray_delivers_gpu_outputs_by_ipc_to_a_gpu_consumer():
+    # Run after GPU pipelines in the same process (tests/gpu as a whole), Ray's start here hung in
+    # session 2 (see test_gpu_ops.test_ray_starts_in_a_process_that_ran_and_closed_a_gpu_pipeline).
     ray = pytest.importorskip("ray")
-    # The GPU machine's first Ray start of a session (freshly unpacked bundle) was seen to miss
-    # Ray's default 30 s wait for its GCS server, twice; later starts took seconds.
-    monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "120")
     pytest.importorskip("nvidia.nvimgcodec")
     import ray_extsrc.synthetic as synthetic
     from ray_extsrc import fn, pipeline_def
