@@ -88,7 +88,8 @@ class Loader:
         outputs: names of the pipeline's outputs: batches are then dicts ``name -> tensor``;
             ``None`` yields tuples.
         name: a label for actor names, metrics and messages (default: the function's name).
-        prefetch_batches: ``next_batch`` calls kept in flight per Train worker (backpressure).
+        prefetch_batches: ``next_batch`` calls kept in flight per Train worker (backpressure); at
+            least one per loader actor.
         actor_num_cpus: CPUs each loader actor reserves in Ray (see the module docstring).
         actors_per_worker: loader actors feeding each Train worker in turn (each a process with its
             own ``py_num_workers``); ``None``: 3 for a worker with a GPU, 1 for a CPU worker.
