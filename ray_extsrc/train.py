@@ -81,7 +81,7 @@ def _decorator_seed(pipeline_fn: Callable) -> int | None:
 
 
 class Loader:
-    """A pipeline to be run as one sharded loader actor per Ray Train worker. Small and picklable.
+    """A pipeline to be run as sharded loader actors for each Ray Train worker. Small and picklable.
 
     Args:
         pipeline_fn: a ``@pipeline_def`` function.
