@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from ray_extsrc.bench._report import table
-from ray_extsrc.bench._runner import _multi_gpu, _rss_mb, _tree_rss_mb
+from ray_extsrc.bench._report import multi_gpu, table
+from ray_extsrc.bench._runner import _rss_mb, _tree_rss_mb
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,7 +35,7 @@ def test_table_gives_each_ratio_and_the_scaling_per_gpu():
 
 
 def test_system_names_for_several_gpus():
-    assert [_multi_gpu(s) for s in ("b", "b1", "b2", "b8", "bx", "e1")] == [0, 0, 2, 8, 0, 0]
+    assert [multi_gpu(s) for s in ("b", "b1", "b2", "b8", "bx", "e1")] == [0, 0, 2, 8, 0, 0]
     p = subprocess.run([sys.executable, "-m", "ray_extsrc.bench._runner", "zz", "--root", "/nonexistent"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown system 'zz'" in p.stderr

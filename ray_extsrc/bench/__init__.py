@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._report import chart, table
+from ._report import chart, table, timed_rates
 
 __all__ = ["main"]
 
@@ -111,11 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = json.loads(lines[-1][len(_PREFIX):])
             res["round"] = r
             runs[s].append(res)
-            timed = [x["images_per_s"] for x in res["records"] if "epoch" in x and not x["warmup"]]
+            timed = timed_rates(res)
             print(f"  {res['system']}: {[round(v) for v in timed]} img/s ({time.perf_counter() - t:.1f} s)", flush=True)
     summary = {}
     for s, rs in runs.items():
-        vals = [x["images_per_s"] for res in rs for x in res["records"] if "epoch" in x and not x["warmup"]]
+        vals = [v for res in rs for v in timed_rates(res)]
         if not vals and rs:  # a run with --warmup 0
             vals = [x["images_per_s"] for res in rs for x in res["records"] if "epoch" in x]
         firsts = [x["startup_to_first_batch_s"] for res in rs for x in res["records"] if "startup_to_first_batch_s" in x]

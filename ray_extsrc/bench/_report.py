@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 
+def multi_gpu(system: str) -> int:
+    """N for a system named ``bN`` (N >= 2: system b on N GPUs), else 0."""
+    return int(system[1:]) if system[:1] == "b" and system[1:].isdigit() and int(system[1:]) >= 2 else 0
+
+
+def timed_rates(result: dict) -> list[float]:
+    """Images/s of one system run's timed (not warm-up) epochs."""
+    return [x["images_per_s"] for x in result["records"] if "epoch" in x and not x["warmup"]]
+
+
 def _keys(summary: dict) -> list[str]:
     """Systems in table order: a, b, then b on several GPUs (b2, b8, ...), then the peers."""
-    multi = sorted((k for k in summary if k[:1] == "b" and k[1:].isdigit()), key=lambda k: int(k[1:]))
+    multi = sorted((k for k in summary if multi_gpu(k)), key=multi_gpu)
     order = ["a", "b", *multi, "c", "d", "e1", "e2"]
     return [k for k in order if k in summary] + [k for k in summary if k not in order]
 
@@ -28,8 +38,8 @@ def table(summary: dict) -> str:
             if other:
                 rows.append(f"{b['system']} / {name}: {ref / other:.2f}x")
         for k in summary:
-            if "b" in summary and k[:1] == "b" and k[1:].isdigit():
-                n = int(k[1:])
+            n = multi_gpu(k)
+            if n and "b" in summary:
                 total = summary[k]["median_images_per_s"]
                 rows.append(f"{n} GPUs / 1 GPU (in Train): {total / ref:.2f}x ({total / n:,.0f} img/s per GPU)")
     return "\n".join(rows)

@@ -17,7 +17,10 @@ import resource
 import sys
 import time
 
-_T0 = time.perf_counter()
+_T0 = time.perf_counter()  # before the imports below: start-up to first batch counts from here
+
+from ._report import multi_gpu  # noqa: E402 - light (matplotlib loads only to draw)
+
 RESULT_PREFIX = "BENCH-RESULT "
 BATCH = 256
 
@@ -183,7 +186,7 @@ def run_train(args) -> dict:
     from ..train import Loader
     from ._pipelines import r1_pipeline
 
-    gpus = _multi_gpu(args.system) or args.gpus
+    gpus = multi_gpu(args.system) or args.gpus
     per_actor = max(1, args.workers // args.actors)  # --workers Python workers per GPU in all
     ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
     loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=per_actor,
@@ -436,11 +439,6 @@ SYSTEMS = {
 }
 
 
-def _multi_gpu(system: str) -> int:
-    """N for a system named ``bN`` (N >= 2: system b on N GPUs), else 0."""
-    return int(system[1:]) if system[:1] == "b" and system[1:].isdigit() and int(system[1:]) >= 2 else 0
-
-
 def _versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for name in ("ray_extsrc", "torch", "torchvision", "cupy", "ray", "numpy", "PIL"):
@@ -477,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if os.environ.get("BENCH_SWITCH_INTERVAL"):  # experiments: the GIL's switch interval (seconds)
         sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
-    n = _multi_gpu(args.system)
+    n = multi_gpu(args.system)
     if n:
         name, fn_ = f"ray_extsrc_in_train_{n}gpus", run_train
     elif args.system in SYSTEMS:

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from ._report import timed_rates
+
 # name -> (system, extra runner args, environment, copies run at once)
 VARIANTS: dict[str, tuple[str, list[str], dict[str, str], int]] = {
     "e1 default": ("e1", [], {}, 1),
@@ -45,7 +47,7 @@ VARIANTS: dict[str, tuple[str, list[str], dict[str, str], int]] = {
 
 
 def _median(res: dict) -> float:
-    vals = [x["images_per_s"] for x in res["records"] if "epoch" in x and not x["warmup"]]
+    vals = timed_rates(res)
     return statistics.median(vals) if vals else 0.0
 
 

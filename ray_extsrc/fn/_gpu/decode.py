@@ -249,11 +249,16 @@ def _keep(op: Any, stream: Any, owners: list) -> None:
         for e in keep:
             if e[0] is None and e[1] <= seq - 2:
                 e[0] = ev
-        keep[:] = [e for e in keep if e[0] is None or not e[0].done]
+        _prune(keep)
         keep.append(entry)
     if not hasattr(_batch, "entries"):
         _batch.entries = []
     _batch.entries.append((op, entry))
+
+
+def _prune(keep: list) -> None:
+    """Drop the entries whose event has completed (under `_keep_lock`)."""
+    keep[:] = [e for e in keep if e[0] is None or not e[0].done]
 
 
 def batch_enqueued(event: Any) -> None:
@@ -266,8 +271,7 @@ def batch_enqueued(event: Any) -> None:
         for op, entry in entries:
             if entry[0] is None:
                 entry[0] = event
-            keep = op.__dict__.get("_gpu_keep", [])
-            keep[:] = [e for e in keep if e[0] is None or not e[0].done]
+            _prune(op.__dict__.get("_gpu_keep", []))
     entries.clear()
 
 
