@@ -85,6 +85,9 @@ class LoaderSpec:
     label: str = "loader"  # for messages: which loader this is
     ways: int = 1  # loader actors serving this shard in turn (see `sharding`)
     way: int = 0  # which of them this actor is
+    # "actor": the GPU stage runs here and outputs are delivered (CUDA IPC / host);
+    # "consumer": this actor stops after the host stage and sends a HostBatch (never touches CUDA)
+    gpu_stage: str = "actor"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ class BatchReply:
     base: int
     iteration: int
     end: bool  # the epoch has no batch at this position (outputs empty)
-    outputs: tuple[Any, ...] = ()  # per output: a NumPy array, a list of them, or a transport.IpcBuffer
+    # per output: a NumPy array, a list of them, or a transport.IpcBuffer; or, when the consumer
+    # runs the GPU stage, a single host_batch.HostBatch
+    outputs: tuple[Any, ...] = ()
     lease: int | None = None  # IPC buffers to give back once the consumer is done (see transport)
     # the shard's batches this epoch (its consumer's iterations, over all the shard's actors), when
     # the source knows its length
@@ -135,6 +140,9 @@ class LoaderActor:
                 f"returns a Pipeline; {spec.pipeline_fn!r} returned {type(self.pipe).__name__}"
             )
         self.pipe.layout = dataclasses.replace(self.pipe.layout, ways=spec.ways, way=spec.way)
+        self._host_only = spec.gpu_stage == "consumer"
+        if self._host_only:
+            self.pipe.serve_host_stage()
         n_out = len(self.pipe.outputs)
         if spec.output_names is not None and len(spec.output_names) != n_out:
             self.close()
@@ -145,7 +153,7 @@ class LoaderActor:
         self.pipe.start_py_workers()  # step 3: fork while CUDA is untouched
         self.pipe.build()
         self._exporter = None
-        if spec.gpu_id is not None:
+        if spec.gpu_id is not None and not self._host_only:
             import cupy
 
             cupy.cuda.Device(0).use()  # step 4: claim the GPU now
@@ -178,6 +186,7 @@ class LoaderActor:
             "worker_pids": dict(self.pipe.py_worker_pids),
             "worker_respawns": self.pipe.py_worker_respawns,
             "ipc_buffers": self._exporter.num_buffers if self._exporter is not None else 0,
+            "gpu_stage": "consumer" if self._host_only else "actor",
         }
 
     def worker_pids(self) -> dict[int, int]:
@@ -224,9 +233,12 @@ class LoaderActor:
             raise
         self._cursor = (epoch_idx, base, iteration + 1)
         t2 = time.perf_counter()
-        from .transport import encode_outputs
+        if self._host_only:
+            payload, lease = outputs, None  # (HostBatch,): the consumer runs the GPU stage
+        else:
+            from .transport import encode_outputs
 
-        payload, lease = encode_outputs(outputs, self._exporter)
+            payload, lease = encode_outputs(outputs, self._exporter)
         t3 = time.perf_counter()
         timings = dict(self.pipe.last_timings)
         timings.update(seek_s=t1 - t0, encode_s=t3 - t2)

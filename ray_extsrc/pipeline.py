@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LifecycleError, SampleError
+from .host_batch import HostBatch, pack_column
 from .graph import DataNode, Graph, OpNode, SampleContext, current_graph, graph_scope
 from .sharding import ShardLayout, epoch_permutation
 from .source import SourceKind, SourceSpec, chunk_samples, describe_source
@@ -255,6 +256,9 @@ class Pipeline:
         self._threads: ThreadPoolExecutor | None = None
         self._planned = False
         self._gpu_retained = False  # holds the process's GPU decoders (see build/close)
+        # host stage only (a loader actor whose consumer runs the GPU stage): run() yields HostBatch
+        self._host_only = False
+        self._device_stage_open = False  # the consumer side: run_device() may be called
         self._scope: graph_scope | None = None
         #: seconds spent on the last batch, by stage (see run())
         self.last_timings: dict[str, float] = {}
@@ -316,16 +320,77 @@ class Pipeline:
             return
         if self.state is State.DEFINED:
             self.start_py_workers()
-        if self._main_cpu:
+        if self._main_cpu and not self._host_only:
             self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
         if self._async:
             self._ahead_thread = ThreadPoolExecutor(self._ahead_depth, thread_name_prefix="ray_extsrc-ahead")
+        if not self._host_only:
+            self._retain_gpu()
+        self.state = State.BUILT
+
+    def _retain_gpu(self) -> None:
         if self._gpu_main and not self._gpu_retained:
             from .fn._gpu import decode
 
             decode.retain()  # the process's GPU decoders live while a GPU pipeline is open
             self._gpu_retained = True
-        self.state = State.BUILT
+
+    # -- split execution: host stage in one process, the main-stage ops in another ---------------
+
+    def serve_host_stage(self) -> None:
+        """Make `run` stop after the host stage and return a `HostBatch` (call before `build`).
+
+        The host stage is the workers' share and the in-process sources; the main-stage ops (GPU
+        decode and augmentation) are left to a consumer that holds the same pipeline definition and
+        calls `run_device` — a Ray Train worker running them in its own CUDA context. This process
+        then never touches CUDA. The plan is the one a GPU process makes, so the workers compute
+        the same per-sample parameters (crop boxes) either way.
+        """
+        if self.state not in (State.DEFINED, State.WORKERS_STARTED):
+            raise LifecycleError(f"serve_host_stage() must come before build(); the pipeline is '{self.state.value}'")
+        self._host_only = True
+
+    def open_device_stage(self) -> None:
+        """Prepare this (never started) pipeline to run `run_device` on host batches made by a
+        twin pipeline's `serve_host_stage` in another process. Starts no workers."""
+        if self.state is not State.DEFINED:
+            raise LifecycleError(f"open_device_stage() needs a fresh pipeline; this one is '{self.state.value}'")
+        if not self._planned:
+            self._plan()
+        if self._main_cpu and self._threads is None:
+            self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
+        self._retain_gpu()
+        self._device_stage_open = True
+
+    @property
+    def has_device_stage(self) -> bool:
+        """Whether any op runs after the host stage (else a HostBatch already holds the outputs)."""
+        if not self._planned:
+            self._plan()
+        return any(not _is_source(n) for n in self._main_nodes)
+
+    def run_device(self, batch: HostBatch, fence: Any = None, *, order_consumer: bool = True) -> tuple:
+        """The outputs of ``batch`` after the main-stage ops (see `serve_host_stage`).
+
+        ``fence`` (from `consumer_fence`, recorded in the consumer's thread) is waited for on the GPU
+        before this batch's kernels reuse memory. With ``order_consumer=False`` the consumer's
+        streams are not made to wait here: the caller gets the event to wait on (`last_event`).
+        """
+        if not self._device_stage_open:
+            raise LifecycleError("run_device() needs open_device_stage() first")
+        env = batch.env()
+        t0 = time.perf_counter()
+        if fence is not None:
+            from .fn import _gpu_exec
+
+            _gpu_exec.wait_fence(self, fence)
+        outputs = self._run_ops(batch.infos, env, order_consumer=order_consumer)
+        self.last_timings = {"main_ops_s": time.perf_counter() - t0}
+        return outputs
+
+    def consumer_fence(self) -> Any:
+        """See `_consumer_fence` (public for the consumer-side GPU stage)."""
+        return self._consumer_fence()
 
     def close(self) -> None:
         """Stop the workers and free shared memory. Idempotent; also done at garbage collection."""
@@ -344,6 +409,7 @@ class Pipeline:
             from .fn._gpu import decode
 
             decode.release()
+        self._device_stage_open = False
         self.state = State.CLOSED
 
     @property
@@ -622,11 +688,15 @@ class Pipeline:
                 for k, x in enumerate(self._exports):
                     env.setdefault(x.source.op_id, {})[x.index] = [s[k] for s in samples]
             t1 = time.perf_counter()
-            if fence is not None:
-                from .fn import _gpu_exec
+            if self._host_only:
+                self._run_sources(i, env)
+                outputs = (self._host_batch(i, env),)
+            else:
+                if fence is not None:
+                    from .fn import _gpu_exec
 
-                _gpu_exec.wait_fence(self, fence)
-            outputs = self._run_main(i, env)
+                    _gpu_exec.wait_fence(self, fence)
+                outputs = self._run_main(i, env)
         except StopIteration:
             raise _EndOfEpoch from None
         finally:
@@ -651,9 +721,18 @@ class Pipeline:
                 pass
 
     def _run_main(self, i: int, env: dict[int, dict[int, list]]) -> tuple:
+        # in-process (parallel=False) sources first, then the main-stage ops in graph order
+        self._run_sources(i, env)
+        return self._run_ops(self._sample_infos(i), env)
+
+    def _host_batch(self, i: int, env: dict[int, dict[int, list]]) -> HostBatch:
+        """Batch i after the host stage, copied out of the workers' slots (see `host_batch`)."""
+        columns = {op_id: {k: pack_column(v) for k, v in outs.items()} for op_id, outs in env.items()}
+        return HostBatch(self.epoch_idx, i, self._sample_infos(i), columns)
+
+    def _run_sources(self, i: int, env: dict[int, dict[int, list]]) -> None:
         infos = self._sample_infos(i)
         g = self._global_iteration(i)
-        # in-process (parallel=False) sources first, then the main-stage ops in graph order
         for node in self._main_nodes:
             if _is_source(node):
                 spec = node.op.spec
@@ -668,19 +747,22 @@ class Pipeline:
                         spec.start_epoch(self.epoch_idx)
                     rows = spec.next_batch(BatchInfo(g, self.epoch_idx))
                 env[node.op_id] = {k: [r[k] for r in rows] for k in range(spec.width)}
+
+    def _run_ops(self, infos: Sequence[SampleInfo], env: dict, *, order_consumer: bool = True) -> tuple:
+        """The main-stage ops for one batch (CPU ops on the thread pool, then GPU ops), assembled."""
         cpu_nodes = {n.op_id for n in self._main_eval.nodes}
         if cpu_nodes:
-            self._run_main_cpu(infos, env)
+            self._run_main_cpu(infos, env, infos[0].epoch_idx if infos else self.epoch_idx)
         for node in self._main_nodes:
             if node.op_id in cpu_nodes or _is_source(node):
                 continue
             self._run_gpu_op(node, infos, env)
-        return tuple(self._assemble(x, env) for x in self.outputs)
+        return tuple(self._assemble(x, env, order_consumer) for x in self.outputs)
 
-    def _run_main_cpu(self, infos: Sequence[SampleInfo], env: dict[int, dict[int, list]]) -> None:
+    def _run_main_cpu(self, infos: Sequence[SampleInfo], env: dict[int, dict[int, list]], epoch_idx: int) -> None:
         def one(j: int) -> dict[int, tuple]:
             sample_env = {op_id: _row(outs, j) for op_id, outs in env.items()}
-            return self._main_eval.run(infos[j], sample_env, self.epoch_idx)
+            return self._main_eval.run(infos[j], sample_env, epoch_idx)
 
         if self._threads is None:  # build() makes the pool when the main stage has CPU ops
             raise LifecycleError("the pipeline is not built")
@@ -695,13 +777,13 @@ class Pipeline:
 
         env[node.op_id] = _gpu_exec.run_op(self, node, infos, env)
 
-    def _assemble(self, x: DataNode, env: dict) -> TensorListCPU | TensorListGPU:
+    def _assemble(self, x: DataNode, env: dict, order_consumer: bool = True) -> TensorListCPU | TensorListGPU:
         data = env[x.source.op_id][x.index]
         layout = getattr(x.source.op, "output_layout_name", "")
         if self._device.get(x.source.op_id) == "gpu":
             from .fn import _gpu_exec
 
-            return _gpu_exec.assemble(data, layout)
+            return _gpu_exec.assemble(data, layout, order_consumer=order_consumer)
         return assemble_cpu(data, layout)
 
     def reset(self) -> None:

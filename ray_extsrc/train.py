@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import inspect
 import os
 import secrets
@@ -59,13 +60,30 @@ from .errors import RayExtSrcError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Loader", "LoaderIterator", "NAMESPACE"]
+__all__ = ["Loader", "LoaderIterator", "NAMESPACE", "mps_daemon_running", "resolve_gpu_stage"]
 
 #: Ray namespace of every loader actor (names are per run, loader, seed, rank and node).
 NAMESPACE = "ray_extsrc"
 _CLOSE_TIMEOUT_S = 10.0  # an actor's close() stops its workers (2 s SIGTERM grace) and unlinks shm
 _SET_BY_LOADER = ("num_shards", "shard_id", "device_id")
 _STAGES = ("worker_wait_s", "worker_compute_s", "main_ops_s", "encode_s", "delivery_s")
+_GPU_STAGES = ("auto", "consumer", "actor")
+
+
+def mps_daemon_running() -> bool:
+    """Whether a CUDA MPS control daemon serves this process's GPU clients (its pipe directory
+    exists): then separate processes' kernels do run concurrently, and the actor-side GPU stage
+    keeps its extra host parallelism without taking turns with the step."""
+    pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe_dir, "control"))
+
+
+def resolve_gpu_stage(requested: str, has_gpu: bool) -> str:
+    """``Loader(gpu_stage=...)`` for one Train worker: ``"auto"`` picks ``"consumer"`` for a GPU
+    worker without MPS (the training benchmark's winner there), else ``"actor"``."""
+    if requested != "auto":
+        return requested
+    return "consumer" if has_gpu and not mps_daemon_running() else "actor"
 
 
 def _decorator_seed(pipeline_fn: Callable) -> int | None:
@@ -93,7 +111,15 @@ class Loader:
         actor_num_cpus: CPUs each loader actor reserves in Ray (see the module docstring).
         actors_per_worker: loader actors feeding each Train worker in turn (each a process with its
             own ``py_num_workers``); ``None``: 3 for a worker with a GPU, 1 for a CPU worker.
-        zero_copy: hand GPU outputs to a Train worker on the same GPU by CUDA IPC (else via host).
+        zero_copy: hand GPU outputs to a Train worker on the same GPU by CUDA IPC (else via host);
+            only where the GPU stage runs in the actors.
+        gpu_stage: where the pipeline's main-stage ops (GPU decode and augmentation) run.
+            ``"consumer"``: in the Train worker's own process, in background threads on streams of
+            their own, sharing the CUDA context of the training step (the actors send encoded bytes
+            and per-sample parameters; see `consumer_stage`). ``"actor"``: in the loader actors,
+            delivered by CUDA IPC — for consumers without a GPU, or nodes running an MPS daemon.
+            ``"auto"`` (default): ``"consumer"`` for a Train worker with a GPU and no MPS daemon
+            in sight, else ``"actor"``.
         actor_options: more ``ray.remote`` options for the actor (``runtime_env``, ``memory``...).
         **pipeline_args: override the pipeline's arguments (``batch_size``, ``py_num_workers``,
             ``shuffle``, ``seed``, ...) or go to the pipeline function, as ``@pipeline_def`` does.
@@ -110,9 +136,12 @@ class Loader:
         actor_num_cpus: float = 0,
         actors_per_worker: int | None = None,
         zero_copy: bool = True,
+        gpu_stage: str = "auto",
         actor_options: Mapping[str, Any] | None = None,
         **pipeline_args: Any,
     ) -> None:
+        if gpu_stage not in _GPU_STAGES:
+            raise ValueError(f"Loader: gpu_stage must be one of {_GPU_STAGES}; got {gpu_stage!r}")
         if not callable(pipeline_fn):
             raise TypeError(f"Loader: pipeline_fn must be a @pipeline_def function; got {type(pipeline_fn).__name__}")
         if outputs is not None:
@@ -146,6 +175,7 @@ class Loader:
         self.actor_num_cpus = actor_num_cpus
         self.actors_per_worker = actors_per_worker
         self.zero_copy = bool(zero_copy)
+        self.gpu_stage = gpu_stage
         self.actor_options = dict(actor_options or {})
         self.pipeline_args = pipeline_args
         self.uid = secrets.token_hex(4)  # tells this Loader's actors from another's of the same name
@@ -284,6 +314,9 @@ class LoaderIterator:
         self.world_size = world_size
         self.device, self._gpu_id = _resolve_device(device)
         default_ways = 3 if self._gpu_id is not None else 1
+        #: where this worker's GPU stage runs: "consumer" (here) or "actor" (see `Loader`)
+        self.gpu_stage: str = resolve_gpu_stage(loader.gpu_stage, self._gpu_id is not None)
+        self._stage: Any = None  # consumer_stage.ConsumerStage, when gpu_stage == "consumer"
         #: loader actors serving this worker in turn (batch n comes from actor n % ways)
         self.ways: int = loader.actors_per_worker or default_ways
         self.seed = loader.seed
@@ -327,6 +360,9 @@ class LoaderIterator:
         seed = state.get("seed")
         if seed is not None and int(seed) != self.seed:
             self._stop_actors()  # their pipelines draw from the old seed: build new ones
+            if self._stage is not None:
+                self._stage.close()
+                self._stage = None
             self.seed = int(seed)
         self.epoch_idx, self._base, self._iteration = epoch_idx, consumed, 0
 
@@ -365,6 +401,7 @@ class LoaderIterator:
                 label=self._label(way),
                 ways=self.ways,
                 way=way,
+                gpu_stage=self.gpu_stage,
             )
             # One name per (run, loader, seed, rank, way, node): a Train worker that re-creates its
             # iterator finds its actors again; anything that changes what they serve gets new ones.
@@ -386,7 +423,13 @@ class LoaderIterator:
             names.append(name)
             actors.append(_remote_actor_class().options(**options).remote(spec))
         self._actor_names, self._actors = names, actors
-        if self._gpu_id is not None and self.loader.zero_copy and not self._importers:
+        if self.gpu_stage == "consumer":
+            if self._stage is None:
+                from .consumer_stage import ConsumerStage
+
+                kwargs = dict(self.loader.pipeline_args, num_shards=self.world_size, shard_id=self.rank, seed=self.seed)
+                self._stage = ConsumerStage(self.loader.pipeline_fn, kwargs, self.device, self._label())
+        elif self._gpu_id is not None and self.loader.zero_copy and not self._importers:
             from .transport import IpcImporter
 
             self._importers = [IpcImporter(self.device) for _ in range(self.ways)]
@@ -425,6 +468,9 @@ class LoaderIterator:
         for imp in self._importers:
             imp.close()
         self._importers = []
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
         self.closed = True
 
     def _label(self, way: int | None = None) -> str:
@@ -442,6 +488,7 @@ class LoaderIterator:
         Batch n of this worker's epoch is local iteration ``n // ways`` of actor ``n % ways``.
         """
         actors, ways = self.actors, self.ways
+        stage = self._stage
         epoch_idx, base = self.epoch_idx, self._base
         depth = max(self.loader.prefetch_batches, ways)  # every actor has work queued
         pending: collections.deque[tuple[int, Any]] = collections.deque()
@@ -456,6 +503,8 @@ class LoaderIterator:
                     way = next_req % ways
                     ref = actors[way].next_batch.remote(epoch_idx, base, next_req // ways, tuple(to_release[way]))
                     to_release[way] = []
+                    if stage is not None:  # fetched and run through the GPU stage in its threads
+                        ref = stage.submit(functools.partial(self._get, ref, way))
                     pending.append((next_req, ref))
                     next_req += 1
                 if not pending:
@@ -464,14 +513,20 @@ class LoaderIterator:
                 pos, ref = pending.popleft()
                 way = pos % ways
                 t0 = time.perf_counter()
-                reply = self._get(ref, way)
+                if stage is not None:
+                    reply, outputs = ref.result()
+                else:
+                    reply = self._get(ref, way)
                 delivery = time.perf_counter() - t0
                 if reply.end:
                     finished = True
                     break
                 if reply.epoch_size is not None:
                     end = reply.epoch_size
-                batch = self._to_torch(reply, way)
+                if stage is not None:
+                    batch = self._consumer_to_torch(reply, outputs, way)
+                else:
+                    batch = self._to_torch(reply, way)
                 now = time.perf_counter()
                 self._record(reply, delivery, now - t_prev, way)
                 t_prev = now
@@ -482,6 +537,9 @@ class LoaderIterator:
                     self._importers[way].done_with_batch()
                     to_release[way].append(reply.lease)
         finally:
+            if stage is not None:
+                for _, fut in pending:
+                    fut.cancel()  # batches past the end or after a break: nobody will take them
             if self._importers:
                 busy = {pos % ways for pos, _ in pending} | {w for w in range(ways) if to_release[w]}
                 for way in sorted(busy):
@@ -514,17 +572,26 @@ class LoaderIterator:
             )
             raise
 
-    def _to_torch(self, reply: BatchReply, way: int = 0) -> Any:
-        from .transport import decode_outputs
-
+    def _note_actor(self, reply: BatchReply, way: int) -> None:
         if reply.actor_pid != self._actor_pid[way]:
             if self._actor_pid[way] is not None:
                 self._actor_restarts += 1
             self._actor_pid[way] = reply.actor_pid
             self.actor_pids.append(reply.actor_pid)
-        tensors = decode_outputs(reply.outputs, self.device, self._importers[way] if self._importers else None)
+
+    def _named(self, tensors: tuple) -> Any:
         names = self.loader.outputs
         return dict(zip(names, tensors)) if names is not None else tensors
+
+    def _to_torch(self, reply: BatchReply, way: int = 0) -> Any:
+        from .transport import decode_outputs
+
+        self._note_actor(reply, way)
+        return self._named(decode_outputs(reply.outputs, self.device, self._importers[way] if self._importers else None))
+
+    def _consumer_to_torch(self, reply: BatchReply, outputs: tuple, way: int) -> Any:
+        self._note_actor(reply, way)
+        return self._named(self._stage.to_torch(outputs))
 
     # -- observability ----------------------------------------------------------------------------
 
@@ -539,6 +606,8 @@ class LoaderIterator:
         self._worker_respawns[way] = reply.worker_respawns
         timings = dict(reply.timings)
         timings["delivery_s"] = delivery
+        if self._stage is not None:
+            timings["main_ops_s"] = self._stage.last_main_ops_s
         n = _batch_len(reply.outputs)
         self._batches += 1
         self._samples += n
@@ -581,7 +650,8 @@ class LoaderIterator:
             "actor_restarts": self._actor_restarts,
             "worker_respawns": sum(self._worker_respawns),
             "actors_per_worker": self.ways,
-            "transport": "cuda_ipc" if self._importers else "host",
+            "transport": "host_batch" if self._stage is not None else "cuda_ipc" if self._importers else "host",
+            "gpu_stage": self.gpu_stage,
         }
         out.update({k: self._totals[k] / b for k in _STAGES})
         return out

@@ -43,7 +43,10 @@ def pipeline_stream(pipe: Any) -> Any:
 
         device_id = pipe.device_id if isinstance(pipe.device_id, int) else 0
         with cupy.cuda.Device(device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0):
-            stream = cupy.cuda.Stream(non_blocking=True)
+            # lowest priority: where the stage shares a process with a training step (the
+            # consumer-side GPU stage), the step's kernels go first
+            _least, greatest = cupy.cuda.runtime.deviceGetStreamPriorityRange()
+            stream = cupy.cuda.Stream(non_blocking=True, priority=_least)
         # Never destroyed: decoded images (nvImageCodec) and outputs a consumer still holds may be
         # freed on this stream after the pipeline is gone; a destroyed stream there crashes.
         _immortal_streams.append(stream)
@@ -52,7 +55,9 @@ def pipeline_stream(pipe: Any) -> Any:
 
 
 def _contexts(pipe: Any, node: OpNode, infos: Sequence[SampleInfo]) -> list[SampleContext]:
-    return [SampleContext.of(node, pipe.seed, pipe.epoch_idx, info) for info in infos]
+    # the epoch comes from the batch's SampleInfo: a consumer-side GPU stage runs batches made
+    # by a loader actor, whatever epoch its own (never run) pipeline object is at
+    return [SampleContext.of(node, pipe.seed, info.epoch_idx, info) for info in infos]
 
 
 def consumer_fence() -> Any:
@@ -129,21 +134,26 @@ def run_op(pipe: Any, node: OpNode, infos: Sequence[SampleInfo], env: dict) -> d
     return {k: v for k, v in enumerate(outs)}
 
 
-def assemble(data: Any, layout: str = "") -> TensorListGPU:
+def assemble(data: Any, layout: str = "", *, order_consumer: bool = True) -> TensorListGPU:
     """A GPU op's output as the pipeline's batch output (dense when the op made one array).
 
     Orders the consumer after this thread's pipeline stream without blocking the host (see the
-    module docstring).
+    module docstring). With ``order_consumer=False`` (a GPU stage in a background thread of the
+    consumer's own process) nothing is made to wait here — the legacy default stream is shared by
+    every thread, and waiting on it now would hold back the training step queued meanwhile — and
+    the consumer waits on the output's ``ready_event`` when it takes the batch.
     """
     import cupy
 
     stream = getattr(_local, "stream", None)
+    ev = None
     if stream is not None:
         ev = stream.record()
-        cur = cupy.cuda.get_current_stream()
-        cur.wait_event(ev)
-        if cur.ptr != 0:
-            cupy.cuda.Stream.null.wait_event(ev)
+        if order_consumer:
+            cur = cupy.cuda.get_current_stream()
+            cur.wait_event(ev)
+            if cur.ptr != 0:
+                cupy.cuda.Stream.null.wait_event(ev)
         from ._gpu import decode
 
         decode.batch_enqueued(ev)  # the batch's decoded images may go once the GPU passes ev
@@ -151,4 +161,6 @@ def assemble(data: Any, layout: str = "") -> TensorListGPU:
         data = data.to_list()
     elif not isinstance(data, cupy.ndarray):
         data = list(data)
-    return TensorListGPU(data, layout)
+    out = TensorListGPU(data, layout)
+    out.ready_event = ev  # recorded after the batch's last kernel (None if no kernel ran here)
+    return out

@@ -1,0 +1,138 @@
+"""`Loader(gpu_stage="consumer")`: the loader actors stop after the host stage and the Train worker
+runs the pipeline's main-stage ops itself (`consumer_stage`). On this CPU machine the main stage is
+the CPU decode and augmentation of a batch source (a batch source keeps every op out of the
+workers), so the split, the host-batch packing and the consumer-side execution all run for real:
+real forked workers, shared memory, Ray actors, the same ops the GPU stage drives.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+torch = pytest.importorskip("torch")
+simplejpeg = pytest.importorskip("simplejpeg")
+
+import ray_extsrc.fn as fn  # noqa: E402
+from conftest import assert_no_segments_of  # noqa: E402
+from ray_extsrc import pipeline_def  # noqa: E402
+from ray_extsrc.host_batch import HostBatch, PackedBytes, pack_column, unpack_column  # noqa: E402
+from ray_extsrc.train import Loader, resolve_gpu_stage  # noqa: E402
+from ray_extsrc.types import SampleInfo  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.allow_children,
+              pytest.mark.filterwarnings("ignore::ray_extsrc.pipeline.NoGPUWarning")]  # CPU machine: mixed ops on the CPU
+
+N, B = 40, 4  # 10 global batches
+
+
+def _jpeg(i: int) -> np.ndarray:
+    rng = np.random.default_rng(i)
+    img = rng.integers(0, 255, (24 + i % 5, 32, 3), dtype=np.uint8)
+    return np.frombuffer(simplejpeg.encode_jpeg(img, quality=90), np.uint8)
+
+
+class JpegBatches:
+    """Batch g: the JPEGs of samples g*B .. g*B+B-1 and their labels (= idx_in_epoch)."""
+
+    def __call__(self, g: int):  # a batch callable without batch_info gets the global iteration
+        if g >= N // B:
+            raise StopIteration
+        idx = range(g * B, (g + 1) * B)
+        return [_jpeg(i) for i in idx], [np.int64([i]) for i in idx]
+
+
+@pipeline_def(batch_size=B, num_threads=2, py_num_workers=1, seed=7)
+def jpeg_pipeline():
+    jpegs, labels = fn.external_source(source=JpegBatches(), num_outputs=2, batch=True, parallel=True)
+    images = fn.decoders.image_random_crop(jpegs, device="mixed")
+    images = fn.resize(images, size=(16, 16))
+    images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), mean=[128.0] * 3, std=[64.0] * 3)
+    return images, labels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _epoch(it):
+    return [(b["images"].clone(), b["labels"].clone()) for b in it]
+
+
+def test_pack_column_round_trips_bytes_and_copies_the_rest():
+    a = [np.arange(n, dtype=np.uint8) for n in (3, 0, 5)]
+    packed = pack_column(a)
+    assert isinstance(packed, PackedBytes) and len(packed) == 3 and packed.data.nbytes == 8
+    assert all(np.array_equal(x, y) for x, y in zip(unpack_column(packed), a))
+    src = np.zeros((2, 2), np.float32)
+    other = pack_column([src, 5])
+    src[0, 0] = 1  # the packed column holds a copy (the original may be a shared-memory slot)
+    assert other[0][0, 0] == 0 and other[1] == 5
+    hb = HostBatch(0, 0, (SampleInfo(0, 0, 0, 0),), {3: {0: packed}})
+    assert hb.nbytes == 8 and len(hb.env()[3][0]) == 3
+
+
+def test_auto_picks_consumer_only_for_a_gpu_worker(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert resolve_gpu_stage("auto", has_gpu=True) == "consumer"
+    assert resolve_gpu_stage("auto", has_gpu=False) == "actor"
+    (tmp_path / "control").touch()  # an MPS daemon's control pipe: the actors' kernels overlap
+    assert resolve_gpu_stage("auto", has_gpu=True) == "actor"
+    assert resolve_gpu_stage("consumer", has_gpu=False) == "consumer"
+    with pytest.raises(ValueError, match="gpu_stage"):
+        Loader(jpeg_pipeline, gpu_stage="trainer")
+
+
+def test_consumer_stage_gives_the_same_batches_as_the_actor_stage():
+    """Same seed, same positions: crop boxes, flips and decodes are rebuilt in the consumer exactly."""
+    epochs = {}
+    for stage in ("actor", "consumer"):
+        loader = Loader(jpeg_pipeline, outputs=("images", "labels"), gpu_stage=stage, actors_per_worker=2)
+        it = loader.iter_torch_batches()
+        epochs[stage] = (_epoch(it), _epoch(it))
+        assert it.stats()["gpu_stage"] == stage
+        assert it.stats()["transport"] == ("host_batch" if stage == "consumer" else "host")
+        pids = it.actor_pids
+        it.close()
+        assert_no_segments_of(pids)
+    for e in range(2):
+        a, c = epochs["actor"][e], epochs["consumer"][e]
+        assert len(a) == len(c) == N // B
+        for (ia, la), (ic, lc) in zip(a, c):
+            assert torch.equal(la, lc)
+            assert torch.equal(ia, ic)
+    labels = torch.cat([lab for _, lab in epochs["consumer"][0]]).flatten().tolist()
+    assert labels == list(range(N))  # every sample once, in order
+    # a new epoch draws new crops/flips (the consumer takes the epoch from the batch, not its own pipeline)
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(epochs["consumer"][0], epochs["consumer"][1]))
+
+
+def test_consumer_stage_resumes_exactly_once_and_survives_a_killed_actor():
+    loader = Loader(jpeg_pipeline, outputs=("images", "labels"), gpu_stage="consumer", actors_per_worker=2)
+    it = loader.iter_torch_batches(rank=0, world_size=2)
+    seen, state = [], None
+    for n, b in enumerate(it):
+        seen += b["labels"].flatten().tolist()
+        if n == 1:
+            state = it.state_dict()
+            victim = it.describe(1)["pid"]
+            import os
+            import signal
+
+            os.kill(victim, signal.SIGKILL)  # Ray restarts it; it serves the batch we wait for
+    assert len(seen) == (N // B // 2) * B and it.stats()["actor_restarts"] >= 1
+    # resume the same epoch after batch 2 (consumed 4 global batches) on one rank: the rest of it
+    it.close()
+    one = Loader(jpeg_pipeline, outputs=("images", "labels"), gpu_stage="consumer").iter_torch_batches(
+        state=state, rank=0, world_size=1)
+    rest = [x for b in one for x in b["labels"].flatten().tolist()]
+    one.close()
+    assert sorted(rest) == list(range(4 * B, N))
