@@ -43,10 +43,10 @@ def pipeline_stream(pipe: Any) -> Any:
 
         device_id = pipe.device_id if isinstance(pipe.device_id, int) else 0
         with cupy.cuda.Device(device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0):
-            # lowest priority: where the stage shares a process with a training step (the
-            # consumer-side GPU stage), the step's kernels go first
-            _least, greatest = cupy.cuda.runtime.deviceGetStreamPriorityRange()
-            stream = cupy.cuda.Stream(non_blocking=True, priority=_least)
+            # At the default priority, which is CUDA's lowest: a training step on a stream of
+            # higher priority (torch.cuda.Stream(priority=-1)) goes first; on torch's default
+            # stream the two share the GPU equally.
+            stream = cupy.cuda.Stream(non_blocking=True)
         # Never destroyed: decoded images (nvImageCodec) and outputs a consumer still holds may be
         # freed on this stream after the pipeline is gone; a destroyed stream there crashes.
         _immortal_streams.append(stream)

@@ -241,15 +241,25 @@ def test_fork_after_cuda_is_refused_and_spawn_works():
 
 _RAY_AFTER_GPU_SCRIPT = textwrap.dedent(
     """
-    import os, sys
-    sys.path.insert(0, {tests!r})
+    import io, os
+    import numpy as np
+    from PIL import Image
     from ray_extsrc import fn, pipeline_def
     from ray_extsrc.fn._gpu import decode
-    from gpu.test_gpu_ops import ListSource, _jpegs
-    files = _jpegs(8)
+    # Everything inline: importing this test module would import nvImageCodec (its skip check), which
+    # initialises CUDA, and the pipeline's workers could then not be forked (ForkAfterCUDAError).
+    def jpeg(i):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((48, 64, 3), 10 * i, np.uint8)).save(buf, "JPEG")
+        return np.frombuffer(buf.getvalue(), np.uint8)
+    files = [jpeg(i) for i in range(8)]
+    def source(info):
+        if info.iteration >= 2:
+            raise StopIteration
+        return files[info.idx_in_epoch], np.int32([info.idx_in_epoch])
     @pipeline_def(batch_size=4, num_threads=1, device_id=0, py_num_workers=1)
     def p():
-        j, l = fn.external_source(ListSource(files, 4), num_outputs=2, batch=False, parallel=True)
+        j, l = fn.external_source(source, num_outputs=2, batch=False, parallel=True)
         return fn.decoders.image(j, device="mixed"), l
     pipe = p()
     pipe.build()

@@ -262,7 +262,10 @@ def test_loader_actor_forks_first_then_serves_gpu_batches_by_ipc():
         actor.stop()
 
 
-def test_loader_on_ray_delivers_gpu_outputs_by_ipc_to_a_gpu_consumer():
+def test_loader_on_ray_feeds_a_gpu_consumer_in_both_gpu_stages():
+    """gpu_stage="actor" (CUDA IPC) and "consumer" (host batch, GPU stage in the Train worker's
+    process) give the same batches, every sample once; "auto" picks the consumer stage on a GPU
+    worker without MPS; a killed loader actor in the consumer stage loses nothing."""
     # Run after GPU pipelines in the same process (tests/gpu as a whole), Ray's start here hung in
     # session 2 (see test_gpu_ops.test_ray_starts_in_a_process_that_ran_and_closed_a_gpu_pipeline).
     ray = pytest.importorskip("ray")
@@ -291,27 +294,47 @@ def test_loader_on_ray_delivers_gpu_outputs_by_ipc_to_a_gpu_consumer():
             with open(os.path.join(root, name), "rb") as f:
                 return np.frombuffer(f.read(), dtype=np.uint8), np.int64([int(label)])
 
-    @pipeline_def(batch_size=8, num_threads=1, py_num_workers=2)
+    @pipeline_def(batch_size=8, num_threads=1, py_num_workers=2, seed=3)
     def gpu_pipeline():
         jpegs, labels = fn.external_source(source=Jpegs(), num_outputs=2, batch=False, parallel=True)
-        images = fn.decoders.image(jpegs, device="mixed")
+        images = fn.decoders.image_random_crop(jpegs, device="mixed")
         images = fn.resize(images, size=(32, 32))
+        images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), mean=[128.0] * 3, std=[64.0] * 3)
         return images, labels
 
     @ray.remote(num_gpus=1)
-    def consume(loader):
+    def consume(loader, kill_at=None):
+        import signal
+
+        import torch
+
         it = loader.iter_torch_batches()
-        out = [(b["images"].device.type, tuple(b["images"].shape), b["labels"].ravel().tolist()) for b in it]
+        out = []
+        for n, b in enumerate(it):
+            out.append((b["images"].device.type, b["images"].cpu().numpy(), b["labels"].ravel().tolist()))
+            if n == kill_at:
+                os.kill(it.describe(1)["pid"], signal.SIGKILL)
+        torch.cuda.synchronize()
         stats = it.stats()
         it.close()
         return out, stats
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        loader = Loader(gpu_pipeline, outputs=("images", "labels"))
-        batches, stats = ray.get(consume.remote(loader))
-        assert len(batches) == len(files) // 8
-        assert {b[0] for b in batches} == {"cuda"} and batches[0][1][0] == 8
-        assert stats["transport"] == "cuda_ipc"
+        runs = {}
+        for stage in ("actor", "consumer", "auto"):
+            loader = Loader(gpu_pipeline, outputs=("images", "labels"), gpu_stage=stage)
+            runs[stage] = ray.get(consume.remote(loader, kill_at=2 if stage == "consumer" else None))
+        assert runs["actor"][1]["transport"] == "cuda_ipc"
+        assert runs["consumer"][1]["transport"] == "host_batch" and runs["consumer"][1]["actor_restarts"] >= 1
+        assert runs["auto"][1]["gpu_stage"] == "consumer"
+        for stage, (batches, _) in runs.items():
+            assert len(batches) == len(files) // 8, stage
+            assert {b[0] for b in batches} == {"cuda"} and batches[0][1].shape[0] == 8
+            labels = [x for b in batches for x in b[2]]
+            assert len(set(labels)) == len(labels) == len(files) // 8 * 8, stage
+        for a, c in zip(runs["actor"][0], runs["consumer"][0]):
+            assert a[2] == c[2]
+            np.testing.assert_allclose(a[1].astype(np.float32), c[1].astype(np.float32), atol=1e-2)
     finally:
         ray.shutdown()
