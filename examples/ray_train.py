@@ -16,7 +16,8 @@ at the next unconsumed batch.
 
 The synthetic images carry their label as a colour tint (``labels_visible=True``), so the network
 has something to learn: validation accuracy climbs well above chance (10 %) within a few epochs.
-Point ``JpegFiles`` at a real ``file_list.txt`` ("name label" lines) for real data.
+For real data, give `ray_extsrc.readers.FileListSource` a directory with a ``file_list.txt``
+("name label" lines) instead of `jpeg_files`.
 """
 
 from __future__ import annotations
@@ -26,47 +27,33 @@ import dataclasses
 import os
 import tempfile
 
-import numpy as np
-
 from ray_extsrc import fn, pipeline_def, types
+from ray_extsrc.readers import FileListSource
 
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 NUM_CLASSES = 10
 
 
-class JpegFiles:
+def jpeg_files(root: str, num_images: int, seed: int) -> FileListSource:
     """Per-sample source, the DALI tutorial's ``ExternalInputCallable``: (encoded JPEG, label).
 
-    Made in the loader actor, which first generates the data set on its node if it is not there.
+    Made in the loader actor, which first generates the data set on its node if it is not there
+    (idempotent, locked); every file is read once per epoch.
     """
+    from ray_extsrc import synthetic
 
-    def __init__(self, root: str, num_images: int, seed: int) -> None:
-        from ray_extsrc import synthetic
-
-        spec = dataclasses.replace(
-            synthetic.SMALL, num_images=num_images, seed=seed, num_classes=NUM_CLASSES, labels_visible=True
-        )
-        synthetic.make_jpeg_dataset(root, spec, progress=False)
-        self.root = root
-        with open(os.path.join(root, "file_list.txt")) as f:
-            self.files, self.labels = zip(*[line.rstrip().split(" ") for line in f])
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __call__(self, sample_info):
-        if sample_info.idx_in_epoch >= len(self.files):
-            raise StopIteration
-        with open(os.path.join(self.root, self.files[sample_info.idx_in_epoch]), "rb") as f:
-            encoded = np.frombuffer(f.read(), dtype=np.uint8)
-        return encoded, np.int64([int(self.labels[sample_info.idx_in_epoch])])
+    spec = dataclasses.replace(
+        synthetic.SMALL, num_images=num_images, seed=seed, num_classes=NUM_CLASSES, labels_visible=True
+    )
+    synthetic.make_jpeg_dataset(root, spec, progress=False)
+    return FileListSource(root)
 
 
 @pipeline_def(batch_size=32, num_threads=2, py_num_workers=2)
 def training_pipeline(root: str, num_images: int, image_size: int = 64, decoder_device: str = "mixed"):
     jpegs, labels = fn.external_source(
-        source=JpegFiles(root, num_images, seed=0), num_outputs=2, batch=False, parallel=True
+        source=jpeg_files(root, num_images, seed=0), num_outputs=2, batch=False, parallel=True
     )
     images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB)
     images = fn.resize(images, size=(image_size, image_size))
@@ -79,7 +66,7 @@ def training_pipeline(root: str, num_images: int, image_size: int = 64, decoder_
 @pipeline_def(batch_size=32, num_threads=2, py_num_workers=2)
 def validation_pipeline(root: str, num_images: int, image_size: int = 64, decoder_device: str = "mixed"):
     jpegs, labels = fn.external_source(
-        source=JpegFiles(root, num_images, seed=1), num_outputs=2, batch=False, parallel=True
+        source=jpeg_files(root, num_images, seed=1), num_outputs=2, batch=False, parallel=True
     )
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
     images = fn.resize(images, size=(image_size, image_size))
@@ -124,7 +111,7 @@ def train_loop_per_worker(config):
         model.train()
         train_loss, seen = 0.0, 0
         for batch in train_it:  # one epoch (or its rest, after a resume)
-            images, labels = batch["images"], batch["labels"].view(-1)
+            images, labels = batch["images"], batch["labels"].view(-1).long()  # int32 labels
             loss = loss_fn(model(images), labels)
             opt.zero_grad()
             loss.backward()

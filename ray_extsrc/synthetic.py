@@ -48,6 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The layout's reader owns its parsing; re-exported here, where data sets in that layout are written.
+from .readers.file_list import FILE_LIST, read_file_list
+
 __all__ = [
     "DatasetSpec",
     "SMALL",
@@ -66,7 +69,6 @@ __all__ = [
 # Bump whenever rendering changes what bytes a spec produces: cached directories are then rebuilt.
 GENERATOR_VERSION = 1
 
-FILE_LIST = "file_list.txt"
 MANIFEST = "manifest.json"
 LOCK = ".synthetic.lock"
 
@@ -327,12 +329,6 @@ def content_hash(entries: Iterable[tuple[str, str]]) -> str:
         h.update(digest.encode())
         h.update(b"\n")
     return h.hexdigest()
-
-
-def read_file_list(root: str | os.PathLike) -> list[tuple[str, int]]:
-    """``[(relative name, label), ...]`` from ``root/file_list.txt``, parsed the DALI-tutorial way."""
-    with open(Path(root) / FILE_LIST) as f:
-        return [(name, int(label)) for name, label in (line.rstrip().split(" ") for line in f if line.strip())]
 
 
 def _library_versions() -> dict[str, str]:
