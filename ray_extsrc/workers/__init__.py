@@ -3,7 +3,8 @@
 Modules, one noun each (the protocol can be followed across the fork):
 
 * `messages` — every message that crosses a process boundary, in one place.
-* `shm` — shared-memory segments (private, mode 0600, growable) and the sample layout in them.
+* `shm` — shared-memory segments (private, mode 0600, growable), the sample layout in them, and
+  the cleanup of a dead process's segments (`unlink_segments`).
 * `worker` — the child-side loop: runs the source (and the worker-side CPU ops) per task.
 * `zygote` — a small pre-CUDA process that forks (and re-forks) the workers on request.
 * `pool` — the parent side: starts the zygote, dispatches tasks, collects results in order,

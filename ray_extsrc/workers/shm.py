@@ -9,10 +9,15 @@ Segments are private: created O_EXCL with mode 0600, named ``/rxs_<pid>_<random>
 check can find ours. We use `_posixshmem` directly rather than `multiprocessing.shared_memory`
 because the latter registers every segment with a resource tracker process that would warn about
 (or unlink) segments owned by another process.
+
+Orphans: a process killed before it closes its segments (kill -9) leaves them behind. Whoever
+outlives it (the pool's zygote, a loader actor's janitor) calls `unlink_segments(pid)` once it is
+gone; `segment_glob(pid)` is the pattern a leak check looks for.
 """
 
 from __future__ import annotations
 
+import glob
 import mmap
 import os
 import secrets
@@ -23,8 +28,40 @@ import numpy as np
 
 from .messages import ArrayMeta
 
+__all__ = [
+    "SHM_PREFIX",
+    "Segment",
+    "layout_size",
+    "read_samples",
+    "segment_glob",
+    "unlink_segments",
+    "write_samples",
+]
+
 SHM_PREFIX = "rxs_"
+_SHM_DIR = "/dev/shm"  # where Linux exposes POSIX shared memory as files
 _ALIGN = 64  # cache-line alignment of every array
+
+
+def segment_glob(pid: int) -> str:
+    """Glob (a path under /dev/shm) of every segment created by process ``pid``."""
+    return f"{_SHM_DIR}/{SHM_PREFIX}{int(pid)}_*"
+
+
+def unlink_segments(pid: int) -> int:
+    """Unlink every segment created by process ``pid``; return how many were unlinked.
+
+    Only for a process that is gone (killed before it could close its segments): a live owner
+    still needs the names, since its workers attach to its segments by name.
+    """
+    count = 0
+    for path in glob.glob(segment_glob(pid)):
+        try:
+            os.unlink(path)
+        except OSError:  # someone else unlinked it first
+            continue
+        count += 1
+    return count
 
 
 def _align(n: int) -> int:

@@ -14,7 +14,6 @@ handle. Parent side: `pool.WorkerPool`.
 
 from __future__ import annotations
 
-import glob
 import os
 import pickle
 import select
@@ -25,8 +24,10 @@ import time
 import warnings
 
 from .messages import SpawnWorker, WorkerSpawned
-from .shm import SHM_PREFIX
+from .shm import unlink_segments
 from .worker import WorkerArgs, worker_main
+
+__all__ = ["run_forked", "zygote_main"]
 
 _MAX_CTL_MESSAGE = 1 << 16
 _KILL_GRACE_S = 2.0  # workers exit on SIGTERM at once unless stuck in user code
@@ -55,16 +56,6 @@ def _terminate(children: set[int]) -> None:
             time.sleep(0.01)
         if not children:
             return
-
-
-def _unlink_orphaned_segments(owner: int) -> None:
-    """The pool's owner died without closing it (kill -9): remove its segments, which only it
-    would have unlinked. Never done while the owner lives: its other pools use the same prefix."""
-    for path in glob.glob(f"/dev/shm/{SHM_PREFIX}{owner}_*"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def zygote_main(ctl: socket.socket, program: object) -> None:
@@ -110,7 +101,9 @@ def zygote_main(ctl: socket.socket, program: object) -> None:
     finally:
         _terminate(children)
         if os.getppid() != owner:
-            _unlink_orphaned_segments(owner)
+            # The owner died without closing the pool (kill -9): its segments, which only it would
+            # have unlinked, go now. Never while it lives: its other pools use the same prefix.
+            unlink_segments(owner)
 
 
 def run_forked(ctl_fd: int, program: object) -> None:
