@@ -155,3 +155,95 @@ class LambdaHolder:
 class WrongDtypeSource:
     def __call__(self, info):
         return np.float64([info.idx_in_epoch])
+
+
+class CrashInFirstEpochSource:
+    """kill -9s every worker that reaches sample ``victim`` in epoch 0 (more than MAX_REPLAYS
+    times, so the pool gives up on it); later epochs are healthy."""
+
+    def __init__(self, num_samples: int, batch_size: int, victim: int) -> None:
+        self.full_iterations = num_samples // batch_size
+        self.victim = victim
+
+    def __call__(self, info: SampleInfo):
+        if info.iteration >= self.full_iterations:
+            raise StopIteration
+        if info.idx_in_epoch == self.victim and info.epoch_idx == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return np.int64([info.idx_in_epoch])
+
+
+class SuicideIterable:
+    """An iterable of ``iterations`` batches of consecutive labels whose worker kill -9s itself at
+    batch ``victim`` the first time (a marker file remembers)."""
+
+    def __init__(self, batch_size: int, iterations: int, victim: int, marker: str) -> None:
+        self.batch_size = batch_size
+        self.iterations = iterations
+        self.victim = victim
+        self.marker = marker
+
+    def __iter__(self):
+        for it in range(self.iterations):
+            if it == self.victim and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield [np.int64([it * self.batch_size + j]) for j in range(self.batch_size)]
+
+
+class PoolProgram:
+    """A small `workers.worker.WorkerProgram` for unit tests of `WorkerPool` (no pipeline).
+
+    Sample ``i`` is ``(array of i % 5 + 1 (or ``big`` bytes) values i, [pid])``. ``stop_at``: the
+    epoch ends at that idx_in_epoch (StopIteration); ``fail_at``: ValueError there; ``crash_at``:
+    kill -9 there (once, if ``marker`` is given: the marker file remembers; else every time).
+    Batches (``kind="batch"``) and the iterable (``kind="iter"``, ``iterations`` batches an epoch)
+    yield two samples ``[(10 * iteration + j, epoch_idx)]``; the iterable crashes like samples do, at
+    batch ``crash_at``.
+    """
+
+    def __init__(self, kind: str = "samples", *, stop_at=None, fail_at=None, crash_at=None,
+                 marker=None, big: int = 0, iterations: int = 3) -> None:
+        self.kind = kind
+        self.stop_at = stop_at
+        self.fail_at = fail_at
+        self.crash_at = crash_at
+        self.marker = marker
+        self.big = big
+        self.iterations = iterations
+        self._it = None
+
+    def _maybe_crash(self, where: int) -> None:
+        if where != self.crash_at:
+            return
+        if self.marker is not None:
+            if os.path.exists(self.marker):
+                return
+            open(self.marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def run_sample(self, info: SampleInfo):
+        i = info.idx_in_epoch
+        if self.stop_at is not None and i >= self.stop_at:
+            raise StopIteration
+        if i == self.fail_at:
+            raise ValueError(f"bad record {i}")
+        self._maybe_crash(i)
+        n = self.big if self.big else i % 5 + 1
+        return np.full(n, i % 251, dtype=np.uint8), np.int64([os.getpid()])
+
+    def _batch(self, info: BatchInfo):
+        return [(np.int64([10 * info.iteration + j]), np.int64([info.epoch_idx])) for j in range(2)]
+
+    def run_batch(self, info: BatchInfo):
+        if info.iteration >= self.iterations:
+            raise StopIteration
+        return self._batch(info)
+
+    def start_epoch(self, epoch_idx: int) -> None:
+        self._it = iter(range(self.iterations))
+
+    def next_batch(self, info: BatchInfo):
+        k = next(self._it)  # StopIteration ends the epoch
+        self._maybe_crash(k)
+        return self._batch(BatchInfo(k, info.epoch_idx))

@@ -237,6 +237,45 @@ def test_sample_that_always_kills_its_worker_is_reported():
         p.close()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pool_is_usable_after_a_sample_killed_too_many_workers(workers):
+    # issue 12, bug 1: the worker was dropped, not replaced; after reset() run() hit ZeroDivisionError
+    p = make(sources.CrashInFirstEpochSource(16, 4, victim=2), num_outputs=None, workers=workers)
+    try:
+        with pytest.raises(WorkerDiedError, match=r"idx_in_epoch=\[.*2.*\].*killed 4 workers"):
+            p.run()
+        p.reset()
+        assert len(p.py_worker_pids) == workers
+        assert np.concatenate(epoch(p, col=0)).tolist() == list(range(16))
+        assert np.concatenate(epoch(p, col=0)).tolist() == list(range(16))
+    finally:
+        p.close()
+
+
+def test_iterable_worker_death_then_reset_restarts_the_iterable(tmp_path):
+    # issue 12, bug 2: the message says reset(); after reset() run() hit KeyError: 0
+    src = sources.SuicideIterable(batch_size=2, iterations=4, victim=1, marker=str(tmp_path / "killed"))
+
+    @pipeline_def(batch_size=2, num_threads=1, py_num_workers=2, prefetch_queue_depth=2)
+    def pipe():
+        return external_source(source=src, parallel=True, batch=True)
+
+    p = pipe()
+    try:
+        p.start_py_workers()
+        p.build()
+        with pytest.raises(WorkerDiedError, match=r"iterable source.*reset\(\)"):
+            while True:
+                p.run()
+        assert (tmp_path / "killed").exists()
+        p.reset()
+        assert len(p.py_worker_pids) == 1
+        assert np.concatenate(epoch(p, col=0)).tolist() == list(range(8))
+        assert np.concatenate(epoch(p, col=0)).tolist() == list(range(8))
+    finally:
+        p.close()
+
+
 def test_fork_after_cuda_is_refused_with_the_fix(monkeypatch):
     # No GPU here: pretend the driver is initialised, as ray_extsrc.workers.cuda_initialized()
     # reports after cuInit (the GPU test suite checks the real detection).

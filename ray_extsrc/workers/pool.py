@@ -8,8 +8,11 @@ NOTE [shutdown and faults]
 * A worker that dies (kill -9, segfault in a C extension) is noticed by EOF on its result pipe. The
   zygote forks a replacement with the same worker id and the dead worker's unfinished tasks are sent
   to it again (replay), so the epoch still holds every sample exactly once. A task that kills
-  `MAX_REPLAYS` workers in a row is reported as `WorkerDiedError` naming its samples. Iterable
-  sources are stateful and cannot be replayed: their worker's death is a `WorkerDiedError`.
+  more than `MAX_REPLAYS` workers in a row is not sent again: its batch fails with
+  `WorkerDiedError` naming its samples. Iterable sources are stateful and cannot be replayed:
+  their worker's death fails every batch it had (and any submitted before the next `discard()`,
+  the epoch reset) with `WorkerDiedError`. Either way the dead worker is replaced at once, so the
+  pool is whole again for the next epoch (a fresh iterable worker starts its iterator anew).
 * `close()` (also run by garbage collection and at interpreter exit through `weakref.finalize`)
   asks every worker to stop, closes the zygote's control socket (the zygote then terminates and
   reaps any worker left), waits for the zygote, and unlinks every slot. If the parent itself is
@@ -88,6 +91,7 @@ class _Batch:
     task_ids: list[int]
     done: dict[int, TaskDone] = field(default_factory=dict)
     failed: TaskFailed | None = None
+    died: WorkerDiedError | None = None  # a task of it killed its worker and cannot be replayed
 
 
 def _finalize(zygote: Any, ctl: socket.socket | None, workers: dict, slots: list) -> None:
@@ -181,6 +185,9 @@ class WorkerPool:
         self._task_replays: defaultdict[int, int] = defaultdict(int)
         self._batches: dict[Hashable, _Batch] = {}
         self._held: dict[Hashable, list[Segment]] = {}
+        # set when an iterable's worker died: the iterator's place in the epoch is lost, so every
+        # batch until the next discard() (epoch reset) fails with this error
+        self._iter_lost: WorkerDiedError | None = None
         self._ids = itertools.count()
         self._rr = itertools.count()
         self._zygote: Any = None
@@ -310,6 +317,9 @@ class WorkerPool:
             raise RuntimeError("the worker pool is not started")
         batch = _Batch(key, [])
         self._batches[key] = batch
+        if self._iter_lost is not None:
+            batch.died = self._iter_lost
+            return
         for chunk in chunks:
             task_id = next(self._ids)
             slot = self._take_slot(max(1, len(chunk.samples)))
@@ -362,7 +372,7 @@ class WorkerPool:
                 "collected or failed; after an error, call reset() to start the next epoch"
             )
         deadline = None if timeout is None else time.monotonic() + timeout
-        while batch.failed is None and len(batch.done) < len(batch.task_ids):
+        while batch.failed is None and batch.died is None and len(batch.done) < len(batch.task_ids):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"worker pool{self._label()}: batch {key!r} not ready after {timeout} s")
@@ -372,7 +382,7 @@ class WorkerPool:
         for t in batch.task_ids:
             self._task_batch.pop(t, None)
             self._task_replays.pop(t, None)
-        if batch.failed is not None:
+        if batch.failed is not None or batch.died is not None:
             # tasks of this batch still running keep their slots until their answers arrive
             pending = [t for t in batch.task_ids if t not in batch.done and self._is_outstanding(t)]
             for t, seg in zip(batch.task_ids, slots):
@@ -380,6 +390,8 @@ class WorkerPool:
                     self._task_slot[t] = seg
                 else:
                     self._free_slots.append(seg)
+            if batch.died is not None and (batch.failed is None or batch.failed.stop_iteration):
+                raise batch.died  # a real error outranks an end of epoch in the same batch
             self._raise_failure(batch.failed)
         out: list[tuple] = []
         for t, seg in zip(batch.task_ids, slots):
@@ -404,6 +416,7 @@ class WorkerPool:
                 if not self._is_outstanding(t):  # answered already: its slot is free now
                     self._free_slots.append(self._task_slot.pop(t))
         self._batches.clear()
+        self._iter_lost = None  # the next epoch starts a fresh iterator
         # Wait for the discarded tasks still running. Workers take tasks in order, so the next
         # epoch's tasks could not start before these anyway; waiting here keeps the number of
         # slots bounded by what one epoch has in flight.
@@ -444,27 +457,41 @@ class WorkerPool:
         dead.tasks.close()
         dead.results.close()
         del self._workers[dead.worker_id]
+        new = self._spawn_worker(dead.worker_id)
+        self.respawns += 1
         if self.program.kind == TASK_ITER:
-            raise WorkerDiedError(
+            self._iter_lost = WorkerDiedError(
                 f"worker {dead.worker_id} (pid {dead.pid}) of pool{self._label()} died; it ran an "
                 "iterable source, whose state cannot be replayed. Restart the epoch (reset()), or "
                 "use a per-sample callable source, whose samples are replayed after a worker dies."
             )
-        for task_id in dead.outstanding:
+            for task_id in dead.outstanding:
+                self._give_up(task_id, self._iter_lost)
+            return
+        for task_id, task in dead.outstanding.items():
             self._task_replays[task_id] += 1
             if self._task_replays[task_id] > MAX_REPLAYS:
-                task = dead.outstanding[task_id]
                 idx = [s.idx_in_epoch for s in task.samples]
-                raise WorkerDiedError(
+                self._give_up(task_id, WorkerDiedError(
                     f"samples idx_in_epoch={idx} (iteration {task.iteration}, epoch {task.epoch_idx}) "
                     f"killed {MAX_REPLAYS + 1} workers in a row (last: worker {dead.worker_id}, "
                     f"pid {dead.pid}); the source likely crashes the process on them (a segfault in "
                     "a C extension, os._exit, running out of memory). Fix or skip those samples."
-                )
-        new = self._spawn_worker(dead.worker_id)
-        self.respawns += 1
-        for task in dead.outstanding.values():
-            self._send(new, task)
+                ))
+            else:
+                self._send(new, task)
+
+    def _give_up(self, task_id: int, error: WorkerDiedError) -> None:
+        """A task of a dead worker that will not run again: fail its batch, or free its slot when
+        nobody waits for it (a discarded or already failed batch)."""
+        self._task_replays.pop(task_id, None)
+        batch = self._task_batch.get(task_id)
+        if batch is None:
+            seg = self._task_slot.pop(task_id, None)
+            if seg is not None:
+                self._free_slots.append(seg)
+        elif batch.died is None:
+            batch.died = error
 
     def _raise_failure(self, f: TaskFailed) -> None:
         if f.stop_iteration:
