@@ -16,6 +16,20 @@ from dataclasses import dataclass
 
 from ..types import BatchInfo, SampleInfo
 
+__all__ = [
+    "TASK_SAMPLES",
+    "TASK_BATCH",
+    "TASK_ITER",
+    "ArrayMeta",
+    "Shutdown",
+    "SlotRef",
+    "SpawnWorker",
+    "Task",
+    "TaskDone",
+    "TaskFailed",
+    "WorkerSpawned",
+]
+
 TASK_SAMPLES = "samples"  # per-sample callable(s): the task carries the SampleInfos of a chunk
 TASK_BATCH = "batch"  # batch callable: the task carries one BatchInfo
 TASK_ITER = "iter"  # iterable/generator: next() of the worker's iterator for the epoch

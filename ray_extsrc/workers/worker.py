@@ -23,6 +23,8 @@ from ..types import BatchInfo, SampleInfo
 from .messages import TASK_BATCH, TASK_ITER, TASK_SAMPLES, Shutdown, Task, TaskDone, TaskFailed
 from .shm import Segment, write_samples
 
+__all__ = ["Sample", "WorkerArgs", "WorkerProgram", "worker_main"]
+
 Sample = tuple[np.ndarray, ...]
 
 
