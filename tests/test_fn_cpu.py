@@ -237,7 +237,7 @@ def test_crop_window_deterministic_per_sample():
 
 
 def test_crop_window_respects_bounds_area_and_ratio():
-    from ray_extsrc.fn._crop_window import random_crop_window  # shared with the GPU path
+    from ray_extsrc.fn._random_crop_window import random_crop_window  # shared with the GPU path
 
     rng = np.random.default_rng(0)
     area, ratio = (0.2, 0.7), (0.5, 2.0)
@@ -254,7 +254,7 @@ def test_crop_window_respects_bounds_area_and_ratio():
 
 
 def test_crop_window_fallback_is_centred_and_clamped():
-    from ray_extsrc.fn._crop_window import random_crop_window
+    from ray_extsrc.fn._random_crop_window import random_crop_window
 
     # 10x1000 cannot hold a box of ratio <= 2 covering >= 90% of its area: fall back
     y, x, h, w = random_crop_window(np.random.default_rng(1), 10, 1000, (0.9, 1.0), (0.5, 2.0), 10)
@@ -577,8 +577,11 @@ def test_fn_namespace_is_honest():
 def test_unsupported_dali_arguments_are_refused():
     with pytest.raises(TypeError, match="unsupported argument.*'minibatch_size'"):
         build(lambda x: fn.resize(x, resize_x=10, minibatch_size=4))
-    with pytest.raises(TypeError, match="'hw_decoder_load'"):
-        build(lambda x: fn.decoders.image(x, device="mixed", hw_decoder_load=0.6))
+    with pytest.raises(TypeError, match="unsupported argument.*'device_memory_padding'"):
+        build(lambda x: fn.decoders.image(x, device="mixed", device_memory_padding=1 << 20))
+    # hw_decoder_load is a DecoderOptions field now (tests/test_decoder_options.py)
+    node = build(lambda x: fn.decoders.image(x, device="mixed", hw_decoder_load=0.6))
+    assert node.op.decoder_options.hw_decoder_load == 0.6
 
 
 def test_data_nodes_only_where_dali_takes_them():

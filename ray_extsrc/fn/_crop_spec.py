@@ -1,4 +1,5 @@
-"""Fixed crop windows (``fn.crop``, ``fn.crop_mirror_normalize``) and what to do past the edges.
+"""`CropSpec`: the fixed crop window of ``fn.crop`` and ``fn.crop_mirror_normalize``, and
+what to do past the edges.
 
 DALI places a ``crop`` of size c in an extent of size n at ``anchor = round(pos * (n - c))`` with
 ``std::roundf`` (halves away from zero); the window may stick out when c > n, and

@@ -8,6 +8,10 @@ loop, so each output is written in one pass where NumPy allows:
 * float16 and integer outputs from uint8 input: a 256-entry lookup table per channel already in the
   output type (rounded and clamped), applied with ``np.take``. NumPy's float32 -> float16 cast is
   scalar code (~3x the cost of the whole float32 path on 224x224x3); the table avoids it.
+
+The coefficients of ``fn.brightness_contrast`` (`brightness_contrast_affine`, with the type ranges
+`full_range` / `half_range`) live here too, so the CPU op and its GPU twin (`_gpu.ops`) share one
+formula without importing each other.
 """
 
 from __future__ import annotations
@@ -17,6 +21,32 @@ import numpy as np
 from . import _args
 
 _F32 = np.dtype(np.float32)
+
+
+def full_range(dt: np.dtype) -> float:
+    """The largest value of an integer type (255 for uint8); 1.0 for floats."""
+    return float(np.iinfo(dt).max) if dt.kind in "iu" else 1.0
+
+
+def half_range(dt: np.dtype) -> float:
+    """Half an integer type's range (128 for uint8, 64 for int8); 0.5 for floats."""
+    if dt.kind in "iu":
+        return float(1 << (8 * dt.itemsize - (dt.kind == "i") - 1))
+    return 0.5
+
+
+def brightness_contrast_affine(
+    brightness: float, brightness_shift: float, contrast: float, contrast_center: float | None,
+    in_dtype: np.dtype, out_dtype: np.dtype,
+) -> tuple[np.float32, np.float32]:
+    """``(multiplier, addend)`` of ``fn.brightness_contrast`` for one sample: ``out = addend +
+    multiplier * in`` (float32), DALI's rearrangement of ``brightness_shift * max_out + brightness
+    * (center + contrast * (in - center))``; ``contrast_center`` None = half the input's range."""
+    center = contrast_center if contrast_center is not None else half_range(in_dtype)
+    addend = np.float32(
+        brightness_shift * full_range(out_dtype) + brightness * (center - contrast * center)
+    )
+    return np.float32(brightness * contrast), addend
 
 
 def affine_lut(a: np.ndarray, b: np.ndarray, out_dtype: np.dtype) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The random crop window of ``fn.decoders.image_random_crop`` (and later its GPU twin).
+"""`random_crop_window`: the random crop box of ``fn.decoders.image_random_crop``, on the CPU
+and GPU paths alike.
 
 A pure function of (generator, image size, parameters): the CPU path and the GPU path both call it
 with ``ctx.rng()`` and the size read from the file header, so a sample gets the same box whichever

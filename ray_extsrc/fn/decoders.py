@@ -2,7 +2,10 @@
 
 JPEG goes through libjpeg-turbo (simplejpeg); anything else (PNG, BMP, ...) through Pillow. On
 ``device="mixed"`` the GPU path (nvImageCodec) replaces ``run_cpu``; results match within a small
-pixel tolerance.
+pixel tolerance. The GPU decoders' settings are a `DecoderOptions`, given to the op as keyword
+arguments of the same names (``hw_decoder_load=0.8``, ``decode_threads=1``, ...) or whole
+(``decoder_options=DecoderOptions(...)``), validated at construction and kept as
+``op.decoder_options``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import numpy as np
 from .. import types
 from ..graph import DataNode, Operator, SampleContext, add_op
 from . import _args, _codec
-from ._crop_window import random_crop_window
+from ._random_crop_window import random_crop_window
+from .decoder_options import OPTION_NAMES, DecoderOptions
 
 __all__ = ["image", "image_random_crop", "ImageDecoder", "ImageRandomCropDecoder"]
 
@@ -25,16 +29,23 @@ _DCT_SCALE_DENOMS = (8, 4, 2)
 
 
 class ImageDecoder(Operator):
-    """``fn.decoders.image``: decode one encoded image to HWC uint8."""
+    """``fn.decoders.image``: decode one encoded image to HWC uint8.
+
+    ``decoder_options`` and the keyword arguments named in `DecoderOptions` (which override it)
+    set the GPU decoders; they are checked here, whatever the device, and kept as
+    ``self.decoder_options``.
+    """
 
     name = "decoders.image"
     devices = ("cpu", "mixed")
 
     def __init__(
-        self, device: str = "cpu", seed: int | None = None, *, output_type: Any = types.RGB
+        self, device: str = "cpu", seed: int | None = None, *, output_type: Any = types.RGB,
+        decoder_options: DecoderOptions | None = None, **options: Any,
     ) -> None:
         super().__init__(device, seed)
         self.output_type = _args.enum_value(self.name, "output_type", output_type, types.DALIImageType)
+        self.decoder_options = DecoderOptions.for_op(self.name, decoder_options, **options)
 
     def run_cpu(
         self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
@@ -81,8 +92,10 @@ class ImageRandomCropDecoder(ImageDecoder):
         random_area: Any = (0.08, 1.0),
         random_aspect_ratio: Any = (3 / 4, 4 / 3),
         num_attempts: int = 10,
+        decoder_options: DecoderOptions | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(device, seed, output_type=output_type)
+        super().__init__(device, seed, output_type=output_type, decoder_options=decoder_options, **options)
         lo, hi = _args.range_pair(self.name, "random_area", random_area)
         if lo <= 0 or hi > 1:
             raise ValueError(f"fn.{self.name}: random_area must lie in (0, 1]; got {random_area!r}")
@@ -185,16 +198,29 @@ def _scale_box(
     return y0, x0, y1 - y0, x1 - x0
 
 
-_IMAGE_ARGS = ("device", "output_type", "seed")
+_IMAGE_ARGS = ("device", "output_type", "seed", "decoder_options", *OPTION_NAMES)
+
+
+def _decoder_kwargs(op_name: str, supported: Sequence[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """Split ``extra`` keyword arguments into decoder options (returned) and unknown names (refused
+    by name, never swallowed)."""
+    options = {k: extra.pop(k) for k in OPTION_NAMES if k in extra}
+    _args.reject_unsupported(op_name, extra, supported)
+    return options
 
 
 def image(
     data: DataNode, *, device: str = "cpu", output_type: Any = types.RGB, seed: int | None = None,
-    **unsupported: Any,
+    decoder_options: DecoderOptions | None = None, **options: Any,
 ) -> DataNode:
-    """Decode images (DALI's ``fn.decoders.image``). ``device`` is "cpu" or "mixed"."""
-    _args.reject_unsupported(ImageDecoder.name, unsupported, _IMAGE_ARGS)
-    consts, nodes = _args.split_args(ImageDecoder.name, (), output_type=output_type)
+    """Decode images (DALI's ``fn.decoders.image``). ``device`` is "cpu" or "mixed".
+
+    GPU decoder settings: ``decoder_options`` and/or the `DecoderOptions` fields as keyword
+    arguments (DALI's ``hw_decoder_load``, ...); any other keyword raises ``TypeError``."""
+    options = _decoder_kwargs(ImageDecoder.name, _IMAGE_ARGS, options)
+    consts, nodes = _args.split_args(
+        ImageDecoder.name, (), output_type=output_type, decoder_options=decoder_options, **options
+    )
     return add_op(ImageDecoder(device, seed, **consts), data, **nodes)
 
 
@@ -207,16 +233,19 @@ def image_random_crop(
     random_aspect_ratio: Any = (3 / 4, 4 / 3),
     num_attempts: int = 10,
     seed: int | None = None,
-    **unsupported: Any,
+    decoder_options: DecoderOptions | None = None,
+    **options: Any,
 ) -> DataNode:
-    """Decode a random crop of each image (DALI's ``fn.decoders.image_random_crop``)."""
-    _args.reject_unsupported(
-        ImageRandomCropDecoder.name, unsupported,
-        (*_IMAGE_ARGS, "random_area", "random_aspect_ratio", "num_attempts"),
+    """Decode a random crop of each image (DALI's ``fn.decoders.image_random_crop``); decoder
+    settings as for `image`."""
+    options = _decoder_kwargs(
+        ImageRandomCropDecoder.name,
+        (*_IMAGE_ARGS, "random_area", "random_aspect_ratio", "num_attempts"), options,
     )
     consts, nodes = _args.split_args(
         ImageRandomCropDecoder.name, (), output_type=output_type, random_area=random_area,
         random_aspect_ratio=random_aspect_ratio, num_attempts=num_attempts,
+        decoder_options=decoder_options, **options,
     )
     return add_op(ImageRandomCropDecoder(device, seed, **consts), data, **nodes)
 

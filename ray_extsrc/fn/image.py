@@ -18,7 +18,7 @@ from ..graph import DataNode, Operator, SampleContext, add_op
 from . import _args, _normalize
 from ._args import PER_SAMPLE
 from ._resize import Sizing, resample
-from ._window import CropSpec
+from ._crop_spec import CropSpec
 
 __all__ = [
     "resize", "crop", "flip", "crop_mirror_normalize", "brightness_contrast",
@@ -96,7 +96,7 @@ class Resize(Operator):
 
 
 class Crop(Operator):
-    """``fn.crop``: a fixed-size window at a relative position, see `_window`."""
+    """``fn.crop``: a fixed-size window at a relative position, see `_crop_spec`."""
 
     name = "crop"
 
@@ -190,8 +190,12 @@ class CropMirrorNormalize(Operator):
         self.pad_output = _args.boolean(self.name, "pad_output", pad_output)
         self._tables: dict[tuple[int, np.dtype], tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
-    def _coefficients(self, channels: int, in_dtype: np.dtype):
-        """Per-channel ``a = scale/std``, ``b = shift - mean*scale/std`` (and a LUT), cached."""
+    def coefficients(
+        self, channels: int, in_dtype: np.dtype
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Per-channel float32 ``a = scale/std``, ``b = shift - mean*scale/std``, and the
+        `_normalize.affine_lut` table when one applies (else None); cached. Shared with the GPU
+        path (`_gpu.ops`), so both normalize with the same numbers."""
         key = (channels, in_dtype)
         if key not in self._tables:
             for name, v in (("mean", self.mean), ("std", self.std)):
@@ -218,7 +222,7 @@ class CropMirrorNormalize(Operator):
         if _args.sample_scalar(self.name, "mirror", self.mirror, arg_inputs) != 0:
             src = src[:, ::-1]
         h, w, channels = src.shape
-        a, b, lut = self._coefficients(channels, src.dtype)
+        a, b, lut = self.coefficients(channels, src.dtype)
         out_c = 1 << (channels - 1).bit_length() if self.pad_output else channels
         if self.output_layout == "CHW":
             out = np.empty((out_c, h, w), self.dtype)
@@ -273,10 +277,9 @@ class BrightnessContrast(Operator):
         bright = _args.sample_scalar(self.name, "brightness", self.brightness, arg_inputs)
         shift = _args.sample_scalar(self.name, "brightness_shift", self.brightness_shift, arg_inputs)
         contrast = _args.sample_scalar(self.name, "contrast", self.contrast, arg_inputs)
-        center = self.contrast_center if self.contrast_center is not None else _half_range(img.dtype)
-        # Rearranged as DALI does: out = addend + multiplier * in (float32).
-        addend = np.float32(shift * _full_range(out_dtype) + bright * (center - contrast * center))
-        multiplier = np.float32(bright * contrast)
+        multiplier, addend = _normalize.brightness_contrast_affine(
+            bright, shift, contrast, self.contrast_center, img.dtype, out_dtype
+        )
         if img.dtype == np.uint8:
             lut = _args.saturate(np.arange(256, dtype=np.float32) * multiplier + addend, out_dtype)
             return np.take(lut, img, mode="clip")  # one pass, rounding and clamping done once
@@ -291,16 +294,6 @@ class BrightnessContrast(Operator):
         from ._gpu import ops
 
         return ops.brightness_contrast(self, inputs, arg_inputs, ctxs, stream)
-
-
-def _full_range(dt: np.dtype) -> float:
-    return float(np.iinfo(dt).max) if dt.kind in "iu" else 1.0
-
-
-def _half_range(dt: np.dtype) -> float:
-    if dt.kind in "iu":
-        return float(1 << (8 * dt.itemsize - (dt.kind == "i") - 1))
-    return 0.5
 
 
 # --- public functions ----------------------------------------------------------------------------

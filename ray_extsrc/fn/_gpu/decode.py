@@ -1,11 +1,13 @@
 """``decoders.image`` / ``decoders.image_random_crop`` on the GPU, through nvImageCodec.
 
-Decoding runs in a few threads of the loader process (``RAY_EXTSRC_DECODE_THREADS``, default 2),
-each with its own nvImageCodec decoders (default backends: the hardware JPEG engine where the GPU
-has one, then the CUDA/hybrid decoders) and its own CUDA stream, so the two batches the pipeline
-keeps in flight decode at once; the pipeline's stream waits on an event after each call.
+Every setting comes from the op's `DecoderOptions` (``op.decoder_options``, validated when the
+op was built); nothing is read from the environment. Decoding runs in a few threads of the loader
+process (``decode_threads``, default 2), each with its own nvImageCodec decoders (``backend``;
+by default the hardware JPEG engine where the GPU has one, then the CUDA/hybrid decoders) and its
+own CUDA stream (`streams.loader_stream`), so the two batches the pipeline keeps in flight decode
+at once; the pipeline's stream waits on an event after each call.
 Measured on an H100 (R1, 2026-11-25): one decoder alone 12.6k img/s, two in flight 18.7k; the
-loader 7.9k with one thread, 9.3k with two. ``RAY_EXTSRC_HW_SHARE`` splits each batch between a
+loader 7.9k with one thread, 9.3k with two. ``split_share`` splits each batch between a
 hardware-only and a hybrid decoder instead (measured slower there: 14.5k decode-only). Decode
 parameters do *not* apply EXIF orientation, because the CPU path (libjpeg-turbo) ignores it too;
 ``:fancy_upsampling=1`` asks nvJPEG for the same chroma upsampling libjpeg-turbo does by default,
@@ -13,8 +15,9 @@ which keeps the two paths within a pixel or two.
 
 Random-crop decoding: on the fast path the workers read each image's size from its header and
 draw the box with the CPU op's own `crop_window` (same generator, same draws); the whole image is
-decoded and the crop is a pointer into it. Without the workers' prep (`_decode_each`) the host
-does that, and asks for the region only (a sub code stream with a `Region`).
+decoded and the crop is a pointer into it. Without the workers' prep, or with
+``use_worker_prep=False`` (`_decode_each`), the host does that, and asks for the region only (a sub
+code stream with a `Region`; ``roi=False`` decodes the whole image and views the crop).
 
 Fallbacks, per sample, never for the whole batch: data that is not a baseline/progressive JPEG
 (PNG, BMP, ...), a JPEG that does not end with its EOI marker (truncated, or with trailing
@@ -25,8 +28,8 @@ GPU. A sample the CPU cannot decode either raises the CPU path's `DecodeError` n
 
 from __future__ import annotations
 
-import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,28 +37,35 @@ import numpy as np
 
 from ... import types
 from ...graph import SampleContext
+from ..decoder_options import DecoderOptions
 from .ptrbatch import PREP_ARG, PtrBatch
+from .streams import loader_stream
 
-__all__ = ["decode_batch", "PREP_ARG"]
+__all__ = [
+    "decode_batch", "batch_enqueued", "retain", "release", "make_decoder", "options_of", "stats_snapshot",
+    "STATS", "PREP_ARG",
+]
 
-#: Extra nvImageCodec decoder options (space-separated, nvImageCodec's format); the default asks
-#: for libjpeg-turbo's chroma upsampling.
-OPTIONS_ENV = "RAY_EXTSRC_NVIMGCODEC_OPTIONS"
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
+_DEFAULT_OPTIONS = DecoderOptions()
 
 
-def _make_decoder(device_id: int, kind: str) -> Any:
-    """A new nvImageCodec decoder. ``kind``: "default" (its default backends), "hw" (the hardware JPEG
-    engine only), "cuda" (nvJPEG's CUDA decoder; nvImageCodec 0.9 on an H100 refused to create it
-    alone), "hybrid" (CPU Huffman + GPU IDCT), or "hwload"
-    (hardware engine with ``RAY_EXTSRC_HW_LOAD`` of each batch, the CUDA decoder for the rest)."""
+def options_of(op: Any) -> DecoderOptions:
+    """The op's `DecoderOptions` (``op.decoder_options``); the defaults for an op without one."""
+    options = getattr(op, "decoder_options", None)
+    return _DEFAULT_OPTIONS if options is None else options
+
+
+def _decoder_key(kind: str, options: DecoderOptions) -> tuple:
+    """What makes two decoders of a thread the same: the backend set and its construction arguments."""
+    load = options.hw_decoder_load if kind == "hwload" else None
+    return kind, load, options.cpu_threads, options.codec_options
+
+
+def make_decoder(device_id: int, kind: str, options: DecoderOptions = _DEFAULT_OPTIONS) -> Any:
+    """A new nvImageCodec decoder (the one table of backend sets; the benchmark's decode-only runs
+    use it too). ``kind``: one of `decoder_options.BACKENDS` (see `DecoderOptions.backend`);
+    "hwload" gives the hardware engine ``options.hw_decoder_load`` of each batch, the CUDA decoder
+    the rest. ``options`` also gives ``cpu_threads`` and ``codec_options``."""
     from nvidia import nvimgcodec
 
     K = nvimgcodec.BackendKind
@@ -64,15 +74,14 @@ def _make_decoder(device_id: int, kind: str) -> Any:
         "hw": [nvimgcodec.Backend(K.HW_GPU_ONLY)],
         "cuda": [nvimgcodec.Backend(K.GPU_ONLY)],
         "hybrid": [nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
-        "hwload": [nvimgcodec.Backend(K.HW_GPU_ONLY, load_hint=_env_float("RAY_EXTSRC_HW_LOAD", 0.65)),
+        "hwload": [nvimgcodec.Backend(K.HW_GPU_ONLY, load_hint=options.hw_decoder_load),
                    nvimgcodec.Backend(K.GPU_ONLY), nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
     }[kind]
-    kw: dict[str, Any] = {"device_id": device_id,
-                          "max_num_cpu_threads": int(os.environ.get("RAY_EXTSRC_NVIMGCODEC_THREADS", "0"))}
+    kw: dict[str, Any] = {"device_id": device_id, "max_num_cpu_threads": options.cpu_threads}
     if backends is not None:
         kw["backends"] = backends
     try:
-        return nvimgcodec.Decoder(**kw, options=os.environ.get(OPTIONS_ENV, ":fancy_upsampling=1"))
+        return nvimgcodec.Decoder(**kw, options=options.codec_options)
     except Exception:  # an option this version does not know: keep the defaults
         return nvimgcodec.Decoder(**kw)
 
@@ -81,9 +90,10 @@ class _DecodeThreads:
     """Threads that run nvImageCodec's blocking ``decode`` calls off the pipeline's threads.
 
     Each thread has its own decoders (nvImageCodec decoders are not shared between concurrent
-    calls) and its own CUDA stream, so two calls (two batches in flight, or the two halves of a
-    split batch) decode at once, and a decode never queues behind the pipeline's kernels. A call
-    returns the images and an event after them; the caller's stream waits on that event.
+    calls; one per `_decoder_key`) and its own CUDA stream (`loader_stream`), so two calls (two
+    batches in flight, or the two halves of a split batch) decode at once, and a decode never
+    queues behind the pipeline's kernels. A call returns the images and an event after them; the
+    caller's stream waits on that event.
     """
 
     def __init__(self, device_id: int, threads: int) -> None:
@@ -93,18 +103,18 @@ class _DecodeThreads:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"ray_extsrc-nvimgcodec{device_id}")
         self.local = threading.local()
 
-    def _run(self, kind: str, data: list, params: Any) -> tuple[list, Any]:
+    def _run(self, kind: str, options: DecoderOptions, data: list, params: Any) -> tuple[list, Any]:
         import cupy
 
         loc = self.local
         with cupy.cuda.Device(self.device_id):
             if not hasattr(loc, "stream"):
-                loc.stream = cupy.cuda.Stream(non_blocking=True)
-                _immortal.append(loc.stream)  # decoded images may be freed on it later
+                loc.stream = loader_stream(self.device_id)  # immortal: images may be freed on it later
                 loc.decoders = {}
-            dec = loc.decoders.get(kind)
+            key = _decoder_key(kind, options)
+            dec = loc.decoders.get(key)
             if dec is None:
-                dec = loc.decoders[kind] = _make_decoder(self.device_id, kind)
+                dec = loc.decoders[key] = make_decoder(self.device_id, kind, options)
             try:
                 images = dec.decode(data, params=params, cuda_stream=loc.stream.ptr)
             except TypeError:  # a version that only takes code streams
@@ -114,24 +124,27 @@ class _DecodeThreads:
                 images = dec.decode(data, params=params, cuda_stream=loc.stream.ptr)
             return images, loc.stream.record()
 
-    def submit(self, kind: str, data: list, params: Any) -> Any:
-        return self.pool.submit(self._run, kind, data, params)
+    def submit(self, kind: str, options: DecoderOptions, data: list, params: Any) -> Any:
+        return self.pool.submit(self._run, kind, options, data, params)
 
 
 _lock = threading.Lock()
-_immortal: list = []
-_threads: dict[int, _DecodeThreads] = {}
+#: The process's decode thread pools, by (device_id, number of threads).
+_threads: dict[tuple[int, int], _DecodeThreads] = {}
 _params: list = []
 
 
-def _decode_threads(device_id: int) -> _DecodeThreads:
-    """The process's decode threads for ``device_id``: ``RAY_EXTSRC_DECODE_THREADS`` (default 2;
-    twice that when batches are split between two decoders, see `_split_share`)."""
+def _decode_threads(device_id: int, options: DecoderOptions) -> _DecodeThreads:
+    """The process's decode threads for ``device_id`` and ``options``: ``decode_threads`` of
+    them, twice that when batches are split between two decoders (``split_share`` > 0). Pipelines
+    whose options agree on that count share the pool; each thread keeps one decoder per
+    `_decoder_key` (backend, ``hw_decoder_load``, ``cpu_threads``, ``codec_options``)."""
+    n = options.decode_threads * (2 if options.split_share > 0.0 else 1)
+    key = (device_id, n)
     with _lock:
-        if device_id not in _threads:
-            n = max(1, int(os.environ.get("RAY_EXTSRC_DECODE_THREADS", "2")))
-            _threads[device_id] = _DecodeThreads(device_id, n * (2 if _split_share() else 1))
-        return _threads[device_id]
+        if key not in _threads:
+            _threads[key] = _DecodeThreads(device_id, n)
+        return _threads[key]
 
 
 _users = 0  # open GPU pipelines of this process (`retain` / `release`)
@@ -166,37 +179,44 @@ def _decode_params() -> Any:
     return _params[0]
 
 
-def _split_share() -> float:
-    """``RAY_EXTSRC_HW_SHARE``: the fraction of each batch for a hardware-engine-only decoder, the rest
-    going at the same time to a second decoder (``RAY_EXTSRC_SPLIT_KIND``: "hybrid", the default, or "cuda"). The
-    hardware engines and the CUDA decoder are separate resources; 0 (default) = one decoder,
-    ``RAY_EXTSRC_DECODER`` ("default", "hw", "cuda", "hybrid", "hwload") for the whole batch."""
-    share = _env_float("RAY_EXTSRC_HW_SHARE", 0.0)
-    if not 0.0 <= share < 1.0:
-        raise ValueError(f"RAY_EXTSRC_HW_SHARE must be in [0, 1); got {share}")
-    return share
-
-
-#: Host-side time of the last batches, by stage (seconds, cumulative): read by the benchmark.
+#: Host-side time of the batches so far, by stage (seconds, cumulative), and their count. Updated
+#: under `_stats_lock` (several pipeline threads decode at once); read it with `stats_snapshot`.
 STATS: dict[str, float] = {"prepare_s": 0.0, "decode_wait_s": 0.0, "fallback_s": 0.0, "batches": 0}
+_stats_lock = threading.Lock()
 
 
-def _decode_async(device_id: int, data: list) -> list[tuple[list[int], Any]]:
-    """Start decoding ``data``; returns ``[(positions in data, future of (images, event))]``."""
-    dt = _decode_threads(device_id)
+def _add_stats(**seconds: float) -> None:
+    """Add one batch's stage times to `STATS` (and count the batch), atomically."""
+    with _stats_lock:
+        for k, v in seconds.items():
+            STATS[k] += v
+        STATS["batches"] += 1
+
+
+def stats_snapshot() -> dict[str, float]:
+    """A consistent copy of `STATS` (the benchmark reads this)."""
+    with _stats_lock:
+        return dict(STATS)
+
+
+def _decode_async(device_id: int, data: list, options: DecoderOptions) -> list[tuple[list[int], Any]]:
+    """Start decoding ``data``; returns ``[(positions in data, future of (images, event))]``.
+
+    With ``options.split_share`` > 0 the batch goes to two decoders at once: that share to a
+    hardware-engine-only decoder, the rest to ``options.split_backend`` (the hardware engines and
+    the CUDA decoder are separate resources); otherwise one ``options.backend`` call."""
+    dt = _decode_threads(device_id, options)
     params = _decode_params()
-    share = _split_share()
+    share = options.split_share
     if share <= 0.0 or len(data) < 2:
-        kind = os.environ.get("RAY_EXTSRC_DECODER", "default")
-        return [(list(range(len(data))), dt.submit(kind, data, params))]
+        return [(list(range(len(data))), dt.submit(options.backend, options, data, params))]
     k = max(1, min(len(data) - 1, round(share * len(data))))
-    other = os.environ.get("RAY_EXTSRC_SPLIT_KIND", "hybrid")
     # interleaved, so both halves get a similar mix of image sizes
     hw = [j for j in range(len(data)) if (j * k) // len(data) != ((j + 1) * k) // len(data)]
     hw_set = set(hw)
     rest = [j for j in range(len(data)) if j not in hw_set]
-    return [(hw, dt.submit("hw", [data[j] for j in hw], params)),
-            (rest, dt.submit(other, [data[j] for j in rest], params))]
+    return [(hw, dt.submit("hw", options, [data[j] for j in hw], params)),
+            (rest, dt.submit(options.split_backend, options, [data[j] for j in rest], params))]
 
 
 def decode_batch(
@@ -207,10 +227,12 @@ def decode_batch(
     random_crop: bool,
     prep: Sequence[np.ndarray] | None = None,
 ) -> Any:
-    """Decode a batch; with the workers' ``prep`` rows, through `_decode_prepared` (fast path)."""
-    if prep is not None and os.environ.get("RAY_EXTSRC_GPU_ROI", "0") == "0":
-        return _decode_prepared(op, inputs, ctxs, stream, np.stack(prep))
-    return _decode_each(op, inputs, ctxs, stream, random_crop)
+    """Decode a batch; with the workers' ``prep`` rows (and ``use_worker_prep``, the default),
+    through `_decode_prepared` (fast path), else on the host path `_decode_each`."""
+    options = options_of(op)
+    if prep is not None and options.use_worker_prep:
+        return _decode_prepared(op, inputs, ctxs, stream, np.stack(prep), options)
+    return _decode_each(op, inputs, ctxs, stream, random_crop, options)
 
 
 def _collect(parts: list[tuple[list[int], Any]], stream: Any) -> list:
@@ -276,21 +298,19 @@ def batch_enqueued(event: Any) -> None:
 
 
 def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[SampleContext], stream: Any,
-                     prep: np.ndarray) -> PtrBatch:
+                     prep: np.ndarray, options: DecoderOptions) -> PtrBatch:
     """The fast path: the workers already parsed headers and drew crop boxes (``prep`` rows
     ``[y, x, h, w, H, W, ok]``), so the host does no per-sample work beyond one list: whole
     images are decoded (measured faster than region decode with nvImageCodec 0.9 on an H100: the
     hardware engine decodes whole images anyway), and each crop is a pointer into its image
     (`PtrBatch`) that the next kernel reads with the image's row pitch.
     """
-    import time
-
     import cupy
 
     t0 = time.perf_counter()
     n = len(inputs)
     ok = np.flatnonzero(prep[:, 6] == 1)
-    images = _collect(_decode_async(cupy.cuda.Device().id, [inputs[j] for j in ok]), stream)
+    images = _collect(_decode_async(cupy.cuda.Device().id, [inputs[j] for j in ok], options), stream)
     t1 = time.perf_counter()
     ptrs = np.zeros(n, np.uint64)
     dims = np.zeros((n, 3), np.int32)
@@ -315,9 +335,7 @@ def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[Sampl
         dims[j] = (arr.shape[0], arr.shape[1], arr.strides[0])
         owners.append(arr)
     _keep(op, stream, owners)
-    STATS["decode_wait_s"] += t1 - t0
-    STATS["fallback_s"] += time.perf_counter() - t1
-    STATS["batches"] += 1
+    _add_stats(decode_wait_s=t1 - t0, fallback_s=time.perf_counter() - t1)
     return PtrBatch(ptrs, dims, 3, owners)
 
 
@@ -327,18 +345,17 @@ def _decode_each(
     ctxs: Sequence[SampleContext],
     stream: Any,
     random_crop: bool,
+    options: DecoderOptions,
 ) -> list:
     """Decode (a random crop of) each encoded sample to an HWC uint8 CuPy array on ``stream``.
 
     The host parses each header and draws the crop box here (the path without the workers' prep:
-    in-process sources, or ``RAY_EXTSRC_GPU_ROI=1``). The batch can go to nvImageCodec in chunks
-    (``RAY_EXTSRC_DECODE_CHUNK`` samples): while one chunk decodes in a decode thread, this thread
-    prepares the next. Measured on an H100 (R1, 2026-11-25), chunks of 128 were no faster than one
-    call per batch (the default, 256). With ``RAY_EXTSRC_GPU_ROI=0`` the whole image is decoded and
-    the crop is a view.
+    in-process sources, or ``use_worker_prep=False``). The batch can go to nvImageCodec in chunks
+    (``chunk`` samples): while one chunk decodes in a decode thread, this thread prepares the
+    next. Measured on an H100 (R1, 2026-11-25), chunks of 128 were no faster than one call per
+    batch (the default, 256). ``roi`` (default True) decodes only each crop's region; with
+    ``roi=False`` the whole image is decoded and the crop is a view.
     """
-    import time
-
     import cupy
     from nvidia import nvimgcodec
 
@@ -347,8 +364,8 @@ def _decode_each(
     t0 = time.perf_counter()
     n = len(inputs)
     out: list[Any] = [None] * n
-    use_roi = os.environ.get("RAY_EXTSRC_GPU_ROI", "1") != "0"
-    chunk = max(1, int(os.environ.get("RAY_EXTSRC_DECODE_CHUNK", "256")))
+    use_roi = options.roi
+    chunk = options.chunk
     device_id = cupy.cuda.Device().id
     pending: list[tuple[list, list[int], list]] = []
     streams: list = []
@@ -357,7 +374,7 @@ def _decode_each(
 
     def submit() -> None:
         if streams:
-            pending.append((_decode_async(device_id, list(streams)), list(where), list(views)))
+            pending.append((_decode_async(device_id, list(streams), options), list(where), list(views)))
             streams.clear(), where.clear(), views.clear()
 
     for j, (raw, ctx) in enumerate(zip(inputs, ctxs)):
@@ -400,10 +417,7 @@ def _decode_each(
             host = op.run_cpu([inputs[j]], {}, ctxs[j])
             out[j] = cupy.asarray(host)
     _keep(op, stream, owners)
-    STATS["prepare_s"] += t1 - t0
-    STATS["decode_wait_s"] += t2 - t1
-    STATS["fallback_s"] += time.perf_counter() - t2
-    STATS["batches"] += 1
+    _add_stats(prepare_s=t1 - t0, decode_wait_s=t2 - t1, fallback_s=time.perf_counter() - t2)
     return out
 
 

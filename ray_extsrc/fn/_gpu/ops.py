@@ -4,7 +4,9 @@ Each function takes the op (for its validated arguments), the batch's inputs (a 
 a list of CuPy samples), the per-sample argument values (host scalars, from CPU random ops), the
 samples' contexts and the pipeline's stream (already current), and returns a dense batch when all
 outputs share a shape, else a list. Per-sample geometry is planned on the host with the CPU op's
-own helpers (`Sizing.plan`, `CropSpec.window`), so both paths agree on every box.
+own helpers (`Sizing.plan`, `CropSpec.window`, `CropMirrorNormalize.coefficients`,
+`_normalize.brightness_contrast_affine`), so both paths agree on every box and every value. This
+module takes the ops as arguments and never imports the modules that define them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _args
+from .. import _args, _normalize
 from . import kernels
 from .ptrbatch import PtrBatch
 
@@ -103,7 +105,7 @@ def crop_mirror_normalize(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, c
         if y0 >= 0 and x0 >= 0 and y0 + ch <= h and x0 + cw <= w:
             n = int(batch.shape[0])
             channels = int(batch.shape[3]) if batch.ndim == 4 else 1
-            a, b, _ = op._coefficients(channels, np.dtype(np.uint8))
+            a, b, _ = op.coefficients(channels, np.dtype(np.uint8))
             fill = np.broadcast_to(op.crop.fill_for(op.name, np.empty((1, 1, channels), np.uint8)), (channels,))
             out_c = 1 << (channels - 1).bit_length() if op.pad_output else channels
             win = np.tile(np.array([y0, x0], np.int32), (n, 1))
@@ -129,7 +131,7 @@ def crop_mirror_normalize(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, c
         windows.append((y0, x0, ch, cw))
         mirrors.append(_args.sample_scalar(op.name, "mirror", op.mirror, row) != 0)
     channels = samples[0].shape[2] if samples[0].ndim == 3 else 1
-    a, b, _ = op._coefficients(channels, np.dtype(np.uint8))
+    a, b, _ = op.coefficients(channels, np.dtype(np.uint8))
     fill = np.broadcast_to(op.crop.fill_for(op.name, np.empty((1, 1, channels), np.uint8)), (channels,))
     out_c = 1 << (channels - 1).bit_length() if op.pad_output else channels
     chw = op.output_layout == "CHW"
@@ -154,8 +156,6 @@ def crop_mirror_normalize(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, c
 def brightness_contrast(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, stream: Any) -> Any:
     import cupy
 
-    from ..image import _full_range, _half_range
-
     batch = inputs[0]
     samples = kernels.as_samples(batch)
     mult, add = [], []
@@ -166,9 +166,9 @@ def brightness_contrast(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctx
         bright = _args.sample_scalar(op.name, "brightness", op.brightness, row)
         shift = _args.sample_scalar(op.name, "brightness_shift", op.brightness_shift, row)
         contrast = _args.sample_scalar(op.name, "contrast", op.contrast, row)
-        center = op.contrast_center if op.contrast_center is not None else _half_range(x.dtype)
-        add.append(np.float32(shift * _full_range(out_dtype) + bright * (center - contrast * center)))
-        mult.append(np.float32(bright * contrast))
+        m, a = _normalize.brightness_contrast_affine(bright, shift, contrast, op.contrast_center, x.dtype, out_dtype)
+        mult.append(m)
+        add.append(a)
 
     def apply(x: Any, m: Any, a: Any) -> Any:
         v = x.astype(cupy.float32) * m + a
