@@ -1,6 +1,7 @@
-"""The R1 GPU benchmark (thin wrapper over ``ray_extsrc.bench``; ``ray-extsrc bench`` is the same).
+"""Shim: ``python benchmarks/r1.py ...`` = ``ray-extsrc bench ...`` (the code is in ``ray_extsrc.bench``).
 
     python benchmarks/r1.py --systems a,b,c,d,e1,e2 --rounds 2
+    python benchmarks/r1.py --train resnet50,resnet18
 """
 
 import os

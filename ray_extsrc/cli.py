@@ -3,6 +3,8 @@
     ray-extsrc demo [--out DIR] [--epochs N] [--images N] [--batch-size B] [--workers W]
     ray-extsrc gen-data OUT_DIR --preset {small,r1} [...]
     ray-extsrc bench [...]          (the R1 benchmark: see benchmarks/README.md)
+    ray-extsrc bench --train resnet50,resnet18 [...]   (the training benchmark)
+    ray-extsrc bench --cpu [...]    (torch DataLoader vs ray_extsrc on the CPU)
 """
 
 from __future__ import annotations
@@ -104,6 +106,11 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every flag (--help too) belongs to the benchmark's own parser
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ray-extsrc", description="DALI-style parallel external source on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="generate a small JPEG set and run the tutorial's two pipelines")
@@ -114,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--workers", type=int, default=2, help="py_num_workers per pipeline")
     g = sub.add_parser("gen-data", help="generate a deterministic JPEG set (see ray_extsrc.synthetic)")
     g.add_argument("rest", nargs=argparse.REMAINDER)
-    b = sub.add_parser("bench", help="the R1 benchmark against the peers (see benchmarks/README.md)")
+    b = sub.add_parser("bench", help="the R1 benchmark against the peers; --train MODELS: the training "
+                                     "benchmark; --cpu: the CPU benchmark (see benchmarks/README.md)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "demo":

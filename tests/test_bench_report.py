@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ray_extsrc.bench._report import multi_gpu, table
-from ray_extsrc.bench._runner import _rss_mb, _tree_rss_mb
+from ray_extsrc.bench._common import rss_mb as _rss_mb, tree_rss_mb as _tree_rss_mb
 
 pytestmark = pytest.mark.timeout(60)
 

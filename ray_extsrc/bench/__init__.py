@@ -17,6 +17,11 @@ Systems, each in its own fresh process (see `_runner`), interleaved round by rou
     e2  decode-only ceiling: torchvision.io.decode_jpeg(device="cuda"), lists of 256
 
     python -m ray_extsrc.bench --rounds 2 --out benchmarks/results   # + bN where N >= 2 GPUs are visible
+
+The other benchmarks of ``ray-extsrc bench`` (same code home, same helpers in `_common`):
+
+    ray-extsrc bench --train resnet50,resnet18 [...]   the training step fed by each loader (`_train`)
+    ray-extsrc bench --cpu [...]                       torch DataLoader vs ray_extsrc on the CPU (`_cpu`)
 """
 
 from __future__ import annotations
@@ -33,32 +38,31 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._common import device_name, gpu_count, parse_result, result_stem
 from ._report import chart, table, timed_rates
 
 __all__ = ["main"]
 
-_PREFIX = "BENCH-RESULT "
-
-
-def _gpu_count() -> int:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-        return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-    except Exception:
-        return 0
-
-
-def _device_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
-        return out.splitlines()[0] if out else "unknown"
-    except Exception:
-        return "unknown"
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ray-extsrc bench", description=__doc__.split("\n\n")[0])
+    """``ray-extsrc bench``: the R1 benchmark; with ``--train`` the training benchmark, with ``--cpu``
+    the CPU benchmark (each with its own flags: ``--train x --help``, ``--cpu --help``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--cpu" in argv:
+        from ._cpu import main as cpu_main
+
+        argv.remove("--cpu")
+        return cpu_main(argv)
+    if any(a == "--train" or a.startswith("--train=") for a in argv):
+        from ._train import main as train_main
+
+        return train_main(argv)
+    return r1_main(argv)
+
+
+def r1_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ray-extsrc bench", description=__doc__.split("\n\n")[0],
+                                epilog="--train MODELS: the training benchmark; --cpu: the CPU benchmark")
     p.add_argument("--data", default="/tmp/r1", help="where the R1 set is (generated if missing)")
     p.add_argument("--images", type=int, default=8000)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per run (default 3)")
@@ -69,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=12,
                    help="ray_extsrc's Python workers per GPU (a: py_num_workers; b: split over the actors)")
     p.add_argument("--actors", type=int, default=3, help="b, bN: loader actors per Train worker")
+    p.add_argument("--gpu-stage", default="", choices=("", "auto", "consumer", "actor"),
+                   help="b, bN: Loader(gpu_stage=...) (default: the Loader's own default)")
+    p.add_argument("--decoder", default="", metavar="NAME=VALUE,...",
+                   help="decoder op arguments for a, b, e1 (DecoderOptions' fields), e.g. decode_threads=1")
     p.add_argument("--torch-workers", type=int, default=15)
     p.add_argument("--ray-data-images", type=int, default=0, help="Ray Data on a subset (0: all images)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per system run")
@@ -83,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = str(make_jpeg_dataset(args.data, spec, progress=False))
     print(f"data: {args.images} R1 images in {root} ({time.perf_counter() - t:.1f} s)", flush=True)
     if not args.systems:
-        n = _gpu_count()
+        n = gpu_count()
         args.systems = f"a,b,{f'b{n},' if n >= 2 else ''}c,d,e1,e2"
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     runs: dict[str, list[dict]] = {s: [] for s in systems}
@@ -95,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "--workers", str(args.workers), "--torch-workers", str(args.torch_workers),
                    "--gpus", str(args.gpus), "--actors", str(args.actors),
                    "--ray-data-images", str(args.ray_data_images)]
+            if s[:1] == "b" and args.gpu_stage:
+                cmd += ["--gpu-stage", args.gpu_stage]
+            if args.decoder and (s in ("a", "e1") or s[:1] == "b"):
+                cmd += ["--decoder", args.decoder]
             print(f"round {r} system {s}: running", flush=True)
             t = time.perf_counter()
             try:
@@ -103,12 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 errors.setdefault(s, []).append(f"timeout after {args.timeout} s")
                 print(f"  TIMEOUT; stderr tail: {(e.stderr or b'')[-2000:]!r}", flush=True)
                 continue
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_PREFIX)]
-            if proc.returncode != 0 or not lines:
+            res = parse_result(proc.stdout)
+            if proc.returncode != 0 or res is None:
                 errors.setdefault(s, []).append(proc.stderr[-3000:])
                 print(f"  FAILED rc={proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
                 continue
-            res = json.loads(lines[-1][len(_PREFIX):])
             res["round"] = r
             runs[s].append(res)
             timed = timed_rates(res)
@@ -129,12 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "loader_tree_rss_mb": max(res.get("loader_tree_rss_mb", 0) for res in rs),
                 "peak_rss_self_mb": max(res.get("peak_rss_self_mb", 0) for res in rs),
             }
-    device = _device_name()
-    date = dt.date.today().isoformat()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = device.split(",")[0].replace("NVIDIA ", "").replace(" ", "-").lower() or "gpu"
-    stem = out_dir / f"r1-{date}-{tag}"
+    device = device_name()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stem = result_stem(args.out, "r1", device)
     doc = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": device, "host": platform.node(),
            "cpus": os.cpu_count(), "args": vars(args), "summary": summary, "runs": runs, "errors": errors}
     Path(f"{stem}.json").write_text(json.dumps(doc, indent=1))

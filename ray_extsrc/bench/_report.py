@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from ._common import timed_rates
+
+__all__ = ["chart", "multi_gpu", "table", "timed_rates"]
+
 
 def multi_gpu(system: str) -> int:
     """N for a system named ``bN`` (N >= 2: system b on N GPUs), else 0."""
     return int(system[1:]) if system[:1] == "b" and system[1:].isdigit() and int(system[1:]) >= 2 else 0
-
-
-def timed_rates(result: dict) -> list[float]:
-    """Images/s of one system run's timed (not warm-up) epochs."""
-    return [x["images_per_s"] for x in result["records"] if "epoch" in x and not x["warmup"]]
 
 
 def _keys(summary: dict) -> list[str]:

@@ -1,7 +1,7 @@
 """One system of the R1 benchmark, in its own process: ``python -m ray_extsrc.bench._runner SYSTEM ...``.
 
 Prints one ``BENCH-RESULT {json}`` line. Timing convention (the same for every system, as in
-benchmarks/_common.py): an epoch runs from just before its first request to the handled end of
+`_common`): an epoch runs from just before its first request to the handled end of
 the epoch; images = full batches x 256; every batch ends as a CUDA tensor of shape (256, 3, 224,
 224) in this process (float16 for the loaders, uint8 HWC images for decode-only), and the GPU is
 synchronised once at the end of each epoch, so queued GPU work is inside the epoch's time.
@@ -17,80 +17,8 @@ import resource
 import sys
 import time
 
-_T0 = time.perf_counter()  # before the imports below: start-up to first batch counts from here
-
+from ._common import BATCH, GpuMemory, emit, timed, tree_rss_mb, versions  # noqa: E402 - light
 from ._report import multi_gpu  # noqa: E402 - light (matplotlib loads only to draw)
-
-RESULT_PREFIX = "BENCH-RESULT "
-BATCH = 256
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _tree_rss_mb(root: int | None = None) -> float:
-    """RSS of process ``root`` (default: this one) and all its descendants (shared pages are
-    counted in each)."""
-    me = os.getpid() if root is None else root
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                kids.setdefault(ppid, []).append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    total, todo = 0.0, [me]
-    while todo:
-        p = todo.pop()
-        total += _rss_mb(p)
-        todo.extend(kids.get(p, []))
-    return total
-
-
-class _Gpu:
-    """Peak GPU memory: device-wide used bytes (like nvidia-smi) sampled per batch."""
-
-    def __init__(self) -> None:
-        self.peak_used = 0
-
-    def sample(self) -> None:
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
-        self.peak_used = max(self.peak_used, total - free)
-
-
-def timed(make_epoch, epochs: int, warmup: int, gpu: _Gpu, sync) -> list[dict]:
-    records = []
-    for e in range(warmup + epochs):
-        n, first, t0 = 0, None, time.perf_counter()
-        for batch in make_epoch():
-            if n == 0:
-                first = time.perf_counter() - t0
-                if e == 0:
-                    records.append({"startup_to_first_batch_s": round(time.perf_counter() - _T0, 3)})
-            n += 1
-            if n % 8 == 1:
-                gpu.sample()
-        sync()
-        dt = time.perf_counter() - t0
-        rec = {"epoch": e, "warmup": e < warmup, "batches": n, "images": n * BATCH, "seconds": round(dt, 4),
-               "first_batch_s": round(first or 0.0, 4), "images_per_s": round(n * BATCH / dt, 1),
-               "tree_rss_mb": round(_tree_rss_mb(), 1)}
-        records.append(rec)
-        print(f"  epoch {e}{' (warm-up)' if e < warmup else ''}: {n * BATCH} img in {dt:.3f} s = "
-              f"{n * BATCH / dt:.0f} img/s", file=sys.stderr, flush=True)
-    return records
 
 
 def _torch_sync():
@@ -105,13 +33,13 @@ def _torch_sync():
 def run_extsrc(args) -> dict:
     from ._pipelines import r1_pipeline
 
-    pipe = r1_pipeline(args.root, args.images, py_num_workers=args.workers)
+    pipe = r1_pipeline(args.root, args.images, py_num_workers=args.workers, **args.decoder)
     pipe.start_py_workers()  # fork before anything touches CUDA
     import cupy
     import torch
 
     pipe.build()
-    gpu = _Gpu()
+    gpu = GpuMemory()
 
     stages: dict[str, float] = {}
 
@@ -139,10 +67,9 @@ def run_extsrc(args) -> dict:
     db = max(1, gpu_decode.STATS["batches"])
     per_batch_ms.update({f"decode_{k}": round(1000 * v / db, 2) for k, v in gpu_decode.STATS.items() if k != "batches"})
     print(f"  per-batch ms: {per_batch_ms}", file=sys.stderr, flush=True)
-    return {"records": recs, "gpu_peak_used_mb": round(gpu.peak_used / 2**20),
+    return {"records": recs, **gpu.report(),
             "cupy_pool_total_mb": round(pool.total_bytes() / 2**20), "per_batch_ms": per_batch_ms,
-            "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_EXTSRC_")},
-            "py_num_workers": args.workers}
+            "decoder_options": args.decoder, "py_num_workers": args.workers}
 
 
 # --- (b) ray_extsrc inside Ray Train ---------------------------------------------------------------
@@ -154,7 +81,7 @@ def _train_loop(config):
     from ray_extsrc.bench import _runner as me
 
     it = config["loader"].iter_torch_batches()
-    gpu = me._Gpu()
+    gpu = me.GpuMemory()
 
     def epoch():
         for batch in it:
@@ -163,8 +90,8 @@ def _train_loop(config):
     recs = me.timed(epoch, config["epochs"], config["warmup"], gpu, torch.cuda.synchronize)
     # The loader actors are Ray workers, not this process's children: their trees (actor, zygote,
     # Python workers, janitor) are measured here, on the same node, while they still run.
-    loader_rss = sum(me._tree_rss_mb(it.describe(w)["pid"]) for w in range(it.ways))
-    out = {"records": recs, "gpu_peak_used_mb": round(gpu.peak_used / 2**20),
+    loader_rss = sum(me.tree_rss_mb(it.describe(w)["pid"]) for w in range(it.ways))
+    out = {"records": recs, **gpu.report(), "gpu_stage": getattr(it, "gpu_stage", None),
            "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20),
            "loader_tree_rss_mb": round(loader_rss, 1)}
     try:
@@ -189,8 +116,9 @@ def run_train(args) -> dict:
     gpus = multi_gpu(args.system) or args.gpus
     per_actor = max(1, args.workers // args.actors)  # --workers Python workers per GPU in all
     ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
+    stage = {"gpu_stage": args.gpu_stage} if args.gpu_stage else {}  # else the Loader's default
     loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=per_actor,
-                    actors_per_worker=args.actors, root=args.root, limit=args.images)
+                    actors_per_worker=args.actors, root=args.root, limit=args.images, **stage, **args.decoder)
     out = f"/tmp/r1_train_{os.getpid()}"
     trainer = TorchTrainer(
         _train_loop,
@@ -218,59 +146,28 @@ def run_train(args) -> dict:
     res["py_num_workers"] = per_actor
     res["actors_per_worker"] = args.actors
     res["gpus"] = gpus
+    res["gpu_stage_requested"] = args.gpu_stage or "default"
+    res["decoder_options"] = args.decoder
     return res
 
 
 # --- (c) torch DataLoader + Pillow + torchvision v2 -------------------------------------------------
 
 
-def _tv_transform():
-    import torch
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    ])
-
-
-class _TorchFiles:
-    def __init__(self, root: str, limit: int | None) -> None:
-        from ..synthetic import read_file_list
-
-        self.root = root
-        self.entries = read_file_list(root)[:limit]
-        self.transform = _tv_transform()
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        name, label = self.entries[i]
-        with Image.open(os.path.join(self.root, name)) as im:
-            rgb = im.convert("RGB")
-        return self.transform(rgb), label
-
-
 def run_torch(args) -> dict:
     import torch
-    from torch.utils.data import DataLoader
 
-    torch.manual_seed(0)
-    loader = DataLoader(_TorchFiles(args.root, args.images), batch_size=BATCH, shuffle=False,
-                        num_workers=args.torch_workers, drop_last=True, pin_memory=True,
-                        persistent_workers=True, prefetch_factor=2)
-    gpu = _Gpu()
+    from ._torchvision import torch_loader
+
+    loader = torch_loader(args.root, args.images, batch=BATCH, workers=args.torch_workers, pin_memory=True)
+    gpu = GpuMemory()
 
     def epoch():
         for images, labels in loader:
             yield images.to("cuda", non_blocking=True).half()
 
     recs = timed(epoch, args.epochs, args.warmup, gpu, _torch_sync)
-    return {"records": recs, "gpu_peak_used_mb": round(gpu.peak_used / 2**20),
+    return {"records": recs, **gpu.report(),
             "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20),
             "num_workers": args.torch_workers}
 
@@ -282,7 +179,9 @@ def _ray_data_augment(batch: dict) -> dict:
     import numpy as np
     import torch
 
-    tf = _tv_transform()
+    from ._torchvision import tv_transform
+
+    tf = tv_transform()
     out = [tf(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)).numpy() for img in batch["image"]]
     return {"image": np.stack(out)}
 
@@ -294,9 +193,11 @@ def run_ray_data(args) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     limit = min(args.images, args.ray_data_images or args.images)
-    files = [os.path.join(args.root, n) for n, _ in __import__("ray_extsrc.synthetic", fromlist=["x"]).read_file_list(args.root)[:limit]]
+    from ..readers import read_file_list
+
+    files = [os.path.join(args.root, n) for n, _ in read_file_list(args.root)[:limit]]
     ds = ray.data.read_images(files, mode="RGB").map_batches(_ray_data_augment, batch_size=64)
-    gpu = _Gpu()
+    gpu = GpuMemory()
 
     def epoch():
         for batch in ds.iter_torch_batches(batch_size=BATCH, device="cuda", drop_last=True):
@@ -306,7 +207,7 @@ def run_ray_data(args) -> dict:
     # imports torch in each (on 2 CPUs here: 90 img/s in epoch 0, ~255 img/s after).
     recs = timed(epoch, args.epochs, args.warmup, gpu, _torch_sync)
     ray.shutdown()
-    return {"records": recs, "gpu_peak_used_mb": round(gpu.peak_used / 2**20), "images_limit": limit,
+    return {"records": recs, **gpu.report(), "images_limit": limit,
             "note": f"{limit} images"}
 
 
@@ -314,7 +215,7 @@ def run_ray_data(args) -> dict:
 
 
 def _read_all(args) -> list[bytes]:
-    from ..synthetic import read_file_list
+    from ..readers import read_file_list
 
     out = []
     for name, _ in read_file_list(args.root)[: args.images]:
@@ -323,12 +224,30 @@ def _read_all(args) -> list[bytes]:
     return out[: len(out) // BATCH * BATCH]
 
 
+def _codec_decoder(kind: str, options) -> object:
+    """An nvImageCodec decoder for backend ``kind``, made by the loader's own decoder factory
+    (`fn._gpu.decode`), so the backend table has one home. The factory takes the `DecoderOptions`
+    (hardware load hint, CPU threads, codec options) where it accepts them."""
+    import inspect
+
+    from ..fn._gpu import decode
+
+    make = getattr(decode, "make_decoder", None) or decode._make_decoder
+    params = inspect.signature(make).parameters
+    if "options" in params:
+        return make(0, kind, options=options)
+    if len(params) >= 3:
+        return make(0, kind, options)
+    return make(0, kind)  # a factory without options: its defaults (the same as DecoderOptions')
+
+
 def run_nvimgcodec(args) -> dict:
     """Decode-only nvImageCodec. By default one decoder (its default backends) called batch by batch
-    on the main thread. Variants: ``--codec-backend`` (which backends), ``--split S`` (each batch
-    split between a hardware-engine-only decoder, share S, and a ``--split-kind`` decoder, both at
-    once in two threads), ``--inflight N`` (N batches decoding at once, each thread with its own
-    decoder and stream)."""
+    on the main thread. Variants, with the decoder op's option names (``--decoder``): ``backend``
+    (which backends), ``split_share=S`` (each batch split between a hardware-engine-only decoder,
+    share S, and a ``split_backend`` decoder, both at once in two threads), ``roi=1`` (decode the
+    random-resized-crop regions only); and ``--inflight N`` (N batches decoding at once, each thread
+    with its own decoder and stream)."""
     import collections
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -340,33 +259,28 @@ def run_nvimgcodec(args) -> dict:
     from ..fn._crop_window import random_crop_window
 
     data = [np.frombuffer(b, np.uint8) for b in _read_all(args)]
-    K = nvimgcodec.BackendKind
+    from ..fn.decoder_options import DecoderOptions
+
+    opts = DecoderOptions(**args.decoder)
+    roi = bool(args.decoder.get("roi", False))  # decode-only: whole images unless asked
+    split, split_kind = opts.split_share, opts.split_backend
 
     def make(kind: str):
-        kw = {"options": args.codec_options} if args.codec_options else {}
-        backends = {
-            "default": None, "hw": [nvimgcodec.Backend(K.HW_GPU_ONLY)], "cuda": [nvimgcodec.Backend(K.GPU_ONLY)],
-            "hybrid": [nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
-            "hwload": [nvimgcodec.Backend(K.HW_GPU_ONLY, load_hint=args.hw_load), nvimgcodec.Backend(K.GPU_ONLY),
-                       nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
-        }[kind]
-        if backends:
-            kw["backends"] = backends
-        return nvimgcodec.Decoder(**kw)
+        return _codec_decoder(kind, opts)
 
     params = nvimgcodec.DecodeParams(apply_exif_orientation=False)
-    gpu = _Gpu()
+    gpu = GpuMemory()
     rng = np.random.default_rng(0)
 
     def code_stream(b):
         cs = nvimgcodec.CodeStream(b)
-        if args.roi:
+        if roi:
             y, x, h, w = random_crop_window(rng, cs.height, cs.width)
             cs = cs.get_sub_code_stream(image_idx=0, region=nvimgcodec.Region(y, x, y + h, x + w))
         return cs
 
-    if not args.split and args.inflight <= 1:
-        dec = make(args.codec_backend)
+    if not split and args.inflight <= 1:
+        dec = make(opts.backend)
         stream = torch.cuda.current_stream().cuda_stream
 
         def epoch():
@@ -374,7 +288,7 @@ def run_nvimgcodec(args) -> dict:
                 yield dec.decode([code_stream(b) for b in data[i : i + BATCH]], params=params, cuda_stream=stream)
     else:
         local = threading.local()
-        pool = ThreadPoolExecutor(max(1, args.inflight) * (2 if args.split else 1))
+        pool = ThreadPoolExecutor(max(1, args.inflight) * (2 if split else 1))
 
         def run(kind, chunk):
             if not hasattr(local, "stream"):
@@ -384,10 +298,10 @@ def run_nvimgcodec(args) -> dict:
             return images, local.stream.record_event()
 
         def submit(batch):
-            if not args.split:
-                return [pool.submit(run, args.codec_backend, batch)]
-            k = round(args.split * len(batch))
-            return [pool.submit(run, "hw", batch[:k]), pool.submit(run, args.split_kind, batch[k:])]
+            if not split:
+                return [pool.submit(run, opts.backend, batch)]
+            k = round(split * len(batch))
+            return [pool.submit(run, "hw", batch[:k]), pool.submit(run, split_kind, batch[k:])]
 
         def epoch():
             pending = collections.deque()
@@ -407,9 +321,10 @@ def run_nvimgcodec(args) -> dict:
             return out
 
     recs = timed(epoch, args.epochs, args.warmup, gpu, _torch_sync)
-    return {"records": recs, "gpu_peak_used_mb": round(gpu.peak_used / 2**20),
-            "note": f"files read into memory first; nvImageCodec backend={args.codec_backend}, "
-                    f"options={args.codec_options!r}, roi={args.roi}, split={args.split} ({args.split_kind}), "
+    return {"records": recs, **gpu.report(),
+            "decoder_options": args.decoder,
+            "note": f"files read into memory first; nvImageCodec backend={opts.backend}, "
+                    f"options={opts.codec_options!r}, roi={roi}, split={split} ({split_kind}), "
                     f"inflight={args.inflight}, batch 256"}
 
 
@@ -418,14 +333,14 @@ def run_tv_decode(args) -> dict:
     from torchvision.io import decode_jpeg
 
     data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in _read_all(args)]
-    gpu = _Gpu()
+    gpu = GpuMemory()
 
     def epoch():
         for i in range(0, len(data), BATCH):
             yield decode_jpeg(data[i : i + BATCH], device="cuda")
 
     recs = timed(epoch, args.epochs, args.warmup, gpu, _torch_sync)
-    return {"records": recs, "gpu_peak_used_mb": round(gpu.peak_used / 2**20),
+    return {"records": recs, **gpu.report(),
             "note": "files read into memory first; torchvision.io.decode_jpeg(device='cuda'), lists of 256"}
 
 
@@ -437,20 +352,6 @@ SYSTEMS = {
     "e1": ("decode_nvimgcodec", run_nvimgcodec),
     "e2": ("decode_torchvision", run_tv_decode),
 }
-
-
-def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in ("ray_extsrc", "torch", "torchvision", "cupy", "ray", "numpy", "PIL"):
-        m = sys.modules.get(name)
-        out[name] = getattr(m, "__version__", None) if m else None
-    try:
-        from nvidia import nvimgcodec
-
-        out["nvimgcodec"] = getattr(nvimgcodec, "__version__", None)
-    except Exception:
-        pass
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -465,16 +366,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--actors", type=int, default=3, help="b: loader actors per Train worker")
     p.add_argument("--ray-data-images", type=int, default=0, help="d: a subset of the images (0: all)")
-    p.add_argument("--codec-options", default="", help="e1: nvImageCodec decoder options")
-    p.add_argument("--codec-backend", default="default", choices=("default", "hw", "cuda", "hybrid", "hwload"))
-    p.add_argument("--hw-load", type=float, default=0.65, help="e1 hwload: the hardware engine's load hint")
-    p.add_argument("--split", type=float, default=0.0, help="e1: hardware-engine share of a batch split in two")
-    p.add_argument("--split-kind", default="cuda", choices=("cuda", "hybrid", "default"))
+    p.add_argument("--gpu-stage", default="", choices=("", "auto", "consumer", "actor"),
+                   help="b, bN: Loader(gpu_stage=...) (default: the Loader's default)")
+    p.add_argument("--decoder", default="", metavar="NAME=VALUE,...",
+                   help="decoder op arguments (DecoderOptions' fields), e.g. backend=hwload,hw_decoder_load=0.65")
     p.add_argument("--inflight", type=int, default=1, help="e1: batches decoding at once (threads)")
-    p.add_argument("--roi", action="store_true", help="e1: decode random-resized-crop regions only")
+    p.add_argument("--switch-interval", type=float, default=0.0, help="sys.setswitchinterval(S) first (0: leave)")
     args = p.parse_args(argv)
-    if os.environ.get("BENCH_SWITCH_INTERVAL"):  # experiments: the GIL's switch interval (seconds)
-        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
+    from ._pipelines import parse_decoder_options
+
+    try:
+        args.decoder = parse_decoder_options(args.decoder)
+    except (TypeError, ValueError) as e:
+        p.error(f"--decoder: {e}")
+    if args.switch_interval:  # experiments: the GIL's switch interval (seconds)
+        sys.setswitchinterval(args.switch_interval)
     n = multi_gpu(args.system)
     if n:
         name, fn_ = f"ray_extsrc_in_train_{n}gpus", run_train
@@ -486,9 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     res = fn_(args)
     res.update(system=name, key=args.system, wall_s=round(time.perf_counter() - t, 2),
                peak_rss_self_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               versions=_versions())
-    sys.stdout.write(RESULT_PREFIX + json.dumps(res) + "\n")
-    sys.stdout.flush()
+               versions=versions())
+    emit(res)
 
 
 if __name__ == "__main__":

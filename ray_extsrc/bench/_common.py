@@ -1,0 +1,227 @@
+"""What every benchmark of ``ray-extsrc bench`` shares: the epoch timer, the result line, memory
+probes, version lookup and the result file's name. One copy of each, for the R1 runner (`_runner`),
+the CPU benchmark (`_cpu`) and the training benchmark (`_train`).
+
+Standard library only at import time (torch loads lazily, in `GpuMemory`), so a runner under
+another interpreter (the CPU benchmark's torch baseline) needs nothing of the package's own
+dependencies beyond NumPy.
+
+Timing convention (identical for every system; benchmarks/README.md repeats it): an epoch is timed
+from just before its first request (``iter(loader)``, the first ``pipe.run()``) to the moment its
+end-of-epoch signal has been handled; the first batch's latency is inside the epoch, and so is one
+``sync()`` at its end (the GPU's queued work). Only full batches count: images = batches x batch
+size. The first ``warmup`` epochs run the same way and are kept apart (``"warmup": true``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+#: Start of this process's benchmark (the first import of this module): start-up to first batch
+#: counts from here.
+T0 = time.perf_counter()
+#: The one line a runner prints for the orchestrator: ``BENCH-RESULT {json}``.
+RESULT_PREFIX = "BENCH-RESULT "
+BATCH = 256
+
+
+def emit(result: dict) -> None:
+    """Print a runner's result as the line the orchestrators parse (`parse_result`)."""
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def parse_result(stdout: str) -> dict | None:
+    """The last result line of a runner's stdout, or None."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    return json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else None
+
+
+def timed_rates(result: dict) -> list[float]:
+    """Images/s of one run's timed (not warm-up) epochs."""
+    return [x["images_per_s"] for x in result["records"] if "epoch" in x and not x["warmup"]]
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def tree_rss_mb(root: int | None = None) -> float:
+    """RSS of process ``root`` (default: this one) and all its descendants (shared pages are
+    counted in each)."""
+    me = os.getpid() if root is None else root
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                kids.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    total, todo = 0.0, [me]
+    while todo:
+        p = todo.pop()
+        total += rss_mb(p)
+        todo.extend(kids.get(p, []))
+    return total
+
+
+class GpuMemory:
+    """Device-wide GPU memory in use (like nvidia-smi: every process's), sampled on demand; a no-op
+    without CUDA. ``base`` (set by `mark`) is the figure before the loader started."""
+
+    def __init__(self) -> None:
+        self.peak_used = 0
+        self.base: int | None = None
+        try:
+            import torch
+
+            self._on = torch.cuda.is_available()
+        except ImportError:
+            self._on = False
+
+    def used(self) -> int:
+        if not self._on:
+            return 0
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def sample(self) -> None:
+        self.peak_used = max(self.peak_used, self.used())
+
+    def mark(self) -> None:
+        self.base = self.used()
+
+    def report(self) -> dict[str, Any]:
+        if not self._on:
+            return {"gpu_peak_used_mb": None}
+        out: dict[str, Any] = {"gpu_peak_used_mb": round(self.peak_used / 2**20)}
+        if self.base is not None:
+            out["gpu_used_before_loader_mb"] = round(self.base / 2**20)
+            out["gpu_added_peak_mb"] = round((self.peak_used - self.base) / 2**20)
+        return out
+
+
+def timed(
+    make_epoch: Callable[[], Iterator[Any]],
+    epochs: int,
+    warmup: int,
+    gpu: GpuMemory | None = None,
+    sync: Callable[[], None] | None = None,
+    *,
+    batch: int = BATCH,
+    check: Callable[[Any, int], None] | None = None,
+    t0: float | None = None,
+    first_batch_clock: Callable[[], float] | None = None,
+) -> list[dict]:
+    """Run ``warmup + epochs`` epochs of ``make_epoch()`` (called inside the timed region); one
+    record per epoch, after one ``{"startup_to_first_batch_s": ...}`` record (from ``t0``, default
+    this module's import; ``first_batch_clock`` replaces that figure, e.g. seconds since
+    ``trainer.fit()``). ``check(batch, epoch)`` sees each epoch's first batch."""
+    records: list[dict] = []
+    for e in range(warmup + epochs):
+        n, first, start = 0, None, time.perf_counter()
+        for item in make_epoch():
+            if n == 0:
+                first = time.perf_counter() - start
+                if check is not None:
+                    check(item, e)
+                if e == 0:
+                    since = first_batch_clock() if first_batch_clock else time.perf_counter() - (T0 if t0 is None else t0)
+                    records.append({"startup_to_first_batch_s": round(since, 3)})
+            n += 1
+            if gpu is not None and n % 8 == 1:
+                gpu.sample()
+        if sync is not None:
+            sync()
+        secs = time.perf_counter() - start
+        if n == 0:
+            raise RuntimeError(f"epoch {e} produced no batches (fewer images than one batch of {batch}?)")
+        rec = {"epoch": e, "warmup": e < warmup, "batches": n, "images": n * batch, "seconds": round(secs, 4),
+               "first_batch_s": round(first or 0.0, 4), "images_per_s": round(n * batch / secs, 1),
+               "tree_rss_mb": round(tree_rss_mb(), 1)}
+        records.append(rec)
+        print(f"  epoch {e}{' (warm-up)' if e < warmup else ''}: {n * batch} img in {secs:.3f} s = "
+              f"{n * batch / secs:.0f} img/s (first batch {first or 0.0:.3f} s)", file=sys.stderr, flush=True)
+    return records
+
+
+_VERSIONED = ("ray_extsrc", "torch", "torchvision", "cupy", "ray", "numpy", "PIL", "simplejpeg")
+
+
+def versions(modules: Iterable[str] = _VERSIONED) -> dict[str, str | None]:
+    """``{module: __version__}`` of the modules this process imported (None when not imported),
+    plus nvImageCodec's where it is installed."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in modules:
+        m = sys.modules.get(name)
+        out[name] = getattr(m, "__version__", None) if m else None
+    if "nvidia.nvimgcodec" in sys.modules:
+        out["nvimgcodec"] = getattr(sys.modules["nvidia.nvimgcodec"], "__version__", None)
+    return out
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    except Exception:
+        return 0
+
+
+def device_name() -> str:
+    """``"NVIDIA H200, 580.xx"`` (name, driver) from nvidia-smi, else the CPU's model name."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        if out:
+            return out.splitlines()[0]
+    except Exception:
+        pass
+    return f"cpu {cpu_model() or platform.machine()}"
+
+
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def result_stem(out_dir: str | os.PathLike, kind: str, device: str) -> Path:
+    """``out_dir/<kind>-<date>-<device tag>`` (no suffix); a second run the same day gets ``-2``, ...
+    so that no earlier result is overwritten. An empty ``device`` leaves the tag out."""
+    tag = device.split(",")[0].replace("NVIDIA ", "").replace(" ", "-").replace("(R)", "").lower()
+    tag = "".join(c for c in tag if c.isalnum() or c in "-_.")[:40]
+    base = Path(out_dir) / f"{kind}-{dt.date.today().isoformat()}{'-' + tag if tag else ''}"
+    stem, n = base, 2
+    while Path(f"{stem}.json").exists():
+        stem, n = Path(f"{base}-{n}"), n + 1
+    return stem

@@ -1,0 +1,93 @@
+"""The training benchmark (``ray-extsrc bench --train``), end to end on the CPU: a tiny model in a
+real Ray Train CPU TorchTrainer with one worker, fed by a synthetic batch and by ray_extsrc's Loader
+(CPU pipeline), each in its own process; the JSON has per-feed rates and ratios."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ray_extsrc.bench._train import _summary, table
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _run(model: str, feed: str, rates: list[float], r: int = 0, **extra) -> dict:
+    recs = [{"startup_to_first_batch_s": 2.0}, {"epoch": 0, "warmup": True, "images_per_s": 1.0}]
+    recs += [{"epoch": i + 1, "warmup": False, "images_per_s": v} for i, v in enumerate(rates)]
+    return {"model": model, "feed": feed, "round": r, "records": recs, "train_worker_tree_rss_mb": 500.0, **extra}
+
+
+def test_summary_gives_each_feed_its_ratio_to_synthetic_of_the_same_model():
+    runs = [_run("resnet50", "synthetic", [4000, 5000], gpu_peak_used_mb=10000),
+            _run("resnet50", "extsrc-consumer", [3600, 4400], gpu_peak_used_mb=11500, loader_tree_rss_mb=700.0),
+            _run("resnet18", "synthetic", [12000], gpu_peak_used_mb=6000),
+            _run("resnet18", "torch", [2400], gpu_peak_used_mb=6200)]
+    s = _summary(runs)
+    assert s["resnet50/extsrc-consumer"]["ratio_to_synthetic"] == pytest.approx(0.8889, abs=1e-4)
+    assert s["resnet50/extsrc-consumer"]["gpu_peak_above_synthetic_mb"] == 1500
+    assert s["resnet50/extsrc-consumer"]["host_rss_mb"] == 1200.0
+    assert s["resnet18/torch"]["ratio_to_synthetic"] == pytest.approx(0.2)
+    assert s["resnet18/synthetic"]["ratio_to_synthetic"] == 1.0
+    assert "resnet50/extsrc-consumer" in table(s)
+
+
+def test_cpu_training_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "ray_extsrc.bench", "--train", "tiny", "--device", "cpu",
+           "--feeds", "synthetic,extsrc-auto", "--spec", "small", "--images", "32", "--batch", "8", "--size", "32",
+           "--epochs", "2", "--warmup", "1", "--warmup-steps", "2", "--workers", "1", "--actors", "1",
+           "--num-cpus", "2", "--data", str(tmp_path / "data"), "--out", str(out), "--timeout", "120"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    [path] = out.glob("train-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["device"].startswith("cpu") and doc["date"] and doc["mps"] is False
+    assert doc["step"]["optimizer"] == "SGD(lr=0.1, momentum=0.9)"
+    for key in ("tiny/synthetic", "tiny/extsrc-auto"):
+        s = doc["summary"][key]
+        assert len(s["epochs"]) == 2 and all(v > 0 for v in s["epochs"]), s
+        assert s["median_images_per_s"] > 0 and s["startup_to_first_batch_s"] > 0
+        assert s["ratio_to_synthetic"] > 0
+    assert doc["summary"]["tiny/synthetic"]["ratio_to_synthetic"] == 1.0
+    assert doc["summary"]["tiny/extsrc-auto"]["loader_tree_rss_mb"] > 0
+    assert doc["summary"]["tiny/extsrc-auto"]["gpu_stage"] == "actor"  # a CPU Train worker: the actors' stage
+    run = [r for r in doc["runs"] if r["feed"] == "extsrc-auto"][0]
+    assert run["warmup_epochs"] == 1 and run["steps_per_epoch"] == 4
+    assert "tiny/synthetic" in p.stdout and "vs syn" in p.stdout
+
+
+def test_bench_dispatches_train_and_cpu_and_rejects_unknown_feeds():
+    p = subprocess.run([sys.executable, "-m", "ray_extsrc.bench", "--train", "tiny", "--feeds", "nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown ['nope']" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "ray_extsrc.bench", "--cpu", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "ray-extsrc bench --cpu" in p.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_training_benchmark_every_feed(tmp_path):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("cupy")
+    from ray_extsrc.train import Loader
+
+    if "gpu_stage" not in inspect.signature(Loader).parameters:
+        pytest.skip("Loader has no gpu_stage yet")
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "ray_extsrc.bench", "--train", "resnet18", "--images", "1024", "--epochs", "1",
+           "--warmup", "1", "--warmup-steps", "2", "--workers", "4", "--actors", "2", "--torch-workers", "4",
+           "--data", str(tmp_path / "data"), "--out", str(out), "--timeout", "170"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    [path] = out.glob("train-*.json")
+    summary = json.loads(path.read_text())["summary"]
+    assert set(summary) == {f"resnet18/{f}" for f in ("synthetic", "extsrc-consumer", "extsrc-actor", "extsrc-auto",
+                                                      "torch")}
+    assert summary["resnet18/extsrc-consumer"]["gpu_stage"] == "consumer"
+    assert summary["resnet18/extsrc-actor"]["gpu_stage"] == "actor"
+    assert all(s["ratio_to_synthetic"] > 0 and s["gpu_peak_used_mb"] > 0 for s in summary.values())
