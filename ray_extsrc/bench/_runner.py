@@ -225,20 +225,11 @@ def _read_all(args) -> list[bytes]:
 
 
 def _codec_decoder(kind: str, options) -> object:
-    """An nvImageCodec decoder for backend ``kind``, made by the loader's own decoder factory
-    (`fn._gpu.decode`), so the backend table has one home. The factory takes the `DecoderOptions`
-    (hardware load hint, CPU threads, codec options) where it accepts them."""
-    import inspect
+    """An nvImageCodec decoder for backend ``kind``, made by the loader's own factory
+    (`fn._gpu.decode.make_decoder`, with the `DecoderOptions`), so the backend table has one home."""
+    from ..fn._gpu.decode import make_decoder
 
-    from ..fn._gpu import decode
-
-    make = getattr(decode, "make_decoder", None) or decode._make_decoder
-    params = inspect.signature(make).parameters
-    if "options" in params:
-        return make(0, kind, options=options)
-    if len(params) >= 3:
-        return make(0, kind, options)
-    return make(0, kind)  # a factory without options: its defaults (the same as DecoderOptions')
+    return make_decoder(0, kind, options)
 
 
 def run_nvimgcodec(args) -> dict:
