@@ -48,7 +48,7 @@ from typing import Any
 
 from .errors import RayExtSrcError
 from .pipeline import Pipeline
-from .workers.shm import SHM_PREFIX
+from .workers.shm import segment_glob
 
 __all__ = ["LoaderSpec", "BatchReply", "LoaderActor", "shm_pattern"]
 
@@ -67,7 +67,7 @@ _JANITOR = (
 
 def shm_pattern(pid: int) -> str:
     """Glob of the shared-memory segments created by process ``pid`` (see `workers.shm`)."""
-    return f"/dev/shm/{SHM_PREFIX}{pid}_*"
+    return segment_glob(pid)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from .sources import FileListSource
+from .readers import FileListSource
 
-__all__ = ["main"]
+__all__ = ["main", "demo"]
 
 
 def _demo_pipelines(root: str, batch_size: int, workers: int):

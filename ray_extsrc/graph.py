@@ -31,7 +31,7 @@ import numpy as np
 
 from .random import sample_rng
 
-__all__ = ["DataNode", "OpNode", "Operator", "SampleContext", "Graph", "add_op", "current_graph"]
+__all__ = ["DataNode", "OpNode", "Operator", "SampleContext", "Graph", "add_op", "current_graph", "graph_scope"]
 
 DEVICES = ("cpu", "gpu", "mixed")
 

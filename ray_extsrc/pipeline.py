@@ -48,7 +48,7 @@ from .workers import WorkerPool
 from .workers.messages import TASK_BATCH, TASK_ITER, TASK_SAMPLES
 from .workers.pool import Chunk
 
-__all__ = ["Pipeline", "pipeline_def", "external_source", "NoGPUWarning"]
+__all__ = ["Pipeline", "pipeline_def", "external_source", "NoGPUWarning", "State", "ExternalSourceOp", "gpu_available"]
 
 
 _warned_no_gpu = False  # one NoGPUWarning per process is enough

@@ -26,7 +26,7 @@ import numpy as np
 
 from .types import BatchInfo, SampleInfo, to_numpy_dtype
 
-__all__ = ["SourceKind", "SourceSpec", "describe_source"]
+__all__ = ["SourceKind", "SourceSpec", "describe_source", "chunk_samples"]
 
 
 class SourceKind(enum.Enum):

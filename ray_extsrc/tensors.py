@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TensorListCPU", "TensorListGPU"]
+__all__ = ["TensorListCPU", "TensorListGPU", "assemble_cpu"]
 
 
 class _TensorList:

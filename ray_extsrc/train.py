@@ -79,11 +79,15 @@ def mps_daemon_running() -> bool:
 
 
 def resolve_gpu_stage(requested: str, has_gpu: bool) -> str:
-    """``Loader(gpu_stage=...)`` for one Train worker: ``"auto"`` picks ``"consumer"`` for a GPU
-    worker without MPS (the training benchmark's winner there), else ``"actor"``."""
+    """``Loader(gpu_stage=...)`` for one Train worker. ``"auto"`` is the stage that won the training
+    benchmark (``ray-extsrc bench --train``): on an H200, 2026-12-01, ResNet-50 ran at 0.78x of
+    synthetic fed by the actor stage and 0.65-0.69x by the consumer stage, ResNet-18 at 0.55x and
+    0.36x (benchmarks/results/train-2026-12-01-h200-*.json): the consumer stage's host work (one
+    process driving decode and kernels beside the training loop) is the limit today. So ``"auto"``
+    is ``"actor"``; ``"consumer"`` is there to be chosen, and measured, explicitly."""
     if requested != "auto":
         return requested
-    return "consumer" if has_gpu and not mps_daemon_running() else "actor"
+    return "actor"
 
 
 def _decorator_seed(pipeline_fn: Callable) -> int | None:
@@ -118,8 +122,8 @@ class Loader:
             their own, sharing the CUDA context of the training step (the actors send encoded bytes
             and per-sample parameters; see `consumer_stage`). ``"actor"``: in the loader actors,
             delivered by CUDA IPC — for consumers without a GPU, or nodes running an MPS daemon.
-            ``"auto"`` (default): ``"consumer"`` for a Train worker with a GPU and no MPS daemon
-            in sight, else ``"actor"``.
+            ``"auto"`` (default): the winner of the training benchmark, today ``"actor"`` (see
+            `resolve_gpu_stage`).
         actor_options: more ``ray.remote`` options for the actor (``runtime_env``, ``memory``...).
         **pipeline_args: override the pipeline's arguments (``batch_size``, ``py_num_workers``,
             ``shuffle``, ``seed``, ...) or go to the pipeline function, as ``@pipeline_def`` does.

@@ -20,7 +20,7 @@ import ray_extsrc.fn as fn  # noqa: E402
 from conftest import assert_no_segments_of  # noqa: E402
 from ray_extsrc import pipeline_def  # noqa: E402
 from ray_extsrc.host_batch import HostBatch, PackedBytes, pack_column, unpack_column  # noqa: E402
-from ray_extsrc.train import Loader, resolve_gpu_stage  # noqa: E402
+from ray_extsrc.train import Loader, mps_daemon_running, resolve_gpu_stage  # noqa: E402
 from ray_extsrc.types import SampleInfo  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -80,12 +80,14 @@ def test_pack_column_round_trips_bytes_and_copies_the_rest():
     assert hb.nbytes == 8 and len(hb.env()[3][0]) == 3
 
 
-def test_auto_picks_consumer_only_for_a_gpu_worker(monkeypatch, tmp_path):
-    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
-    assert resolve_gpu_stage("auto", has_gpu=True) == "consumer"
-    assert resolve_gpu_stage("auto", has_gpu=False) == "actor"
-    (tmp_path / "control").touch()  # an MPS daemon's control pipe: the actors' kernels overlap
+def test_auto_is_the_training_benchmarks_winner_and_stages_are_validated(monkeypatch, tmp_path):
+    # the actor stage won the training benchmark on an H200 (see resolve_gpu_stage); with or without MPS
     assert resolve_gpu_stage("auto", has_gpu=True) == "actor"
+    assert resolve_gpu_stage("auto", has_gpu=False) == "actor"
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert not mps_daemon_running()
+    (tmp_path / "control").touch()  # an MPS daemon's control pipe
+    assert mps_daemon_running()
     assert resolve_gpu_stage("consumer", has_gpu=False) == "consumer"
     with pytest.raises(ValueError, match="gpu_stage"):
         Loader(jpeg_pipeline, gpu_stage="trainer")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ray_extsrc import DecodeError, NoGPUWarning, fn, pipeline_def, types
-from ray_extsrc.sources import FileListSource
+from ray_extsrc.readers import FileListSource
 from ray_extsrc.synthetic import SMALL, make_jpeg_dataset
 
 pytestmark = pytest.mark.timeout(120)

@@ -41,7 +41,7 @@ from pathlib import Path
 from ._common import device_name, gpu_count, parse_result, result_stem
 from ._report import chart, table, timed_rates
 
-__all__ = ["main"]
+__all__ = ["main", "r1_main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

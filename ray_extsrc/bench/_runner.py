@@ -247,7 +247,7 @@ def run_nvimgcodec(args) -> dict:
     import torch
     from nvidia import nvimgcodec
 
-    from ..fn._crop_window import random_crop_window
+    from ..fn._random_crop_window import random_crop_window
 
     data = [np.frombuffer(b, np.uint8) for b in _read_all(args)]
     from ..fn.decoder_options import DecoderOptions

@@ -31,7 +31,6 @@ from ..types import SampleInfo
 
 __all__ = ["run_op", "assemble", "pipeline_stream", "consumer_fence", "wait_fence"]
 
-_immortal_streams: list = []
 _local = threading.local()  # the stream of the pipeline this thread ran last (for `assemble`)
 
 
@@ -41,15 +40,10 @@ def pipeline_stream(pipe: Any) -> Any:
     if stream is None:
         import cupy
 
+        from ._gpu.streams import loader_stream  # kept alive forever: see its docstring
+
         device_id = pipe.device_id if isinstance(pipe.device_id, int) else 0
-        with cupy.cuda.Device(device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0):
-            # At the default priority, which is CUDA's lowest: a training step on a stream of
-            # higher priority (torch.cuda.Stream(priority=-1)) goes first; on torch's default
-            # stream the two share the GPU equally.
-            stream = cupy.cuda.Stream(non_blocking=True)
-        # Never destroyed: decoded images (nvImageCodec) and outputs a consumer still holds may be
-        # freed on this stream after the pipeline is gone; a destroyed stream there crashes.
-        _immortal_streams.append(stream)
+        stream = loader_stream(device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0)
         pipe._gpu_stream = stream
     return stream
 
