@@ -31,6 +31,7 @@ import secrets
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -227,6 +228,20 @@ class Pipeline:
             raise ValueError(f"prefetch_queue_depth must be a positive int; got {prefetch_queue_depth!r}")
         if enable_conditionals:
             raise ValueError("enable_conditionals=True is not supported by ray_extsrc")
+        if not isinstance(py_num_workers, int) or isinstance(py_num_workers, bool) or py_num_workers < 1:
+            raise ValueError(
+                f"py_num_workers must be a positive int (the Python workers of parallel sources); got {py_num_workers!r}"
+            )
+        if set_affinity:
+            raise ValueError(
+                "set_affinity=True is not supported by ray_extsrc: its CPU work runs in forked Python "
+                "workers and nvImageCodec threads whose placement the OS decides; drop the argument"
+            )
+        if max_streams != -1:
+            raise ValueError(
+                f"max_streams={max_streams!r} is not supported by ray_extsrc: each pipeline uses one CUDA "
+                "stream of its own (plus one per decode thread); drop the argument"
+            )
         if py_start_method not in ("fork", "spawn"):
             raise ValueError(f"py_start_method must be 'fork' or 'spawn'; got {py_start_method!r}")
         self.batch_size = batch_size
@@ -255,7 +270,7 @@ class Pipeline:
         self._pool: WorkerPool | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._planned = False
-        self._gpu_retained = False  # holds the process's GPU decoders (see build/close)
+        self._gpu_release: weakref.finalize | None = None  # holds the process's GPU decoders (see build/close)
         # host stage only (a loader actor whose consumer runs the GPU stage): run() yields HostBatch
         self._host_only = False
         self._device_stage_open = False  # the consumer side: run_device() may be called
@@ -329,11 +344,12 @@ class Pipeline:
         self.state = State.BUILT
 
     def _retain_gpu(self) -> None:
-        if self._gpu_main and not self._gpu_retained:
+        if self._gpu_main and self._gpu_release is None:
             from .fn._gpu import decode
 
             decode.retain()  # the process's GPU decoders live while a GPU pipeline is open
-            self._gpu_retained = True
+            # released by close(), or when the pipeline is garbage-collected without it
+            self._gpu_release = weakref.finalize(self, decode.release)
 
     # -- split execution: host stage in one process, the main-stage ops in another ---------------
 
@@ -361,6 +377,10 @@ class Pipeline:
             self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
         self._retain_gpu()
         self._device_stage_open = True
+
+    def prep_of(self, op_id: int) -> DataNode | None:
+        """The output of GPU op ``op_id``'s per-sample host step run in the workers, if it has one."""
+        return self._prep_of.get(op_id)
 
     @property
     def has_device_stage(self) -> bool:
@@ -404,11 +424,9 @@ class Pipeline:
         if self._threads is not None:
             self._threads.shutdown(wait=True, cancel_futures=True)
             self._threads = None
-        if self._gpu_retained:
-            self._gpu_retained = False
-            from .fn._gpu import decode
-
-            decode.release()
+        if self._gpu_release is not None:
+            self._gpu_release()  # runs decode.release() once
+            self._gpu_release = None
         self._device_stage_open = False
         self.state = State.CLOSED
 

@@ -19,6 +19,7 @@ GPU op draws the same crop boxes as its CPU twin.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,12 +32,13 @@ from ..types import SampleInfo
 
 __all__ = ["run_op", "assemble", "pipeline_stream", "consumer_fence", "wait_fence"]
 
+_streams: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> its stream
 _local = threading.local()  # the stream of the pipeline this thread ran last (for `assemble`)
 
 
 def pipeline_stream(pipe: Any) -> Any:
     """The pipeline's own non-blocking stream (created on first use)."""
-    stream = getattr(pipe, "_gpu_stream", None)
+    stream = _streams.get(pipe)
     if stream is None:
         import cupy
 
@@ -44,7 +46,7 @@ def pipeline_stream(pipe: Any) -> Any:
 
         device_id = pipe.device_id if isinstance(pipe.device_id, int) else 0
         stream = loader_stream(device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0)
-        pipe._gpu_stream = stream
+        _streams[pipe] = stream
     return stream
 
 
@@ -110,7 +112,7 @@ def run_op(pipe: Any, node: OpNode, infos: Sequence[SampleInfo], env: dict) -> d
         else:
             inputs = [_to_gpu(env[x.source.op_id][x.index], stream) for x in node.inputs]
         args = {k: _host_values(env[x.source.op_id][x.index]) for k, x in node.arg_inputs.items()}
-        prep = getattr(pipe, "_prep_of", {}).get(node.op_id)
+        prep = pipe.prep_of(node.op_id)
         if prep is not None:  # the op's per-sample host step, done in the workers
             args[PREP_ARG] = env[prep.source.op_id][prep.index]
         if not getattr(op, "accepts_ptr_batch", False):

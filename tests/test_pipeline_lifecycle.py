@@ -1,0 +1,69 @@
+"""Pipeline arguments DALI has and we do not implement are refused by name; a GPU pipeline dropped
+without close() gives back its hold on the process's GPU decode threads (issue 12 bugs 4 and 5)."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+import ray_extsrc.fn as fn
+import ray_extsrc.pipeline as pipeline_mod
+from ray_extsrc import pipeline_def
+from ray_extsrc.fn._gpu import decode
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _source(info):
+    if info.iteration >= 2:
+        raise StopIteration
+    return np.zeros(4, np.uint8)
+
+
+@pytest.mark.parametrize("arg", [{"set_affinity": True}, {"max_streams": 4}])
+def test_unimplemented_pipeline_arguments_are_refused_by_name(arg):
+    @pipeline_def(batch_size=2, py_num_workers=1)
+    def p():
+        return fn.external_source(_source, batch=False, parallel=True)
+
+    with pytest.raises(ValueError, match=next(iter(arg))):
+        p(**arg)
+
+
+def test_defaults_of_those_arguments_are_accepted():
+    @pipeline_def(batch_size=2, py_num_workers=1, set_affinity=False, max_streams=-1)
+    def p():
+        return fn.external_source(_source, batch=False, parallel=True)
+
+    pipe = p()
+    pipe.close()
+
+
+def test_a_gpu_pipeline_dropped_without_close_releases_the_decode_threads(monkeypatch):
+    # Plan as a GPU process would (the ops get their GPU placement) without running a GPU op:
+    # building takes the hold on the decode threads; dropping the pipeline must give it back.
+    monkeypatch.setattr(pipeline_mod, "gpu_available", lambda: True)
+
+    @pipeline_def(batch_size=2, py_num_workers=1, device_id=0)
+    def p():
+        return fn.decoders.image(fn.external_source(_source, batch=False, parallel=True), device="mixed")
+
+    before = decode._users
+    pipe = p()
+    pipe.build()
+    assert decode._users == before + 1
+    del pipe
+    gc.collect()
+    assert decode._users == before
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5])
+def test_py_num_workers_must_be_positive(n):
+    @pipeline_def(batch_size=2)
+    def p():
+        return fn.external_source(_source, batch=False, parallel=True)
+
+    with pytest.raises(ValueError, match="py_num_workers"):
+        p(py_num_workers=n)
