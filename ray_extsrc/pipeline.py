@@ -5,14 +5,10 @@ Lifecycle (explicit, each illegal step says which state it is in)::
     DEFINED --start_py_workers()--> WORKERS_STARTED --build()--> BUILT --run()/reset()--> ...
        \\___________________________ build() _______________________/           close() -> CLOSED
 
-Execution plan, fixed when the workers start (before CUDA, since fork happens there):
-
-* the *worker stage* is every op that can run next to a parallel per-sample source: the sources
-  themselves and each CPU op fed only by them (random ops included: their draws depend only on
-  (seed, op, epoch, sample), so a worker computes the same value the main process would). A whole
-  CPU pipeline therefore runs in the workers and only finished samples cross shared memory;
-* the *main stage* is the rest (GPU ops, ops on non-parallel sources), run per batch in this process:
-  CPU ops on a thread pool of ``num_threads``, GPU ops batched.
+Execution plan: `plan.make_plan`, fixed when the workers start (before CUDA, since fork happens
+there): the *worker stage* runs in the Python workers, the *main stage* (GPU ops, ops on
+non-parallel sources) per batch in this process — or, split with `serve_host_stage` /
+`run_device`, in a consumer's process (`consumer_stage`).
 
 Sharding (used by the Ray layer, see `sharding`): with ``num_shards=R, shard_id=r``, local iteration i
 serves global batch ``g = i*R + r``; SampleInfo carries the global ``idx_in_epoch = g*B + j`` (or the
@@ -26,7 +22,6 @@ import dataclasses
 import enum
 import functools
 import inspect
-import os
 import secrets
 import threading
 import time
@@ -38,15 +33,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LifecycleError, SampleError
+from .errors import LifecycleError
 from .host_batch import HostBatch, pack_column
-from .graph import DataNode, Graph, OpNode, SampleContext, current_graph, graph_scope
+from .external_source import ExternalSourceOp, external_source, is_source
+from .graph import DataNode, Graph, OpNode, graph_scope
+from .plan import Plan, make_plan
 from .sharding import ShardLayout, epoch_permutation
-from .source import SourceKind, SourceSpec, chunk_samples, describe_source
+from .gpu_probe import gpu_available
+from .source import SourceKind, chunk_samples
 from .tensors import TensorListCPU, TensorListGPU, assemble_cpu
 from .types import BatchInfo, SampleInfo
 from .workers import WorkerPool
-from .workers.messages import TASK_BATCH, TASK_ITER, TASK_SAMPLES
+from .workers.messages import TASK_SAMPLES
 from .workers.pool import Chunk
 
 __all__ = ["Pipeline", "pipeline_def", "external_source", "NoGPUWarning", "State", "ExternalSourceOp", "gpu_available"]
@@ -66,134 +64,8 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class ExternalSourceOp:
-    """Graph marker for ``fn.external_source``: no computation of its own, just the source."""
-
-    name = "external_source"
-    device = "cpu"
-    is_random = False
-
-    def __init__(self, spec: SourceSpec) -> None:
-        self.spec = spec
-        self.num_outputs = spec.width
-
-
-def external_source(
-    source: Any = None,
-    num_outputs: int | None = None,
-    *,
-    batch: bool | None = None,
-    batch_info: bool = False,
-    parallel: bool = False,
-    dtype: Any = None,
-    device: str = "cpu",
-    layout: Any = None,
-    cycle: Any = None,
-    name: str | None = None,
-    prefetch_queue_depth: int | None = None,
-    no_copy: bool | None = None,
-) -> DataNode | tuple[DataNode, ...]:
-    """DALI's ``fn.external_source``: the data a user's ``source`` produces, as graph nodes."""
-    if device != "cpu":
-        raise ValueError(f"external_source: only device='cpu' sources are supported; got {device!r}")
-    if cycle not in (None, False):
-        raise ValueError(f"external_source: cycle={cycle!r} is not supported; end the epoch with StopIteration")
-    spec = describe_source(
-        source, num_outputs=num_outputs, batch=batch, batch_info=batch_info, parallel=parallel, dtype=dtype
-    )
-    node = current_graph().add(ExternalSourceOp(spec), (), {})
-    node.outputs = [DataNode(node, i, "cpu") for i in range(spec.width)]
-    return node.outputs[0] if num_outputs is None else tuple(node.outputs)
-
-
-def gpu_available() -> bool:
-    """A GPU this process may use, judged without initialising CUDA (that would forbid fork)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1", "NoDevFiles"):
-        return False
-    if not os.path.isdir("/proc/driver/nvidia/gpus") or not os.listdir("/proc/driver/nvidia/gpus"):
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("cupy") is not None
-
-
-def _is_parallel_sample_source(node: OpNode) -> bool:
-    return isinstance(node.op, ExternalSourceOp) and node.op.spec.parallel and node.op.spec.kind is SourceKind.SAMPLE
-
-
-def _is_source(node: OpNode) -> bool:
-    return isinstance(node.op, ExternalSourceOp)
-
-
-class _Evaluator:
-    """Evaluates a list of graph nodes for one sample (worker stage, or main-stage CPU ops)."""
-
-    def __init__(self, nodes: Sequence[OpNode], seed: int) -> None:
-        self.nodes = list(nodes)
-        self.seed = seed
-
-    def run(self, info: SampleInfo, env: dict[int, tuple], epoch_idx: int) -> dict[int, tuple]:
-        for node in self.nodes:
-            if _is_source(node):
-                env[node.op_id] = node.op.spec.call_sample(info)
-                continue
-            inputs = [env[x.source.op_id][x.index] for x in node.inputs]
-            args = {k: env[x.source.op_id][x.index] for k, x in node.arg_inputs.items()}
-            ctx = SampleContext.of(node, self.seed, epoch_idx, info)
-            try:
-                out = node.op.run_cpu(inputs, args, ctx)
-            except SampleError:
-                raise
-            except Exception as e:
-                e.add_note(f"in fn.{node.op.name} (op #{node.op_id}) for sample idx_in_epoch={info.idx_in_epoch}")
-                raise
-            env[node.op_id] = out if isinstance(out, tuple) else (out,)
-        return env
-
-
-class _WorkerPrep:
-    """The per-sample CPU step of a GPU op (``op.worker_prep``: header parsing, crop boxes, ...),
-    run in the workers so the GPU op's host side only gathers arrays."""
-
-    device = "cpu"
-    num_outputs = 1
-    is_random = True
-
-    def __init__(self, op: Any) -> None:
-        self.op = op
-        self.name = f"{op.name}[prep]"
-        self.seed = op.seed
-
-    def run_cpu(self, inputs, arg_inputs, ctx):
-        return self.op.worker_prep(inputs, arg_inputs, ctx)
-
-
 class _EndOfEpoch(Exception):
     """StopIteration, carried through a Future (which must not raise StopIteration itself)."""
-
-
-class _WorkerProgram:
-    """What the pool's workers run (see `workers.worker.WorkerProgram`)."""
-
-    def __init__(self, kind: str, evaluator: _Evaluator, exports: Sequence[DataNode], source: SourceSpec | None) -> None:
-        self.kind = kind
-        self.evaluator = evaluator
-        self.exports = [(x.source.op_id, x.index) for x in exports]
-        self.source = source
-
-    def run_sample(self, info: SampleInfo) -> tuple[np.ndarray, ...]:
-        env = self.evaluator.run(info, {}, info.epoch_idx)
-        return tuple(env[op_id][i] for op_id, i in self.exports)
-
-    def run_batch(self, info: BatchInfo) -> list[tuple[np.ndarray, ...]]:
-        return self.source.call_batch(info)
-
-    def start_epoch(self, epoch_idx: int) -> None:
-        self.source.start_epoch(epoch_idx)
-
-    def next_batch(self, info: BatchInfo) -> list[tuple[np.ndarray, ...]]:
-        return self.source.next_batch(info)
 
 
 class Pipeline:
@@ -270,6 +142,7 @@ class Pipeline:
         self._pool: WorkerPool | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._planned = False
+        self.plan: Plan | None = None  # fixed when the workers start (see `plan`)
         self._gpu_release: weakref.finalize | None = None  # holds the process's GPU decoders (see build/close)
         # host stage only (a loader actor whose consumer runs the GPU stage): run() yields HostBatch
         self._host_only = False
@@ -316,9 +189,9 @@ class Pipeline:
                 "call it once per pipeline, before build()"
             )
         self._plan()
-        if self._program is not None:
+        if self.plan.program is not None:
             self._pool = WorkerPool(
-                self._program,
+                self.plan.program,
                 self.py_num_workers,
                 start_method=self.py_start_method,
                 pickler=self.py_callback_pickler,
@@ -335,16 +208,16 @@ class Pipeline:
             return
         if self.state is State.DEFINED:
             self.start_py_workers()
-        if self._main_cpu and not self._host_only:
+        if self.plan.main_cpu and not self._host_only:
             self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
-        if self._async:
-            self._ahead_thread = ThreadPoolExecutor(self._ahead_depth, thread_name_prefix="ray_extsrc-ahead")
+        if self.plan.run_ahead:
+            self._ahead_thread = ThreadPoolExecutor(self.plan.ahead_depth, thread_name_prefix="ray_extsrc-ahead")
         if not self._host_only:
             self._retain_gpu()
         self.state = State.BUILT
 
     def _retain_gpu(self) -> None:
-        if self._gpu_main and self._gpu_release is None:
+        if self.plan.gpu_main and self._gpu_release is None:
             from .fn._gpu import decode
 
             decode.retain()  # the process's GPU decoders live while a GPU pipeline is open
@@ -373,21 +246,21 @@ class Pipeline:
             raise LifecycleError(f"open_device_stage() needs a fresh pipeline; this one is '{self.state.value}'")
         if not self._planned:
             self._plan()
-        if self._main_cpu and self._threads is None:
+        if self.plan.main_cpu and self._threads is None:
             self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
         self._retain_gpu()
         self._device_stage_open = True
 
     def prep_of(self, op_id: int) -> DataNode | None:
         """The output of GPU op ``op_id``'s per-sample host step run in the workers, if it has one."""
-        return self._prep_of.get(op_id)
+        return self.plan.prep_of.get(op_id)
 
     @property
     def has_device_stage(self) -> bool:
         """Whether any op runs after the host stage (else a HostBatch already holds the outputs)."""
         if not self._planned:
             self._plan()
-        return any(not _is_source(n) for n in self._main_nodes)
+        return any(not is_source(n) for n in self.plan.main_nodes)
 
     def run_device(self, batch: HostBatch, fence: Any = None, *, order_consumer: bool = True) -> tuple:
         """The outputs of ``batch`` after the main-stage ops (see `serve_host_stage`).
@@ -442,143 +315,36 @@ class Pipeline:
     # -- planning ----------------------------------------------------------------------------------
 
     def _plan(self) -> None:
-        if not self.outputs:
-            raise ValueError("the pipeline has no outputs: return them from the @pipeline_def function")
-        nodes = self.graph.nodes
-        self._use_gpu = self.device_id is not None and gpu_available()
-        self._device: dict[int, str] = {}
-        fallback = []
-        for node in nodes:
-            dev = node.op.device
-            if dev in ("gpu", "mixed") and (not self._use_gpu or getattr(node.op, "run_gpu", None) is None):
-                fallback.append(f"fn.{node.op.name}(device={dev!r})")
-                dev = "cpu"
-            self._device[node.op_id] = "cpu" if dev == "cpu" else "gpu"
+        """Fix the execution plan (see `plan.make_plan`), apply its op settings, warn once about
+        GPU ops that run on the CPU."""
+        plan = make_plan(
+            self.graph.nodes, self.outputs, use_gpu=self.device_id is not None and gpu_available(),
+            batch_size=self.batch_size, seed=self.seed, exec_async=self._exec_async,
+        )
+        if self.shuffle and plan.num_samples is None:
+            raise ValueError("shuffle=True needs per-sample sources that define __len__ (the number of samples)")
+        if (self.layout.num_shards > 1 or self.layout.ways > 1) and plan.has_iterable:
+            raise ValueError("an iterable source cannot be sharded (it is stateful); use a callable source")
+        plan.apply_to_ops(self.graph.nodes)
         global _warned_no_gpu
-        if fallback and not _warned_no_gpu:
+        if plan.cpu_fallback and not _warned_no_gpu:
             _warned_no_gpu = True
-            why = (
-                "no usable GPU in this process" if not self._use_gpu
-                else "their GPU implementation is not available"
-            )
+            why = "no usable GPU in this process" if not plan.use_gpu else "their GPU implementation is not available"
             warnings.warn(
-                f"ray_extsrc: {', '.join(fallback)} will run on the CPU: {why} "
+                f"ray_extsrc: {', '.join(plan.cpu_fallback)} will run on the CPU: {why} "
                 f"(device_id={self.device_id!r}). Results are the same; only speed differs.",
                 NoGPUWarning,
                 stacklevel=3,
             )
-        parallel_sample = [n for n in nodes if _is_parallel_sample_source(n)]
-        parallel_batch = [n for n in nodes if _is_source(n) and n.op.spec.parallel and n.op.spec.kind is not SourceKind.SAMPLE]
-        if parallel_batch and (parallel_sample or len(parallel_batch) > 1):
-            raise ValueError(
-                "a pipeline may have either per-sample parallel sources, or one batch/iterable "
-                "parallel source; split the others into another pipeline or make them parallel=False"
-            )
-        worker_ids: set[int] = set()
-        if parallel_sample:
-            for node in nodes:
-                deps = [x.source.op_id for x in (*node.inputs, *node.arg_inputs.values())]
-                if _is_parallel_sample_source(node) or (
-                    not _is_source(node)
-                    and self._device[node.op_id] == "cpu"
-                    and all(d in worker_ids for d in deps)
-                ):
-                    worker_ids.add(node.op_id)
-        elif parallel_batch:
-            worker_ids.add(parallel_batch[0].op_id)
-        used_by_main = [
-            x for n in nodes if n.op_id not in worker_ids for x in (*n.inputs, *n.arg_inputs.values())
-        ] + list(self.outputs)
-        exports: list[DataNode] = []
-        for x in used_by_main:
-            if x.source.op_id in worker_ids and x not in exports:
-                exports.append(x)
-        self._prep_of: dict[int, DataNode] = {}
-        worker_nodes = [n for n in nodes if n.op_id in worker_ids]
-        if parallel_sample:
-            for n in nodes:
-                deps = [x.source.op_id for x in (*n.inputs, *n.arg_inputs.values())]
-                if (
-                    n.op_id not in worker_ids and self._device[n.op_id] == "gpu"
-                    and hasattr(n.op, "worker_prep") and deps and all(d in worker_ids for d in deps)
-                ):
-                    prep = OpNode(_WorkerPrep(n.op), n.inputs, dict(n.arg_inputs), op_id=-1 - n.op_id, rng_key=n.op_id)
-                    prep.outputs = [DataNode(prep, 0, "cpu")]
-                    worker_nodes.append(prep)
-                    exports.append(prep.outputs[0])
-                    self._prep_of[n.op_id] = prep.outputs[0]
-        self._exports = exports
-        self._main_nodes = [n for n in nodes if n.op_id not in worker_ids]
-        self._main_cpu = any(self._device[n.op_id] == "cpu" and not _is_source(n) for n in self._main_nodes)
-        if parallel_sample:
-            ev = _Evaluator(worker_nodes, self.seed)
-            self._program: _WorkerProgram | None = _WorkerProgram(TASK_SAMPLES, ev, exports, None)
-        elif parallel_batch:
-            spec = parallel_batch[0].op.spec
-            spec.batch_size = self.batch_size
-            kind = TASK_ITER if spec.kind is SourceKind.ITERABLE else TASK_BATCH
-            self._program = _WorkerProgram(kind, _Evaluator([], self.seed), exports, spec)
-        else:
-            self._program = None
-        for n in nodes:
-            if _is_source(n):
-                n.op.spec.batch_size = self.batch_size
-        self._main_eval = _Evaluator(
-            [n for n in self._main_nodes if self._device[n.op_id] == "cpu" and not _is_source(n)], self.seed
-        )
-        self._enable_downscaled_decode(nodes)
-        self._num_samples = self._known_num_samples([n for n in nodes if _is_source(n)])
-        if self.shuffle and self._num_samples is None:
-            raise ValueError("shuffle=True needs per-sample sources that define __len__ (the number of samples)")
-        if (self.layout.num_shards > 1 or self.layout.ways > 1) and any(
-            _is_source(n) and n.op.spec.kind is SourceKind.ITERABLE for n in nodes
-        ):
-            raise ValueError("an iterable source cannot be sharded (it is stateful); use a callable source")
+        self.plan = plan
         self._perm: tuple[int, np.ndarray] | None = None
-        self._gpu_main = any(self._device[n.op_id] == "gpu" for n in self._main_nodes)
-        # Main stage one batch ahead in a background thread (DALI's exec_async/exec_pipelined):
-        # batch i+1's decode/augment overlaps the consumer's work on batch i.
-        self._async = self._exec_async and any(not _is_source(n) for n in self._main_nodes)
-        # GPU main stages run two batches at once: one batch's decode (a blocking call in its own
-        # thread) overlaps the other's gathering and kernels.
-        # In-process sources stay on one thread (batch callables and iterables are stateful).
-        in_process = any(_is_source(n) and not n.op.spec.parallel for n in nodes)
-        self._ahead_depth = 2 if self._gpu_main and not in_process else 1
         self._planned = True
-
-    def _enable_downscaled_decode(self, nodes: Sequence[OpNode]) -> None:
-        """A CPU random-crop decoder whose only consumer resizes to a fixed size may decode at a
-        reduced DCT scale (cheaper, and the resize hides it): tell the decoder that size."""
-        consumers: dict[int, list[OpNode]] = {}
-        for n in nodes:
-            for x in (*n.inputs, *n.arg_inputs.values()):
-                consumers.setdefault(x.source.op_id, []).append(n)
-        outputs = {x.source.op_id for x in self.outputs}
-        for n in nodes:
-            if not hasattr(n.op, "downscale_target") or self._device[n.op_id] != "cpu" or n.op_id in outputs:
-                continue
-            users = consumers.get(n.op_id, [])
-            ok = len(users) == 1 and self._device[users[0].op_id] == "cpu"
-            n.op.downscale_target = getattr(users[0].op, "fixed_output_size", None) if ok else None
-
-    @staticmethod
-    def _known_num_samples(sources: Sequence[OpNode]) -> int | None:
-        """Samples per epoch, when every source is per-sample and knows its length (``__len__``)."""
-        lengths = []
-        for n in sources:
-            if n.op.spec.kind is not SourceKind.SAMPLE:
-                return None
-            try:
-                lengths.append(len(n.op.spec.source))
-            except TypeError:
-                return None
-        return min(lengths) if lengths else None
 
     @property
     def _epoch_length(self) -> int | None:
-        if self._num_samples is None:
+        if self.plan.num_samples is None:
             return None
-        return self.layout.epoch_length(self._num_samples, self.batch_size)
+        return self.layout.epoch_length(self.plan.num_samples, self.batch_size)
 
     def epoch_size(self) -> int | None:
         """Batches this pipeline (this shard) yields per epoch, if the source has ``__len__``."""
@@ -591,9 +357,9 @@ class Pipeline:
         pipelines serve in turn, see `sharding`), if the source has ``__len__``."""
         if not self._planned:
             self._plan()
-        if self._num_samples is None:
+        if self.plan.num_samples is None:
             return None
-        return self.layout.shard_length(self._num_samples, self.batch_size)
+        return self.layout.shard_length(self.plan.num_samples, self.batch_size)
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -604,7 +370,7 @@ class Pipeline:
         if not self.shuffle:
             return position
         if self._perm is None or self._perm[0] != self.epoch_idx:
-            self._perm = (self.epoch_idx, epoch_permutation(self.seed, self.epoch_idx, self._num_samples))
+            self._perm = (self.epoch_idx, epoch_permutation(self.seed, self.epoch_idx, self.plan.num_samples))
         return int(self._perm[1][position])
 
     def _infos_of_global(self, g: int, only_last: bool = False) -> tuple[SampleInfo, ...]:
@@ -631,7 +397,7 @@ class Pipeline:
         while self._submitted < last:
             k = self._submitted
             g = self._global_iteration(k)
-            kind = self._program.kind
+            kind = self.plan.program.kind
             if kind == TASK_SAMPLES:
                 chunks = [Chunk(kind, samples=c) for c in chunk_samples(self._sample_infos(k), self.py_num_workers)]
                 probe = self._probe(k)
@@ -657,7 +423,7 @@ class Pipeline:
             )
         i = self._iteration
         try:
-            if self._async:
+            if self.plan.run_ahead:
                 self._fill_ahead(i)
                 _, fut = self._ahead.popleft()
                 outputs, self.last_timings = fut.result()
@@ -676,7 +442,7 @@ class Pipeline:
     def _fill_ahead(self, start: int) -> None:
         """Have batches ``start .. start + depth - 1`` (within the epoch) computing ahead."""
         nxt = self._ahead[-1][0] + 1 if self._ahead else start
-        while len(self._ahead) < self._ahead_depth and (self._epoch_length is None or nxt < self._epoch_length or not self._ahead):
+        while len(self._ahead) < self.plan.ahead_depth and (self._epoch_length is None or nxt < self._epoch_length or not self._ahead):
             self._ahead.append((nxt, self._ahead_thread.submit(self._compute, nxt, self._consumer_fence())))
             nxt += 1
 
@@ -684,7 +450,7 @@ class Pipeline:
         """Called in the consumer's thread: a marker after everything it queued on the GPU so far
         (its work on earlier batches), which the next batch's GPU work waits for before reusing
         memory those batches had."""
-        if not self._gpu_main:
+        if not self.plan.gpu_main:
             return None
         from .fn import _gpu_exec
 
@@ -703,7 +469,7 @@ class Pipeline:
                     self._submit_ahead(i)
                     samples = self._pool.collect(key)[: self.batch_size]  # minus the probe, if any
                     compute_s = self._pool.last_compute_s
-                for k, x in enumerate(self._exports):
+                for k, x in enumerate(self.plan.exports):
                     env.setdefault(x.source.op_id, {})[x.index] = [s[k] for s in samples]
             t1 = time.perf_counter()
             if self._host_only:
@@ -751,8 +517,8 @@ class Pipeline:
     def _run_sources(self, i: int, env: dict[int, dict[int, list]]) -> None:
         infos = self._sample_infos(i)
         g = self._global_iteration(i)
-        for node in self._main_nodes:
-            if _is_source(node):
+        for node in self.plan.main_nodes:
+            if is_source(node):
                 spec = node.op.spec
                 if spec.kind is SourceKind.SAMPLE:
                     for info in self._probe(i):
@@ -768,11 +534,11 @@ class Pipeline:
 
     def _run_ops(self, infos: Sequence[SampleInfo], env: dict, *, order_consumer: bool = True) -> tuple:
         """The main-stage ops for one batch (CPU ops on the thread pool, then GPU ops), assembled."""
-        cpu_nodes = {n.op_id for n in self._main_eval.nodes}
+        cpu_nodes = {n.op_id for n in self.plan.main_eval.nodes}
         if cpu_nodes:
             self._run_main_cpu(infos, env, infos[0].epoch_idx if infos else self.epoch_idx)
-        for node in self._main_nodes:
-            if node.op_id in cpu_nodes or _is_source(node):
+        for node in self.plan.main_nodes:
+            if node.op_id in cpu_nodes or is_source(node):
                 continue
             self._run_gpu_op(node, infos, env)
         return tuple(self._assemble(x, env, order_consumer) for x in self.outputs)
@@ -780,12 +546,12 @@ class Pipeline:
     def _run_main_cpu(self, infos: Sequence[SampleInfo], env: dict[int, dict[int, list]], epoch_idx: int) -> None:
         def one(j: int) -> dict[int, tuple]:
             sample_env = {op_id: _row(outs, j) for op_id, outs in env.items()}
-            return self._main_eval.run(infos[j], sample_env, epoch_idx)
+            return self.plan.main_eval.run(infos[j], sample_env, epoch_idx)
 
         if self._threads is None:  # build() makes the pool when the main stage has CPU ops
             raise LifecycleError("the pipeline is not built")
         results = list(self._threads.map(one, range(len(infos))))
-        for node in self._main_eval.nodes:
+        for node in self.plan.main_eval.nodes:
             env[node.op_id] = {
                 k: [r[node.op_id][k] for r in results] for k in range(node.op.num_outputs)
             }
@@ -798,7 +564,7 @@ class Pipeline:
     def _assemble(self, x: DataNode, env: dict, order_consumer: bool = True) -> TensorListCPU | TensorListGPU:
         data = env[x.source.op_id][x.index]
         layout = getattr(x.source.op, "output_layout_name", "")
-        if self._device.get(x.source.op_id) == "gpu":
+        if self.plan.device.get(x.source.op_id) == "gpu":
             from .fn import _gpu_exec
 
             return _gpu_exec.assemble(data, layout, order_consumer=order_consumer)

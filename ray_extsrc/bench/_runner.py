@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 
-from ._common import BATCH, GpuMemory, emit, timed, tree_rss_mb, versions  # noqa: E402 - light
+from ._common import BATCH, GpuMemory, emit, timed, versions  # noqa: E402 - light
 from ._report import multi_gpu  # noqa: E402 - light (matplotlib loads only to draw)
 
 

@@ -12,7 +12,7 @@ Call them inside a pipeline definition; each returns a `DataNode` (or a tuple of
 
 from __future__ import annotations
 
-from ..pipeline import external_source
+from ..external_source import external_source
 from . import decoders, random
 from .image import brightness_contrast, crop, crop_mirror_normalize, flip, resize
 

@@ -11,7 +11,7 @@ kernels. `assemble` makes the consumer's streams (CuPy's current stream and the 
 stream, which torch uses unless told otherwise) wait on an event recorded after the last kernel,
 so any GPU consumer, and ``as_cpu()``, see finished data without the loader blocking.
 
-Random decisions. The `SampleContext` of sample j is built exactly as `pipeline._Evaluator` builds
+Random decisions. The `SampleContext` of sample j is built exactly as `plan.Evaluator` builds
 it (seed = op seed or pipeline seed, op key = node id, epoch, idx from the batch's SampleInfo), so a
 GPU op draws the same crop boxes as its CPU twin.
 """
