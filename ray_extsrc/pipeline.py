@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import LifecycleError
 from .host_batch import HostBatch, pack_column
-from .external_source import ExternalSourceOp, external_source, is_source
+from .external_source import ExternalSourceOp, external_source, is_source, output_layout
 from .graph import DataNode, Graph, OpNode, graph_scope
 from .plan import Plan, make_plan
 from .sharding import ShardLayout, epoch_permutation
@@ -195,11 +195,20 @@ class Pipeline:
                 self.py_num_workers,
                 start_method=self.py_start_method,
                 pickler=self.py_callback_pickler,
-                slot_bytes=self.bytes_per_sample_hint * max(1, -(-self.batch_size // self.py_num_workers)),
+                slot_bytes=self._sample_bytes_hint() * max(1, -(-self.batch_size // self.py_num_workers)),
                 name=f"shard {self.layout.shard_id}/{self.layout.num_shards}" if self.layout.num_shards > 1 else "",
             )
             self._pool.start()
         self.state = State.WORKERS_STARTED
+
+    def _sample_bytes_hint(self) -> int:
+        """Shared-memory bytes to reserve per sample: each parallel source's ``bytes_per_sample_hint``
+        (``fn.external_source``'s, else the pipeline's), summed over the sources a sample comes from."""
+        hints = [
+            n.op.bytes_per_sample_hint or self.bytes_per_sample_hint
+            for n in self.graph.nodes if is_source(n) and n.op.spec.parallel
+        ]
+        return sum(hints) if hints else self.bytes_per_sample_hint
 
     def build(self) -> None:
         if self.state is State.CLOSED:
@@ -563,7 +572,7 @@ class Pipeline:
 
     def _assemble(self, x: DataNode, env: dict, order_consumer: bool = True) -> TensorListCPU | TensorListGPU:
         data = env[x.source.op_id][x.index]
-        layout = getattr(x.source.op, "output_layout_name", "")
+        layout = output_layout(x)
         if self.plan.device.get(x.source.op_id) == "gpu":
             from .fn import _gpu_exec
 

@@ -67,3 +67,60 @@ def test_py_num_workers_must_be_positive(n):
 
     with pytest.raises(ValueError, match="py_num_workers"):
         p(py_num_workers=n)
+
+
+def test_outputs_carry_their_real_layout():
+    simplejpeg = pytest.importorskip("simplejpeg")
+    jpeg = np.frombuffer(simplejpeg.encode_jpeg(np.zeros((16, 16, 3), np.uint8)), np.uint8)
+
+    def src(info):
+        if info.iteration >= 1:
+            raise StopIteration
+        return jpeg, np.zeros((4, 4, 3), np.uint8), np.int32([0])
+
+    @pipeline_def(batch_size=2, py_num_workers=1)
+    def p():
+        jpegs, raw, labels = fn.external_source(src, num_outputs=3, batch=False, parallel=True,
+                                                layout=["", "HWC", ""])
+        images = fn.decoders.image(jpegs)
+        return (images, fn.resize(images, size=(8, 8)), fn.crop_mirror_normalize(images),
+                fn.crop_mirror_normalize(images, output_layout="HWC"), fn.flip(raw), labels)
+
+    pipe = p()
+    outs = pipe.run()
+    assert [o.layout() for o in outs] == ["HWC", "HWC", "CHW", "HWC", "HWC", ""]
+    pipe.close()
+
+
+def test_external_source_layout_must_match_the_outputs():
+    @pipeline_def(batch_size=2, py_num_workers=1)
+    def p():
+        return fn.external_source(_source, num_outputs=1, batch=False, parallel=True, layout=["HWC", "CHW"])
+
+    with pytest.raises(ValueError, match="layout"):
+        p()
+
+
+def _segment_bytes() -> int:
+    import os
+
+    from conftest import our_shm
+
+    return max((os.stat(p).st_size for p in our_shm()), default=0)
+
+
+@pytest.mark.allow_children
+def test_bytes_per_sample_hint_of_a_source_sizes_the_shared_memory():
+    sizes = {}
+    for hint in (4096, 4 << 20):
+        @pipeline_def(batch_size=2, py_num_workers=1, bytes_per_sample_hint=1 << 20)
+        def p():
+            return fn.external_source(_source, batch=False, parallel=True, bytes_per_sample_hint=hint)
+
+        pipe = p()
+        pipe.run()
+        sizes[hint] = _segment_bytes()
+        pipe.close()
+    assert sizes[4096] < (1 << 20) <= 4 * (4 << 20) <= sizes[4 << 20]
+    with pytest.raises(ValueError, match="bytes_per_sample_hint"):
+        fn.external_source(_source, bytes_per_sample_hint=0)
