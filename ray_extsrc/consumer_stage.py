@@ -23,6 +23,7 @@ imported lazily.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -52,12 +53,7 @@ class ConsumerStage:
         self.pipe = pipeline_fn(**kwargs)
         if not isinstance(self.pipe, Pipeline):
             raise TypeError(f"{label}: the Loader's pipeline function must return a Pipeline; got {type(self.pipe).__name__}")
-        if self._gpu:
-            import cupy
-
-            with cupy.cuda.Device(device.index or 0):
-                self.pipe.open_device_stage()
-        else:
+        with self._on_device():
             self.pipe.open_device_stage()
         # Two batches at once on a GPU: one's nvImageCodec call (blocking, in its own thread)
         # overlaps the other's gathering and kernel launches.
@@ -66,13 +62,17 @@ class ConsumerStage:
     def submit(self, fetch: Callable[[], Any]) -> Future:
         """Start a batch: ``fetch()`` (run in the stage's thread) returns the actor's `BatchReply`;
         the future gives ``(reply, outputs)`` (outputs ``None`` at the end of the epoch)."""
-        fence = None
-        if self._gpu:
-            import cupy
-
-            with cupy.cuda.Device(self.device.index or 0):
-                fence = self.pipe.consumer_fence()
+        with self._on_device():
+            fence = self.pipe.consumer_fence()  # None without GPU ops
         return self._threads.submit(self._run, fetch, fence)
+
+    def _on_device(self) -> Any:
+        """This worker's GPU as CuPy's current device (this thread), or nothing on a CPU worker."""
+        if not self._gpu:
+            return contextlib.nullcontext()
+        import cupy
+
+        return cupy.cuda.Device(self.device.index or 0)
 
     def _run(self, fetch: Callable[[], Any], fence: Any) -> tuple[Any, tuple | None]:
         reply = fetch()
@@ -81,12 +81,8 @@ class ConsumerStage:
         batch = reply.outputs[0]
         if not isinstance(batch, HostBatch):
             raise TypeError(f"{self.label}: the loader actor sent outputs, not a HostBatch; its gpu_stage differs")
-        if self._gpu:
-            import cupy
-
-            with cupy.cuda.Device(self.device.index or 0):
-                return reply, self.pipe.run_device(batch, fence, order_consumer=False)
-        return reply, self.pipe.run_device(batch, order_consumer=False)
+        with self._on_device():
+            return reply, self.pipe.run_device(batch, fence, order_consumer=False)
 
     @property
     def last_main_ops_s(self) -> float:

@@ -290,10 +290,6 @@ class Pipeline:
         self.last_timings = {"main_ops_s": time.perf_counter() - t0}
         return outputs
 
-    def consumer_fence(self) -> Any:
-        """See `_consumer_fence` (public for the consumer-side GPU stage)."""
-        return self._consumer_fence()
-
     def close(self) -> None:
         """Stop the workers and free shared memory. Idempotent; also done at garbage collection."""
         self._drain_ahead()
@@ -452,10 +448,10 @@ class Pipeline:
         """Have batches ``start .. start + depth - 1`` (within the epoch) computing ahead."""
         nxt = self._ahead[-1][0] + 1 if self._ahead else start
         while len(self._ahead) < self.plan.ahead_depth and (self._epoch_length is None or nxt < self._epoch_length or not self._ahead):
-            self._ahead.append((nxt, self._ahead_thread.submit(self._compute, nxt, self._consumer_fence())))
+            self._ahead.append((nxt, self._ahead_thread.submit(self._compute, nxt, self.consumer_fence())))
             nxt += 1
 
-    def _consumer_fence(self) -> Any:
+    def consumer_fence(self) -> Any:
         """Called in the consumer's thread: a marker after everything it queued on the GPU so far
         (its work on earlier batches), which the next batch's GPU work waits for before reusing
         memory those batches had."""
