@@ -83,6 +83,23 @@ def tree_rss_mb(root: int | None = None) -> float:
     return total
 
 
+def loader_tree_rss_mb(it: Any) -> float:
+    """Host RSS of a `LoaderIterator`'s loader actors and their trees (zygote, Python workers):
+    Ray workers, not the caller's children, so they are found by pid (on the caller's node)."""
+    return sum(tree_rss_mb(it.describe(w)["pid"]) for w in range(it.ways))
+
+
+def pipeline_epoch(pipe: Any) -> Iterator[tuple]:
+    """One epoch of a built pipeline's outputs; `reset()` at its end, for the next epoch."""
+    while True:
+        try:
+            outputs = pipe.run()
+        except StopIteration:
+            pipe.reset()
+            return
+        yield outputs
+
+
 class GpuMemory:
     """Device-wide GPU memory in use (like nvidia-smi: every process's), sampled on demand; a no-op
     without CUDA. ``base`` (set by `mark`) is the figure before the loader started."""

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import cpu_model, emit, loadavg, parse_result, result_stem, timed, versions
+from ._common import cpu_model, emit, loadavg, parse_result, pipeline_epoch, result_stem, timed, versions
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "benchmarks"
@@ -88,12 +88,7 @@ def run_extsrc(args: argparse.Namespace) -> dict:
     pipe.build()
 
     def epoch():
-        while True:
-            try:
-                images, labels = pipe.run()
-            except StopIteration:
-                pipe.reset()
-                return
+        for images, labels in pipeline_epoch(pipe):
             labels.as_array()
             yield images.as_array()
 

@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 
-from ._common import BATCH, GpuMemory, emit, timed, versions  # noqa: E402 - light
+from ._common import BATCH, GpuMemory, emit, pipeline_epoch, timed, versions  # noqa: E402 - light
 from ._report import multi_gpu  # noqa: E402 - light (matplotlib loads only to draw)
 
 
@@ -44,12 +44,7 @@ def run_extsrc(args) -> dict:
     stages: dict[str, float] = {}
 
     def epoch():
-        while True:
-            try:
-                images, labels = pipe.run()
-            except StopIteration:
-                pipe.reset()
-                return
+        for images, _labels in pipeline_epoch(pipe):
             for k, v in pipe.last_timings.items():
                 stages[k] = stages.get(k, 0.0) + v
             stages["batches"] = stages.get("batches", 0) + 1
@@ -64,8 +59,9 @@ def run_extsrc(args) -> dict:
     pool = cupy.get_default_memory_pool()
     nb = max(1, stages.pop("batches", 1))
     per_batch_ms = {k: round(1000 * v / nb, 2) for k, v in stages.items()}
-    db = max(1, gpu_decode.STATS["batches"])
-    per_batch_ms.update({f"decode_{k}": round(1000 * v / db, 2) for k, v in gpu_decode.STATS.items() if k != "batches"})
+    decode_stats = gpu_decode.stats_snapshot()
+    db = max(1, decode_stats["batches"])
+    per_batch_ms.update({f"decode_{k}": round(1000 * v / db, 2) for k, v in decode_stats.items() if k != "batches"})
     print(f"  per-batch ms: {per_batch_ms}", file=sys.stderr, flush=True)
     return {"records": recs, **gpu.report(),
             "cupy_pool_total_mb": round(pool.total_bytes() / 2**20), "per_batch_ms": per_batch_ms,
@@ -78,19 +74,19 @@ def run_extsrc(args) -> dict:
 def _train_loop(config):
     import torch
 
-    from ray_extsrc.bench import _runner as me
+    from ray_extsrc.bench._common import GpuMemory, loader_tree_rss_mb, timed
 
     it = config["loader"].iter_torch_batches()
-    gpu = me.GpuMemory()
+    gpu = GpuMemory()
 
     def epoch():
         for batch in it:
             yield batch["images"]
 
-    recs = me.timed(epoch, config["epochs"], config["warmup"], gpu, torch.cuda.synchronize)
+    recs = timed(epoch, config["epochs"], config["warmup"], gpu, torch.cuda.synchronize)
     # The loader actors are Ray workers, not this process's children: their trees (actor, zygote,
     # Python workers, janitor) are measured here, on the same node, while they still run.
-    loader_rss = sum(me.tree_rss_mb(it.describe(w)["pid"]) for w in range(it.ways))
+    loader_rss = loader_tree_rss_mb(it)
     out = {"records": recs, **gpu.report(), "gpu_stage": getattr(it, "gpu_stage", None),
            "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20),
            "loader_tree_rss_mb": round(loader_rss, 1)}

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (
-    GpuMemory, cpu_model, device_name, emit, loadavg, parse_result, result_stem, timed, timed_rates, tree_rss_mb,
+    GpuMemory, cpu_model, device_name, emit, loadavg, parse_result, result_stem, timed, timed_rates, loader_tree_rss_mb,
     versions,
 )
 
@@ -109,7 +109,7 @@ def _feed(config: dict, dev: Any, gpu: GpuMemory) -> tuple[Any, Any, dict]:
     def describe() -> dict:
         out: dict[str, Any] = {"gpu_stage": getattr(it, "gpu_stage", None), "ways": it.ways}
         try:  # the loader actors are Ray workers, not this process's children: measured by pid
-            out["loader_tree_rss_mb"] = round(sum(tree_rss_mb(it.describe(w)["pid"]) for w in range(it.ways)), 1)
+            out["loader_tree_rss_mb"] = round(loader_tree_rss_mb(it), 1)
         except Exception as e:  # noqa: BLE001 - a figure, not the result
             out["loader_tree_rss_error"] = repr(e)
         try:
