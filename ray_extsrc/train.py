@@ -66,7 +66,7 @@ __all__ = ["Loader", "LoaderIterator", "NAMESPACE", "mps_daemon_running", "resol
 NAMESPACE = "ray_extsrc"
 _CLOSE_TIMEOUT_S = 10.0  # an actor's close() stops its workers (2 s SIGTERM grace) and unlinks shm
 _SET_BY_LOADER = ("num_shards", "shard_id", "device_id")
-_STAGES = ("worker_wait_s", "worker_compute_s", "main_ops_s", "encode_s", "delivery_s")
+_STAGES = ("worker_wait_s", "worker_compute_s", "main_ops_s", "encode_s", "fetch_s", "delivery_s")
 _GPU_STAGES = ("auto", "consumer", "actor")
 
 
@@ -612,6 +612,7 @@ class LoaderIterator:
         timings["delivery_s"] = delivery
         if self._stage is not None:
             timings["main_ops_s"] = self._stage.last_main_ops_s
+            timings["fetch_s"] = self._stage.last_fetch_s
         n = _batch_len(reply.outputs)
         self._batches += 1
         self._samples += n
@@ -637,8 +638,10 @@ class LoaderIterator:
         Stages: ``worker_wait_s`` (the actor waiting for its Python workers), ``worker_compute_s``
         (workers running the source and worker-side ops, summed over workers), ``main_ops_s``
         (main-stage ops: GPU decode/augment), ``encode_s`` (the actor preparing the batch for
-        transport), ``delivery_s`` (this Train worker waiting in ``ray.get``: near zero when the
-        loader keeps up). ``samples_per_s`` counts the training step's time too: it is the rate the
+        transport), ``fetch_s`` (with the consumer-side GPU stage: its thread waiting in ``ray.get``
+        for the host batch), ``delivery_s`` (this Train worker waiting for the batch: near zero when
+        the loader keeps up). With the consumer-side stage on a GPU, ``decode_*`` give this
+        process's GPU decode timings (cumulative seconds, ``decode_batches``). ``samples_per_s`` counts the training step's time too: it is the rate the
         Train worker actually consumed at. The same numbers go to Ray metrics
         (``ray_extsrc_stage_seconds``, ``ray_extsrc_samples_per_second``, tagged ``loader``, ``rank``).
         """
@@ -658,6 +661,8 @@ class LoaderIterator:
             "gpu_stage": self.gpu_stage,
         }
         out.update({k: self._totals[k] / b for k in _STAGES})
+        if self._stage is not None:
+            out.update({f"decode_{k}": v for k, v in self._stage.decode_stats().items()})
         return out
 
 
