@@ -38,6 +38,51 @@ def host_batches(root: str, n: int) -> list:
     return out
 
 
+def kernel_times(make_stage, fed, steps: int) -> None:
+    """GPU milliseconds per batch of the stage's resize and crop-mirror-normalize kernels (CUDA
+    events around each call, on the GPU with nothing else running), and the stage's wall time."""
+    import cupy
+
+    from ray_extsrc.fn._gpu import kernels, ops
+
+    marks: dict[str, list] = {"resize": [], "crop_mirror_normalize": []}
+
+    def timed(name, fn):
+        def run(*a, **k):
+            s = cupy.cuda.get_current_stream()
+            e0 = s.record()
+            out = fn(*a, **k)
+            marks[name].append((e0, s.record()))
+            return out
+        return run
+
+    saved = {n: getattr(kernels, n) for n in marks}
+    for n in marks:
+        setattr(ops.kernels, n, timed(n, saved[n]))
+    try:
+        stage, _ = make_stage(2)
+        it = fed(stage, 1)  # one batch at a time: the events bracket that batch's kernels only
+        for _ in range(5):
+            next(it)
+        for n in marks:
+            marks[n].clear()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            next(it)
+        cupy.cuda.Device().synchronize()
+        wall = time.perf_counter() - t0
+        rec = {"phase": "stage_kernels", "images_per_s": round(steps * BATCH / wall)}
+        for n, pairs in marks.items():
+            ms = [cupy.cuda.get_elapsed_time(a, b) for a, b in pairs]
+            rec[f"{n}_gpu_ms_per_batch"] = round(sum(ms) / max(1, len(ms)), 3)
+        print(json.dumps(rec), flush=True)
+        it.close()
+        stage.close()
+    finally:
+        for n, fn in saved.items():
+            setattr(kernels, n, fn)
+
+
 class ThreadClock:
     """CPU seconds used by the stage's threads (each thread adds its own ``thread_time`` deltas)."""
 
@@ -201,6 +246,8 @@ def main() -> int:
 
     configs = [c for c in args.configs.split(";")]
     hp = torch.cuda.Stream(device=dev, priority=torch.cuda.Stream.priority_range()[1])
+    if "kernels" in args.phases:
+        kernel_times(make_stage, fed, args.steps)
     for model_name in args.model.split(","):
         model = build_model(model_name).to(dev, memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

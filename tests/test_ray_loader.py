@@ -170,6 +170,39 @@ def test_backpressure_keeps_at_most_prefetch_batches_requested():
         it.close()
 
 
+def test_the_next_epoch_is_requested_while_one_ends_and_dropped_on_a_new_position():
+    loader = make_loader(n=24, shuffle=True, prefetch_batches=2)  # 6 batches; the order changes per epoch
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    try:
+        epochs = [[labels(b) for b in it] for _ in range(2)]
+        # the first two batches of epoch 2 were asked for while epoch 1 ended
+        assert it.describe()["cursor"] == (2, 0, 2)
+        for e in epochs:
+            assert len(e) == 6 and sorted(i for b in e for i in b) == list(range(24))
+        assert epochs[0] != epochs[1]  # shuffled per epoch: carried batches of the wrong epoch would show
+        # a saved position replaces the carried requests: the resumed epoch is the saved one
+        it.load_state_dict({"epoch_idx": 1, "consumed_batches": 3, "seed": loader.seed})
+        assert [labels(b) for b in it] == epochs[1][3:]
+        # the carried epoch-2 batches are what a fresh run of epoch 2 gives
+        third = [labels(b) for b in it]
+        other = make_loader(n=24, shuffle=True, prefetch_batches=2)
+        ref = other.iter_torch_batches(state={"epoch_idx": 2, "consumed_batches": 0, "seed": loader.seed},
+                                       rank=0, world_size=1)
+        try:
+            assert [labels(b) for b in ref] == third
+        finally:
+            ref.close()
+        # leaving an epoch early carries nothing: the next `for` finishes that epoch
+        for k, _ in enumerate(it):
+            if k == 1:
+                break
+        assert it._carry is None
+        assert len([b for b in it]) == 4
+    finally:
+        it.close()
+    assert_no_shm_left([it])
+
+
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_killed_loader_actor_restarts_and_resumes_at_the_waited_batch(how):
     loader = make_loader(n=60, delay=0.01)  # 15 batches; slow, so the kill lands mid-call
