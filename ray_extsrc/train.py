@@ -80,14 +80,16 @@ def mps_daemon_running() -> bool:
 
 def resolve_gpu_stage(requested: str, has_gpu: bool) -> str:
     """``Loader(gpu_stage=...)`` for one Train worker. ``"auto"`` is the stage that won the training
-    benchmark (``ray-extsrc bench --train``): on an H200, 2026-12-01, ResNet-50 ran at 0.78x of
-    synthetic fed by the actor stage and 0.65-0.69x by the consumer stage, ResNet-18 at 0.55x and
-    0.36x (benchmarks/results/train-2026-12-01-h200-*.json): the consumer stage's host work (one
-    process driving decode and kernels beside the training loop) is the limit today. So ``"auto"``
-    is ``"actor"``; ``"consumer"`` is there to be chosen, and measured, explicitly."""
+    benchmark (``ray-extsrc bench --train``) for a Train worker with a GPU: on an H200, 2026-12-02,
+    in one run, ResNet-50 ran at 0.875x of synthetic fed by the consumer stage and 0.79x by the
+    actor stage; ResNet-18 at 0.62x and 0.63x (benchmarks/results/train-2026-12-02-h200-*.json),
+    and the consumer stage adds less GPU memory (one CUDA context per GPU). So ``"auto"`` is
+    ``"consumer"`` there — unless a CUDA MPS daemon runs (`mps_daemon_running`): then the actors'
+    kernels run concurrently with the step instead of taking turns, which is what the actor stage
+    lacked. A Train worker without a GPU gets ``"actor"`` (the actors run the whole pipeline)."""
     if requested != "auto":
         return requested
-    return "actor"
+    return "consumer" if has_gpu and not mps_daemon_running() else "actor"
 
 
 def _decorator_seed(pipeline_fn: Callable) -> int | None:
@@ -122,7 +124,8 @@ class Loader:
             their own, sharing the CUDA context of the training step (the actors send encoded bytes
             and per-sample parameters; see `consumer_stage`). ``"actor"``: in the loader actors,
             delivered by CUDA IPC — for consumers without a GPU, or nodes running an MPS daemon.
-            ``"auto"`` (default): the winner of the training benchmark, today ``"actor"`` (see
+            ``"auto"`` (default): the winner of the training benchmark: ``"consumer"`` for a Train
+            worker with a GPU on a node without an MPS daemon, else ``"actor"`` (see
             `resolve_gpu_stage`).
         actor_options: more ``ray.remote`` options for the actor (``runtime_env``, ``memory``...).
         **pipeline_args: override the pipeline's arguments (``batch_size``, ``py_num_workers``,

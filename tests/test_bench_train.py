@@ -46,7 +46,7 @@ def test_cpu_training_benchmark_end_to_end(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     [path] = out.glob("train-*.json")
     doc = json.loads(path.read_text())
-    assert doc["device"].startswith("cpu") and doc["date"] and doc["mps"] is False
+    assert doc["device"].startswith("cpu") and doc["date"] and doc["mps"] is False and doc["complete"] is True
     assert doc["step"]["optimizer"] == "SGD(lr=0.1, momentum=0.9)"
     for key in ("tiny/synthetic", "tiny/extsrc-auto"):
         s = doc["summary"][key]

@@ -364,6 +364,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     mps = Mps() if args.mps else None
     runs: list[dict] = []
     errors: dict[str, list[str]] = {}
+    device = device_name() if args.device == "gpu" else f"cpu {cpu_model() or platform.machine()}"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stem = result_stem(args.out, "train", device)
+
+    def write(complete: bool) -> dict:
+        # after every run, so a run stopped from outside (a time limit) keeps what it measured
+        doc = {"benchmark": "train", "date": dt.datetime.now().isoformat(timespec="seconds"), "device": device,
+               "host": platform.node(), "cpus": os.cpu_count(), "mps": bool(mps),
+               "mps_dirs": {"pipe": mps.pipe, "log": mps.log} if mps else None, "step": STEP,
+               "args": {**vars(args), "models": models, "feeds": feeds}, "data": {"root": root, "spec": spec.to_dict()},
+               "complete": complete, "summary": _summary(runs), "runs": runs, "errors": errors}
+        Path(f"{stem}.json").write_text(json.dumps(doc, indent=1))
+        return doc
+
     try:
         for r in range(args.rounds):
             for model in models:
@@ -371,19 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     res = _run(args, root, model, feed, r, errors)
                     if res is not None:
                         runs.append(res)
+                    write(complete=False)
     finally:
         if mps is not None:
             mps.stop()
-    summary = _summary(runs)
-    device = device_name() if args.device == "gpu" else f"cpu {cpu_model() or platform.machine()}"
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    stem = result_stem(args.out, "train", device)
-    doc = {"benchmark": "train", "date": dt.datetime.now().isoformat(timespec="seconds"), "device": device,
-           "host": platform.node(), "cpus": os.cpu_count(), "mps": bool(mps),
-           "mps_dirs": {"pipe": mps.pipe, "log": mps.log} if mps else None, "step": STEP,
-           "args": {**vars(args), "models": models, "feeds": feeds}, "data": {"root": root, "spec": spec.to_dict()},
-           "summary": summary, "runs": runs, "errors": errors}
-    Path(f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    summary = write(complete=True)["summary"]
     print(table(summary))
     try:
         if chart(summary, f"{stem}.png", title=f"training step ({args.batch} x {args.size}^2, bf16) on "
