@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .. import types
-from ..graph import DataNode
+from ..graph import DataNode, add_op
 
 
 class _PerSample:
@@ -49,6 +49,21 @@ def reject_unsupported(op_name: str, unsupported: Mapping[str, Any], supported: 
             f"fn.{op_name}: unsupported argument(s) {names}; ray_extsrc implements only "
             f"{', '.join(supported)}"
         )
+
+
+def build(
+    op_cls: type, inputs: tuple, device: str | None, seed: int | None,
+    unsupported: Mapping[str, Any], per_sample_ok: Sequence[str], args: dict[str, Any],
+    also_supported: Sequence[str] = (),
+) -> Any:
+    """The body of a public ``fn.x(...)``: refuse unknown kwargs by name, route DataNode arguments
+    to ``add_op``, construct the op. ``also_supported`` names arguments the public function
+    handled itself (they only appear in the refusal message)."""
+    reject_unsupported(op_cls.name, unsupported, ("device", "seed", *args, *also_supported))
+    if device is None:  # as in DALI: an op on GPU data runs on the GPU unless told otherwise
+        device = "gpu" if any(x.device == "gpu" for x in inputs if isinstance(x, DataNode)) else "cpu"
+    consts, nodes = split_args(op_cls.name, per_sample_ok, **args)
+    return add_op(op_cls(device, seed, **consts), *inputs, **nodes)
 
 
 def split_args(

@@ -15,10 +15,43 @@ contract: changing it changes every box.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["random_crop_window"]
+from . import _args
+
+__all__ = ["RandomCropArgs", "random_crop_window"]
+
+
+@dataclass(frozen=True, slots=True)
+class RandomCropArgs:
+    """DALI's ``RandomCropAttr`` arguments, validated: shared by ``fn.decoders.image_random_crop``
+    and ``fn.random_resized_crop`` so both draw their boxes from the same parameters."""
+
+    random_area: tuple[float, float] = (0.08, 1.0)
+    random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    num_attempts: int = 10
+
+    @classmethod
+    def parse(cls, op: str, random_area: Any, random_aspect_ratio: Any, num_attempts: Any) -> RandomCropArgs:
+        area = _args.range_pair(op, "random_area", random_area)
+        if area[0] <= 0 or area[1] > 1:
+            raise ValueError(f"fn.{op}: random_area must lie in (0, 1]; got {random_area!r}")
+        aspect = _args.range_pair(op, "random_aspect_ratio", random_aspect_ratio)
+        if aspect[0] <= 0:
+            raise ValueError(f"fn.{op}: random_aspect_ratio must be > 0; got {random_aspect_ratio!r}")
+        is_int = isinstance(num_attempts, (int, np.integer)) and not isinstance(num_attempts, bool)
+        if not is_int or num_attempts < 1:
+            raise ValueError(f"fn.{op}: num_attempts must be an int >= 1; got {num_attempts!r}")
+        return cls(area, aspect, int(num_attempts))
+
+    def window(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+        """This sample's ``(y, x, h, w)`` box (see `random_crop_window`)."""
+        return random_crop_window(
+            rng, height, width, self.random_area, self.random_aspect_ratio, self.num_attempts
+        )
 
 
 def random_crop_window(

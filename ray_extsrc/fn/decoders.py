@@ -6,10 +6,15 @@ pixel tolerance. The GPU decoders' settings are a `DecoderOptions`, given to the
 arguments of the same names (``hw_decoder_load=0.8``, ``decode_threads=1``, ...) or whole
 (``decoder_options=DecoderOptions(...)``), validated at construction and kept as
 ``op.decoder_options``.
+
+``image_crop`` and ``image_slice`` decode the whole image and cut their region from it (the CPU
+decoders have no region decode); they have no GPU twin yet, so ``device="mixed"`` runs them on
+the CPU.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,10 +23,15 @@ import numpy as np
 from .. import types
 from ..graph import DataNode, Operator, SampleContext, add_op
 from . import _args, _codec
-from ._random_crop_window import random_crop_window
+from ._crop_spec import CropSpec
+from ._random_crop_window import RandomCropArgs
+from ._slice_spec import NAMED_ARGS, SliceSpec
 from .decoder_options import OPTION_NAMES, DecoderOptions
 
-__all__ = ["image", "image_random_crop", "ImageDecoder", "ImageRandomCropDecoder"]
+__all__ = [
+    "image", "image_random_crop", "image_crop", "image_slice",
+    "ImageDecoder", "ImageRandomCropDecoder", "ImageCropDecoder", "ImageSliceDecoder",
+]
 
 # libjpeg-turbo scales 1/2, 1/4 and 1/8 with fast SIMD IDCTs; its other factors (7/8, 3/4, ...)
 # were measured slower than decoding at full size, so they are never used.
@@ -96,20 +106,11 @@ class ImageRandomCropDecoder(ImageDecoder):
         **options: Any,
     ) -> None:
         super().__init__(device, seed, output_type=output_type, decoder_options=decoder_options, **options)
-        lo, hi = _args.range_pair(self.name, "random_area", random_area)
-        if lo <= 0 or hi > 1:
-            raise ValueError(f"fn.{self.name}: random_area must lie in (0, 1]; got {random_area!r}")
-        self.random_area = (lo, hi)
-        lo, hi = _args.range_pair(self.name, "random_aspect_ratio", random_aspect_ratio)
-        if lo <= 0:
-            raise ValueError(
-                f"fn.{self.name}: random_aspect_ratio must be > 0; got {random_aspect_ratio!r}"
-            )
-        self.random_aspect_ratio = (lo, hi)
-        is_int = isinstance(num_attempts, (int, np.integer)) and not isinstance(num_attempts, bool)
-        if not is_int or num_attempts < 1:
-            raise ValueError(f"fn.{self.name}: num_attempts must be an int >= 1; got {num_attempts!r}")
-        self.num_attempts = int(num_attempts)
+        crop = RandomCropArgs.parse(self.name, random_area, random_aspect_ratio, num_attempts)
+        self.random_area = crop.random_area
+        self.random_aspect_ratio = crop.random_aspect_ratio
+        self.num_attempts = crop.num_attempts
+        self._crop_args = crop
         self._downscale_target: tuple[int, int] | None = None
 
     @property
@@ -130,9 +131,7 @@ class ImageRandomCropDecoder(ImageDecoder):
 
     def crop_window(self, ctx: SampleContext, height: int, width: int) -> tuple[int, int, int, int]:
         """The sample's ``(y, x, h, w)`` box in full-resolution pixels."""
-        return random_crop_window(
-            ctx.rng(), height, width, self.random_area, self.random_aspect_ratio, self.num_attempts
-        )
+        return self._crop_args.window(ctx.rng(), height, width)
 
     def run_cpu(
         self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
@@ -178,6 +177,76 @@ class ImageRandomCropDecoder(ImageDecoder):
             if h >= th and w >= tw:
                 return denom
         return 1
+
+
+class ImageCropDecoder(ImageDecoder):
+    """``fn.decoders.image_crop``: decode, then keep a fixed-size window at a relative position
+    (DALI's ``CropAttr``: ``crop = (h, w)`` or ``crop_h``/``crop_w``, anchored at
+    ``round(crop_pos * (extent - crop))``, see `CropSpec`). A window that leaves the image is
+    refused, as DALI's decoders do.
+
+    The CPU path decodes the whole image and slices it (libjpeg-turbo through simplejpeg has no
+    region decode). No GPU twin yet: ``device="mixed"`` runs this CPU implementation.
+    """
+
+    name = "decoders.image_crop"
+    run_gpu = None  # ImageDecoder's batched GPU decode would return the whole image
+
+    def __init__(
+        self, device: str = "cpu", seed: int | None = None, *, output_type: Any = types.RGB,
+        crop: Any = None, crop_h: Any = None, crop_w: Any = None, crop_pos_x: Any = 0.5,
+        crop_pos_y: Any = 0.5, decoder_options: DecoderOptions | None = None, **options: Any,
+    ) -> None:
+        super().__init__(device, seed, output_type=output_type, decoder_options=decoder_options, **options)
+        self.crop = CropSpec.parse(self.name, crop, crop_h, crop_w, crop_pos_x, crop_pos_y, "error", 0)
+
+    def run_cpu(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        img = super().run_cpu(inputs, arg_inputs, ctx)
+        H, W = img.shape[:2]
+        y, x, h, w = self.crop.window(self.name, H, W, arg_inputs)
+        if y < 0 or x < 0 or y + h > H or x + w > W:
+            raise ValueError(
+                f"fn.{self.name}: crop window {h}x{w} does not fit the {H}x{W} image; the decoders "
+                "refuse windows that leave the image, as DALI's do. Use a smaller crop, or decode "
+                "with fn.decoders.image and pad with fn.crop(..., out_of_bounds_policy='pad')"
+            )
+        return np.ascontiguousarray(img[y : y + h, x : x + w])
+
+
+class ImageSliceDecoder(ImageDecoder):
+    """``fn.decoders.image_slice``: decode, then keep the region given by DALI's slice arguments
+    (see `SliceSpec`): named ``start``/``rel_start`` with ``end``/``rel_end``/``shape``/``rel_shape``,
+    or positional ``anchor`` and ``shape`` inputs, in ``axis_names`` order (default ``"WH"``).
+
+    Decodes the whole image, then slices. No GPU twin yet: ``device="mixed"`` runs this CPU path.
+    """
+
+    name = "decoders.image_slice"
+    run_gpu = None  # ImageDecoder's batched GPU decode would return the whole image
+
+    def __init__(
+        self, device: str = "cpu", seed: int | None = None, *, output_type: Any = types.RGB,
+        positional: bool = False, start: Any = None, rel_start: Any = None, end: Any = None,
+        rel_end: Any = None, shape: Any = None, rel_shape: Any = None, axes: Any = None,
+        axis_names: Any = None, normalized_anchor: Any = None, normalized_shape: Any = None,
+        decoder_options: DecoderOptions | None = None, **options: Any,
+    ) -> None:
+        super().__init__(device, seed, output_type=output_type, decoder_options=decoder_options, **options)
+        named = dict(start=start, rel_start=rel_start, end=end, rel_end=rel_end, shape=shape, rel_shape=rel_shape)
+        self.slice = SliceSpec.parse(
+            self.name, positional, named, axes, axis_names, normalized_anchor, normalized_shape
+        )
+        self.positional = positional
+
+    def run_cpu(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        img = super().run_cpu(inputs[:1], arg_inputs, ctx)
+        anchor, shape = (inputs[1], inputs[2]) if self.positional else (None, None)
+        y, x, h, w = self.slice.window(self.name, img.shape[0], img.shape[1], arg_inputs, anchor, shape)
+        return np.ascontiguousarray(img[y : y + h, x : x + w])
 
 
 def _scaled_size(header: _codec.Header, denom: int) -> tuple[int, int]:
@@ -248,6 +317,62 @@ def image_random_crop(
         decoder_options=decoder_options, **options,
     )
     return add_op(ImageRandomCropDecoder(device, seed, **consts), data, **nodes)
+
+
+def image_crop(
+    data: DataNode, *, device: str = "cpu", output_type: Any = types.RGB, crop: Any = None,
+    crop_h: Any = None, crop_w: Any = None, crop_pos_x: Any = 0.5, crop_pos_y: Any = 0.5,
+    seed: int | None = None, decoder_options: DecoderOptions | None = None, **options: Any,
+) -> DataNode:
+    """Decode each image and keep a ``crop = (h, w)`` window at ``crop_pos_x/y`` (DALI's
+    ``fn.decoders.image_crop``); ``crop_h``/``crop_w``/``crop_pos_x``/``crop_pos_y`` may be
+    per-sample DataNodes. Decoder settings as for `image`."""
+    names = ("crop", "crop_h", "crop_w", "crop_pos_x", "crop_pos_y")
+    options = _decoder_kwargs(ImageCropDecoder.name, (*_IMAGE_ARGS, *names), options)
+    consts, nodes = _args.split_args(
+        ImageCropDecoder.name, ("crop_h", "crop_w", "crop_pos_x", "crop_pos_y"),
+        output_type=output_type, crop=crop, crop_h=crop_h, crop_w=crop_w, crop_pos_x=crop_pos_x,
+        crop_pos_y=crop_pos_y, decoder_options=decoder_options, **options,
+    )
+    return add_op(ImageCropDecoder(device, seed, **consts), data, **nodes)
+
+
+def image_slice(
+    data: DataNode, anchor: DataNode | None = None, shape_input: DataNode | None = None, /, *,
+    device: str = "cpu", output_type: Any = types.RGB, start: Any = None, rel_start: Any = None,
+    end: Any = None, rel_end: Any = None, shape: Any = None, rel_shape: Any = None,
+    axes: Any = None, axis_names: Any = None, normalized_anchor: Any = None,
+    normalized_shape: Any = None, seed: int | None = None,
+    decoder_options: DecoderOptions | None = None, **options: Any,
+) -> DataNode:
+    """Decode each image and keep a region (DALI's ``fn.decoders.image_slice``): two positional
+    inputs ``(anchor, shape)``, or the named ``start``/``rel_start``/``end``/``rel_end``/``shape``/
+    ``rel_shape`` (per-sample DataNodes allowed), in ``axis_names`` order (default ``"WH"``).
+    Decoder settings as for `image`."""
+    op_name = ImageSliceDecoder.name
+    positional = anchor is not None or shape_input is not None
+    for what, x in (("data", data), ("anchor", anchor), ("shape", shape_input)):
+        if (x is not None or what == "data" or positional) and not isinstance(x, DataNode):
+            raise TypeError(
+                f"fn.{op_name}: positional input {what} must be a DataNode (anchor and shape come "
+                f"together); got {type(x).__name__}"
+            )
+    if not positional and (normalized_anchor is not None or normalized_shape is not None):
+        warnings.warn(  # DALI warns too
+            f"fn.{op_name}: normalized_anchor/normalized_shape only apply to the positional anchor "
+            "and shape inputs; they have no effect on named slice arguments",
+            UserWarning, stacklevel=2,
+        )
+    names = (*NAMED_ARGS, "axes", "axis_names", "normalized_anchor", "normalized_shape")
+    options = _decoder_kwargs(op_name, (*_IMAGE_ARGS, *names), options)
+    consts, nodes = _args.split_args(
+        op_name, NAMED_ARGS, output_type=output_type, start=start, rel_start=rel_start, end=end,
+        rel_end=rel_end, shape=shape, rel_shape=rel_shape, axes=axes, axis_names=axis_names,
+        normalized_anchor=normalized_anchor, normalized_shape=normalized_shape,
+        decoder_options=decoder_options, **options,
+    )
+    inputs = (data, anchor, shape_input) if positional else (data,)
+    return add_op(ImageSliceDecoder(device, seed, positional=positional, **consts), *inputs, **nodes)
 
 
 def _prep_row(op: ImageDecoder, raw: np.ndarray, ctx: SampleContext, random_crop: bool) -> np.ndarray:

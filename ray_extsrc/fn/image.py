@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import types
-from ..graph import DataNode, Operator, SampleContext, add_op
+from ..graph import DataNode, Operator, SampleContext
 from . import _args, _normalize
 from ._args import PER_SAMPLE
 from ._resize import Sizing, resample
@@ -299,18 +299,6 @@ class BrightnessContrast(Operator):
 # --- public functions ----------------------------------------------------------------------------
 
 
-def _build(
-    op_cls: type[Operator], inputs: tuple, device: str, seed: int | None,
-    unsupported: Mapping[str, Any], per_sample_ok: Sequence[str], args: dict[str, Any],
-) -> DataNode:
-    """Refuse unknown kwargs, route DataNode arguments to ``add_op``, construct the op."""
-    _args.reject_unsupported(op_cls.name, unsupported, ("device", "seed", *args))
-    if device is None:  # as in DALI: an op on GPU data runs on the GPU unless told otherwise
-        device = "gpu" if any(x.device == "gpu" for x in inputs if isinstance(x, DataNode)) else "cpu"
-    consts, nodes = _args.split_args(op_cls.name, per_sample_ok, **args)
-    return add_op(op_cls(device, seed, **consts), *inputs, **nodes)
-
-
 def resize(
     data: DataNode, *, device: str | None = None, resize_x: Any = None, resize_y: Any = None,
     size: Any = None, resize_shorter: Any = None, resize_longer: Any = None,
@@ -323,7 +311,7 @@ def resize(
                 resize_longer=resize_longer, mode=mode, max_size=max_size,
                 subpixel_scale=subpixel_scale, interp_type=interp_type, antialias=antialias, dtype=dtype)
     per_sample = ("resize_x", "resize_y", "size", "resize_shorter", "resize_longer")
-    return _build(Resize, (data,), device, seed, unsupported, per_sample, args)
+    return _args.build(Resize, (data,), device, seed, unsupported, per_sample, args)
 
 
 def crop(
@@ -336,7 +324,7 @@ def crop(
                 crop_pos_y=crop_pos_y, out_of_bounds_policy=out_of_bounds_policy,
                 fill_values=fill_values)
     per_sample = ("crop_h", "crop_w", "crop_pos_x", "crop_pos_y")
-    return _build(Crop, (data,), device, seed, unsupported, per_sample, args)
+    return _args.build(Crop, (data,), device, seed, unsupported, per_sample, args)
 
 
 def flip(
@@ -345,7 +333,7 @@ def flip(
 ) -> DataNode:
     """Flip images (DALI's ``fn.flip``); ``horizontal``/``vertical`` may be per-sample DataNodes."""
     args = dict(horizontal=horizontal, vertical=vertical)
-    return _build(Flip, (data,), device, seed, unsupported, ("horizontal", "vertical"), args)
+    return _args.build(Flip, (data,), device, seed, unsupported, ("horizontal", "vertical"), args)
 
 
 def crop_mirror_normalize(
@@ -363,7 +351,7 @@ def crop_mirror_normalize(
                 pad_output=pad_output, out_of_bounds_policy=out_of_bounds_policy,
                 fill_values=fill_values)
     per_sample = ("crop_h", "crop_w", "crop_pos_x", "crop_pos_y", "mirror")
-    return _build(CropMirrorNormalize, (data,), device, seed, unsupported, per_sample, args)
+    return _args.build(CropMirrorNormalize, (data,), device, seed, unsupported, per_sample, args)
 
 
 def brightness_contrast(
@@ -375,4 +363,4 @@ def brightness_contrast(
     args = dict(brightness=brightness, brightness_shift=brightness_shift, contrast=contrast,
                 contrast_center=contrast_center, dtype=dtype)
     per_sample = ("brightness", "brightness_shift", "contrast")
-    return _build(BrightnessContrast, (data,), device, seed, unsupported, per_sample, args)
+    return _args.build(BrightnessContrast, (data,), device, seed, unsupported, per_sample, args)

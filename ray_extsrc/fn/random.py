@@ -1,7 +1,8 @@
 """``fn.random.*``: per-sample random values, drawn from ``ctx.rng()`` (keyed by seed, op, epoch and
 sample), so every worker and device draws the same value for the same sample.
 
-Without ``shape`` each sample gets a 0-d array (one value), as in DALI.
+Without ``shape`` each sample gets a 0-d array (one value), as in DALI; ``fn.random.normal`` may
+instead take a positional input whose shape the output copies (DALI's ``shape_like``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..graph import DataNode, Operator, SampleContext, add_op
 from . import _args
 from ._args import PER_SAMPLE
 
-__all__ = ["uniform", "coin_flip", "Uniform", "CoinFlip"]
+__all__ = ["uniform", "coin_flip", "normal", "Uniform", "CoinFlip", "Normal"]
 
 
 def _shape(op: str, shape: Any) -> tuple[int, ...]:
@@ -93,6 +94,45 @@ class CoinFlip(Operator):
         return np.asarray(ctx.rng().random(self.shape) < p).astype(self.dtype)
 
 
+class Normal(Operator):
+    """``fn.random.normal``: ``mean + stddev * N(0, 1)`` per element, converted to ``dtype`` (rounded
+    and clamped for integer types). ``mean`` and ``stddev`` may be per-sample DataNodes."""
+
+    name = "random.normal"
+    is_random = True
+
+    def __init__(
+        self, device: str = "cpu", seed: int | None = None, *, mean: Any = 0.0, stddev: Any = 1.0,
+        shape: Any = None, dtype: Any = types.FLOAT, shape_like: bool = False,
+    ) -> None:
+        super().__init__(device, seed)
+        self.mean = mean if mean is PER_SAMPLE else _args.number(self.name, "mean", mean)
+        self.stddev = stddev if stddev is PER_SAMPLE else _args.number(self.name, "stddev", stddev)
+        if isinstance(self.stddev, float) and self.stddev < 0:
+            raise ValueError(f"fn.{self.name}: stddev must be >= 0; got {stddev!r}")
+        if shape_like and shape is not None:
+            raise ValueError(
+                f"fn.{self.name}: give either shape or a shape_like input, not both; got shape={shape!r}"
+            )
+        self.shape = _shape(self.name, shape)
+        #: the output takes the shape of the op's positional input
+        self.shape_like = shape_like
+        self.dtype = _args.dtype(self.name, "dtype", types.FLOAT if dtype is None else dtype)
+        if self.dtype.kind not in "iuf":
+            raise ValueError(f"fn.{self.name}: dtype must be numeric; got {dtype!r}")
+
+    def run_cpu(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        mean = _args.sample_scalar(self.name, "mean", self.mean, arg_inputs)
+        stddev = _args.sample_scalar(self.name, "stddev", self.stddev, arg_inputs)
+        if stddev < 0:
+            raise ValueError(f"fn.{self.name}: stddev must be >= 0; got {stddev} for this sample")
+        shape = np.shape(inputs[0]) if self.shape_like else self.shape
+        drawn = ctx.rng().standard_normal(size=shape) * stddev + mean
+        return np.asarray(_args.saturate(np.asarray(drawn, np.float64), self.dtype))
+
+
 def uniform(
     *, range: Any = (-1.0, 1.0), shape: Any = None, values: Any = None, dtype: Any = types.FLOAT,
     device: str = "cpu", seed: int | None = None, **unsupported: Any,
@@ -117,3 +157,18 @@ def coin_flip(
         CoinFlip.name, ("probability",), probability=probability, shape=shape, dtype=dtype
     )
     return add_op(CoinFlip(device, seed, **consts), **nodes)
+
+
+def normal(
+    shape_like: DataNode | None = None, *, mean: Any = 0.0, stddev: Any = 1.0, shape: Any = None,
+    dtype: Any = types.FLOAT, device: str = "cpu", seed: int | None = None, **unsupported: Any,
+) -> DataNode:
+    """Per-sample normally distributed values (DALI's ``fn.random.normal``): one value, ``shape``
+    values, or as many as the positional ``shape_like`` input has elements (in its shape)."""
+    supported = ("shape_like", "mean", "stddev", "shape", "dtype", "device", "seed")
+    _args.reject_unsupported(Normal.name, unsupported, supported)
+    consts, nodes = _args.split_args(
+        Normal.name, ("mean", "stddev"), mean=mean, stddev=stddev, shape=shape, dtype=dtype
+    )
+    inputs = () if shape_like is None else (shape_like,)
+    return add_op(Normal(device, seed, shape_like=shape_like is not None, **consts), *inputs, **nodes)
