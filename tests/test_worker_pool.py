@@ -127,7 +127,7 @@ def test_batch_callable(start_method, batch_info):
 def test_iterable_runs_in_one_dedicated_worker_and_restarts_each_epoch(source, start_method):
     @pipeline_def(batch_size=2, num_threads=1, py_num_workers=4, py_start_method=start_method)
     def pipe():
-        return external_source(source=source, parallel=True, batch=True)
+        return external_source(source=source, parallel=True, batch=True, cycle="raise")
 
     p = pipe()
     try:
@@ -258,7 +258,7 @@ def test_iterable_worker_death_then_reset_restarts_the_iterable(tmp_path):
 
     @pipeline_def(batch_size=2, num_threads=1, py_num_workers=2, prefetch_queue_depth=2)
     def pipe():
-        return external_source(source=src, parallel=True, batch=True)
+        return external_source(source=src, parallel=True, batch=True, cycle="raise")
 
     p = pipe()
     try:

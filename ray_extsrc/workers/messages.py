@@ -32,7 +32,7 @@ __all__ = [
 
 TASK_SAMPLES = "samples"  # per-sample callable(s): the task carries the SampleInfos of a chunk
 TASK_BATCH = "batch"  # batch callable: the task carries one BatchInfo
-TASK_ITER = "iter"  # iterable/generator: next() of the worker's iterator for the epoch
+TASK_ITER = "iter"  # iterable/generator: next() of the worker's iterator (its cycle says when it restarts)
 
 
 @dataclass(frozen=True, slots=True)

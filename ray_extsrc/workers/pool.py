@@ -12,15 +12,33 @@ NOTE [shutdown and faults]
   `WorkerDiedError` naming its samples. Iterable sources are stateful and cannot be replayed:
   their worker's death fails every batch it had (and any submitted before the next `discard()`,
   the epoch reset) with `WorkerDiedError`. Either way the dead worker is replaced at once, so the
-  pool is whole again for the next epoch (a fresh iterable worker starts its iterator anew).
+  pool is whole again for the next epoch (a fresh iterable worker starts its iterator anew) —
+  except for an iterable with ``cycle=None`` (one pass): a fresh iterator would serve again data
+  already served, so every later batch fails with `WorkerDiedError`, across resets too.
 * `close()` (also run by garbage collection and at interpreter exit through `weakref.finalize`)
   asks every worker to stop, closes the zygote's control socket (the zygote then terminates and
   reaps any worker left), waits for the zygote, and unlinks every slot. If the parent itself is
   killed, workers see EOF on their task pipe and the zygote on its control socket, and both exit.
+
+NOTE [iterable across epochs]
+An iterable's worker runs ahead of the consumer: when an epoch ends early (``reset()`` in
+mid-epoch, or another source's StopIteration), the batches it computed ahead were already taken
+from the iterator. With ``cycle="raise"`` (and programs without a ``source``) the next epoch
+restarts the iterator, so `discard()` drops them, as for callables. With ``cycle=None`` or
+``"quiet"`` the iterator keeps its place across epochs (`source` NOTE [cycle]): `discard()`
+keeps those batches, in order, and the next `submit()` calls are served from them before any
+new task is sent, so no batch computed ahead is lost and the consumer sees the data in the order
+``parallel=False`` gives (DALI's pool likewise keeps an iterable's prefetched batches on reset).
+The one batch dropped is that of the iteration another source stopped: the pipeline collected it
+before the in-process sources ran, as ``parallel=False`` runs an iterable defined before the
+source that stops, and as DALI does. A kept batch still carries the iteration and epoch it was
+computed for (in its error messages). A StopIteration among them ends the next epoch at once,
+which is right for ``cycle=None``.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import pickle
@@ -38,6 +56,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ..errors import DecodeError, ForkAfterCUDAError, SourceError, WorkerDiedError
+from ..source import Cycle
 from ..types import BatchInfo, SampleInfo
 from ._cuda import cuda_initialized
 from .messages import (
@@ -186,8 +205,17 @@ class WorkerPool:
         self._batches: dict[Hashable, _Batch] = {}
         self._held: dict[Hashable, list[Segment]] = {}
         # set when an iterable's worker died: the iterator's place in the epoch is lost, so every
-        # batch until the next discard() (epoch reset) fails with this error
+        # batch until the next discard() (epoch reset) fails with this error; with cycle=None (one
+        # pass, which no fresh iterator can continue) every batch from then on
         self._iter_lost: WorkerDiedError | None = None
+        # an iterable's end-of-data rule (`source` NOTE [cycle]); None: not an iterable program
+        self._cycle: Cycle | None = None
+        if program.kind == TASK_ITER:
+            cycle = getattr(getattr(program, "source", None), "cycle", Cycle.RAISE)
+            self._cycle = cycle if isinstance(cycle, Cycle) else Cycle.RAISE
+        # batches an iterable computed ahead of an epoch reset, for the next epoch (NOTE
+        # [iterable across epochs]); oldest first
+        self._carried: collections.deque[_Batch] = collections.deque()
         self._ids = itertools.count()
         self._rr = itertools.count()
         self._zygote: Any = None
@@ -247,11 +275,16 @@ class WorkerPool:
         try:
             payload = self.pickler.dumps(self.program)
         except Exception as e:
+            hint = (
+                " A generator object cannot be pickled by any pickler: pass the generator function "
+                "(source=gen, not gen()) or an iterable."
+                if "generator" in str(e) else ""
+            )
             raise TypeError(
                 "py_start_method='spawn' needs a picklable source: pickling it failed with "
                 f"{type(e).__name__}: {e}. Define the source (callable class or function) at module "
                 "level of an importable module and keep only picklable state in it, pass "
-                "py_callback_pickler=cloudpickle, or use py_start_method='fork'."
+                f"py_callback_pickler=cloudpickle, or use py_start_method='fork'.{hint}"
             ) from e
         fd = child_sock.fileno()
         # Workers run one sample at a time each; BLAS thread pools in them only oversubscribe.
@@ -304,6 +337,7 @@ class WorkerPool:
         if self._finalizer is not None:
             self._finalizer()
         self._batches.clear()
+        self._carried.clear()
         self._held.clear()
 
     def _label(self) -> str:
@@ -312,9 +346,18 @@ class WorkerPool:
     # -- data path -------------------------------------------------------------------------------
 
     def submit(self, key: Hashable, epoch_idx: int, iteration: int, chunks: Sequence[Chunk]) -> None:
-        """Queue one batch, made of ``chunks``, under ``key``."""
+        """Queue one batch, made of ``chunks``, under ``key``.
+
+        An iterable that keeps its place across epochs serves it from a batch it computed before
+        the last `discard()`, if one is left (NOTE [iterable across epochs]).
+        """
         if not self.started:
             raise RuntimeError("the worker pool is not started")
+        if self._carried:
+            batch = self._carried.popleft()
+            batch.key = key
+            self._batches[key] = batch
+            return
         batch = _Batch(key, [])
         self._batches[key] = batch
         if self._iter_lost is not None:
@@ -408,15 +451,25 @@ class WorkerPool:
         self._free_slots.extend(self._held.pop(key, ()))
 
     def discard(self) -> None:
-        """Forget every submitted, uncollected batch (epoch reset); their slots free as answers come."""
-        for batch in self._batches.values():
+        """Forget every submitted, uncollected batch (epoch reset); their slots free as answers come.
+
+        An iterable that keeps its place across epochs keeps them instead, for the next epoch
+        (NOTE [iterable across epochs]), unless its worker died.
+        """
+        if self._cycle is not None and self._cycle.keeps_place and self._iter_lost is None:
+            self._carried.extend(self._batches.values())
+            self._batches.clear()
+            return
+        for batch in (*self._carried, *self._batches.values()):
             for t in batch.task_ids:
                 self._task_batch.pop(t, None)
                 self._task_replays.pop(t, None)
                 if not self._is_outstanding(t):  # answered already: its slot is free now
                     self._free_slots.append(self._task_slot.pop(t))
+        self._carried.clear()
         self._batches.clear()
-        self._iter_lost = None  # the next epoch starts a fresh iterator
+        if self._cycle is not Cycle.NO:
+            self._iter_lost = None  # the next epoch starts a fresh iterator
         # Wait for the discarded tasks still running. Workers take tasks in order, so the next
         # epoch's tasks could not start before these anyway; waiting here keeps the number of
         # slots bounded by what one epoch has in flight.
@@ -460,10 +513,22 @@ class WorkerPool:
         new = self._spawn_worker(dead.worker_id)
         self.respawns += 1
         if self.program.kind == TASK_ITER:
+            if self._cycle is Cycle.NO:
+                fix = (
+                    "It had cycle=None (one pass over the data): a fresh iterator would serve data "
+                    "already served, so this pipeline yields no more batches, after reset() too. "
+                    "Build a new pipeline for another pass, give the source cycle='raise' (a fresh "
+                    "iter() each epoch), or use a per-sample callable source, whose samples are "
+                    "replayed after a worker dies."
+                )
+            else:
+                fix = (
+                    "Restart the epoch (reset(): a fresh iterator), or use a per-sample callable "
+                    "source, whose samples are replayed after a worker dies."
+                )
             self._iter_lost = WorkerDiedError(
                 f"worker {dead.worker_id} (pid {dead.pid}) of pool{self._label()} died; it ran an "
-                "iterable source, whose state cannot be replayed. Restart the epoch (reset()), or "
-                "use a per-sample callable source, whose samples are replayed after a worker dies."
+                f"iterable source, whose state cannot be replayed. {fix}"
             )
             for task_id in dead.outstanding:
                 self._give_up(task_id, self._iter_lost)

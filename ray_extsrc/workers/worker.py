@@ -29,10 +29,15 @@ Sample = tuple[np.ndarray, ...]
 
 
 class WorkerProgram(Protocol):
-    """What a worker runs. Built by the pipeline; opaque to the pool.
+    """What a worker runs. Built by the pipeline; opaque to the pool but for ``kind`` and ``source``.
 
     ``run_sample`` serves per-sample sources, ``run_batch`` batch callables, ``next_batch``
-    iterables (stateful: ``start_epoch`` re-creates the iterator).
+    iterables (stateful: ``start_epoch`` is called when the tasks' epoch changes; whether the
+    iterator restarts then is the source's ``cycle``, see `source` NOTE [cycle]).
+
+    ``source`` (optional): the `SourceSpec` of a batch/iterable program. The pool reads its
+    ``cycle`` to know whether an iterable's place survives an epoch reset (NOTE [iterable across
+    epochs] in `pool`); a program without one restarts each epoch (``cycle="raise"``).
     """
 
     kind: str
