@@ -16,6 +16,9 @@ at the next unconsumed batch.
 
 The synthetic images carry their label as a colour tint (``labels_visible=True``), so the network
 has something to learn: validation accuracy climbs well above chance (10 %) within a few epochs.
+Training pads its last round of batches (``last_batch_policy="pad"``, the default: every image
+each epoch, equal steps on every rank); validation uses ``"exact"``, whose ``batch["valid"]`` mask
+leaves the padding out, so the accuracy summed over ranks is the one a single process would get.
 For real data, give `ray_extsrc.readers.FileListSource` a directory with a ``file_list.txt``
 ("name label" lines) instead of `jpeg_files`.
 """
@@ -123,9 +126,10 @@ def train_loop_per_worker(config):
         correct = torch.zeros(2, device=train_it.device)  # (right, total), summed over ranks below
         with torch.no_grad():
             for batch in val_it:
+                valid = batch["valid"]  # False on the samples that only pad the last round
                 pred = model(batch["images"]).argmax(dim=1)
-                correct[0] += (pred == batch["labels"].view(-1)).sum()
-                correct[1] += len(pred)
+                correct[0] += ((pred == batch["labels"].view(-1)) & valid).sum()
+                correct[1] += valid.sum()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(correct)
 
@@ -186,7 +190,7 @@ def main(argv=None) -> None:
             root=os.path.join(args.data_dir, "train"), num_images=args.train_images, **common,
         ),
         "val": Loader(
-            validation_pipeline, outputs=("images", "labels"), name="val",
+            validation_pipeline, outputs=("images", "labels"), name="val", last_batch_policy="exact",
             root=os.path.join(args.data_dir, "val"), num_images=args.val_images, **common,
         ),
     }

@@ -21,7 +21,9 @@ position its pipeline will produce next. A request at the cursor just runs the p
 request of the epoch after one that ended does ``reset()``; any other request (a restarted actor
 serving a retried call, a consumer that stopped mid-epoch, a resume from a checkpoint) moves the
 pipeline with ``skip_to``. Because a batch is a pure function of (seed, epoch, position), a restarted
-actor serves the very batch its consumer was waiting for: nothing is lost or served twice.
+actor serves the very batch its consumer was waiting for: nothing is lost or served twice. The
+last-batch policy (`sharding`) is part of the spec, so the padding of the last round, and how many
+of a batch's samples are its own (`BatchReply.valid`), are pure functions of the position too.
 A request past the epoch's end answers `BatchReply.end` without touching the pipeline.
 
 NOTE [orphaned shared memory]
@@ -88,6 +90,7 @@ class LoaderSpec:
     # "actor": the GPU stage runs here and outputs are delivered (CUDA IPC / host);
     # "consumer": this actor stops after the host stage and sends a HostBatch (never touches CUDA)
     gpu_stage: str = "actor"
+    last_batch_policy: str = "drop"  # what the last round that the shards do not fill becomes (`sharding`)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,9 @@ class BatchReply:
     # the shard's batches this epoch (its consumer's iterations, over all the shard's actors), when
     # the source knows its length
     epoch_size: int | None = None
+    # how many of the batch's samples are its own (the first ones); the rest pad the last round
+    # ("pad"/"exact", see `sharding`). None at the end.
+    valid: int | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     actor_pid: int = 0
     worker_respawns: int = 0
@@ -131,6 +137,7 @@ class LoaderActor:
             shard_id=spec.shard_id,
             device_id=0 if spec.gpu_id is not None else None,
             seed=spec.seed,
+            last_batch_policy=spec.last_batch_policy,
         )
         self.pipe = spec.pipeline_fn(**kwargs)
         if not isinstance(self.pipe, Pipeline):
@@ -182,6 +189,7 @@ class LoaderActor:
             "gpu_id": self.spec.gpu_id,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "epoch_size": self.pipe.epoch_size(),
+            "last_batch_policy": self.pipe.last_batch_policy,
             "cursor": self._cursor if self._cursor_valid else None,
             "worker_pids": dict(self.pipe.py_worker_pids),
             "worker_respawns": self.pipe.py_worker_respawns,
@@ -250,6 +258,7 @@ class LoaderActor:
             outputs=payload,
             lease=lease,
             epoch_size=self.pipe.shard_epoch_size(),
+            valid=self.pipe.valid_samples(iteration),
             timings=timings,
             actor_pid=self.pid,
             worker_respawns=self.pipe.py_worker_respawns,

@@ -12,7 +12,12 @@ non-parallel sources) per batch in this process — or, split with `serve_host_s
 
 Sharding (used by the Ray layer, see `sharding`): with ``num_shards=R, shard_id=r``, local iteration i
 serves global batch ``g = i*R + r``; SampleInfo carries the global ``idx_in_epoch = g*B + j`` (or the
-shuffled sample at that position) and ``iteration = g``.
+shuffled sample at that position) and ``iteration = g``. ``last_batch_policy`` says what happens to a
+last round that R does not fill (`sharding`): ``"drop"`` (the default here, DALI's behaviour: only
+whole batches of whole rounds), ``"pad"`` or ``"exact"`` (every sample below the source's
+``__len__``, the partial last batch included; the slots past the end wrap to the epoch's start and
+carry the SampleInfo of the position they repeat, so the source sees only positions of a normal
+epoch; `valid_samples` says how many of a batch's samples are its own).
 """
 
 from __future__ import annotations
@@ -33,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LifecycleError
+from .errors import LifecycleError, SourceError
 from .host_batch import HostBatch, pack_column
 from .external_source import ExternalSourceOp, external_source, is_source, output_layout
 from .graph import DataNode, Graph, OpNode, graph_scope
 from .plan import Plan, make_plan
-from .sharding import ShardLayout, epoch_permutation
+from .sharding import ShardLayout, check_last_batch_policy, epoch_permutation
 from .gpu_probe import gpu_available
 from .source import SourceKind, chunk_samples
 from .tensors import TensorListCPU, TensorListGPU, assemble_cpu
@@ -86,6 +91,7 @@ class Pipeline:
         num_shards: int = 1,
         shard_id: int = 0,
         shuffle: bool = False,
+        last_batch_policy: str = "drop",
         exec_pipelined: bool = True,
         exec_async: bool = True,
         set_affinity: bool = False,
@@ -125,7 +131,8 @@ class Pipeline:
         self.py_callback_pickler = py_callback_pickler
         self.prefetch_queue_depth = prefetch_queue_depth
         self.bytes_per_sample_hint = bytes_per_sample_hint or (1 << 20)
-        self.layout = ShardLayout(num_shards, shard_id)
+        check_last_batch_policy(last_batch_policy, "Pipeline")
+        self.layout = ShardLayout(num_shards, shard_id, last_batch_policy=last_batch_policy)
         self.shuffle = shuffle
         self._exec_async = bool(exec_async and exec_pipelined)
         self._ahead: collections.deque = collections.deque()  # (local iteration, Future), in order
@@ -330,6 +337,21 @@ class Pipeline:
             raise ValueError("shuffle=True needs per-sample sources that define __len__ (the number of samples)")
         if (self.layout.num_shards > 1 or self.layout.ways > 1) and plan.has_iterable:
             raise ValueError("an iterable source cannot be sharded (it is stateful); use a callable source")
+        if self.layout.last_batch_policy == "exact" and plan.num_samples is None:
+            raise ValueError(
+                "last_batch_policy='exact' needs the epoch's number of samples, to mark the padding "
+                "of the last round: give every source a __len__ (per-sample sources; batch sources and "
+                "iterables have none), or use last_batch_policy='pad' or 'drop'"
+            )
+        if self.layout.last_batch_policy == "pad" and plan.num_samples is None and self.layout.num_shards > 1:
+            warnings.warn(
+                f"ray_extsrc: last_batch_policy='pad' (shard {self.layout.shard_id}/{self.layout.num_shards}) "
+                "cannot pad an epoch of unknown length: the source has no __len__, so the epoch ends "
+                "where it raises StopIteration and a last round the shards do not fill is dropped. "
+                "Give the source a __len__ to serve every sample.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         plan.apply_to_ops(self.graph.nodes)
         global _warned_no_gpu
         if plan.cpu_fallback and not _warned_no_gpu:
@@ -344,6 +366,28 @@ class Pipeline:
         self.plan = plan
         self._perm: tuple[int, np.ndarray] | None = None
         self._planned = True
+
+    @property
+    def last_batch_policy(self) -> str:
+        """The last-batch policy in effect: the one asked for, except ``"pad"`` without a known
+        number of samples, which can only drop (see `sharding`)."""
+        if not self._planned:
+            self._plan()
+        if self.layout.pads and self.plan.num_samples is None:
+            return "drop"
+        return self.layout.last_batch_policy
+
+    def valid_samples(self, iteration: int | None = None) -> int:
+        """How many samples of local batch ``iteration`` (default: the one `run` returned last)
+        are its own: the first ones. The rest pad the last round (``"pad"``/``"exact"``) with
+        repeats of the epoch's first positions; under ``"exact"`` the validity mask of a batch is
+        ``np.arange(batch_size) < pipe.valid_samples()``."""
+        if not self._planned:
+            self._plan()
+        i = self._iteration - 1 if iteration is None else iteration
+        if i < 0:
+            raise LifecycleError("valid_samples(): no batch of this epoch was run yet; pass the local iteration")
+        return self.layout.valid_samples(self._global_iteration(i), self.plan.num_samples, self.batch_size)
 
     @property
     def _epoch_length(self) -> int | None:
@@ -379,9 +423,14 @@ class Pipeline:
         return int(self._perm[1][position])
 
     def _infos_of_global(self, g: int, only_last: bool = False) -> tuple[SampleInfo, ...]:
+        """The SampleInfos of global batch g: slot j holds position q (``g*B + j``, or the position a
+        padding slot repeats), with that position's own ``idx_in_batch = q % B`` and
+        ``iteration = q // B``: a repeat is the very sample (and augmentation) served at q."""
         b = self.batch_size
-        js = [b - 1] if only_last else range(b)
-        return tuple(SampleInfo(self._sample_index(g * b + j), j, g, self.epoch_idx) for j in js)
+        if only_last:  # a probe: asked only when the epoch's length is unknown (no padding)
+            return (SampleInfo(self._sample_index(g * b + b - 1), b - 1, g, self.epoch_idx),)
+        positions = self.layout.positions(g, self.plan.num_samples, b).tolist()
+        return tuple(SampleInfo(self._sample_index(q), q % b, q // b, self.epoch_idx) for q in positions)
 
     def _sample_infos(self, i: int) -> tuple[SampleInfo, ...]:
         return self._infos_of_global(self._global_iteration(i))
@@ -487,6 +536,8 @@ class Pipeline:
                     _gpu_exec.wait_fence(self, fence)
                 outputs = self._run_main(i, env)
         except StopIteration:
+            if self.layout.pads and self.plan.num_samples is not None:
+                raise self._stop_inside_epoch(i) from None
             raise _EndOfEpoch from None
         finally:
             if self._pool is not None:
@@ -499,6 +550,22 @@ class Pipeline:
             "main_ops_s": t2 - t1,  # main-stage ops (GPU decode/augment) and assembling outputs
         }
         return outputs, timings
+
+    def _stop_inside_epoch(self, i: int) -> SourceError:
+        """A source that ended the epoch before its ``__len__`` under a padding policy: the shards
+        agreed on the epoch's length from ``__len__``, so an early end would leave them unequal."""
+        g = self._global_iteration(i)
+        iterations = sorted({info.iteration for info in self._sample_infos(i)})
+        return SourceError(
+            f"the source raised StopIteration in global batch {g} (epoch_idx={self.epoch_idx}, its samples' "
+            f"SampleInfo.iteration {iterations}), inside the {self.plan.num_samples} samples its __len__ "
+            f"declares. Under last_batch_policy={self.layout.last_batch_policy!r} every idx_in_epoch below "
+            "__len__ is served, a partial last batch included. Make the source serve all of them (raise "
+            "StopIteration on idx_in_epoch >= len, not on iteration >= len // batch_size), make __len__ "
+            "return the number it serves, or use last_batch_policy='drop'",
+            iteration=g,
+            epoch_idx=self.epoch_idx,
+        )
 
     def _drain_ahead(self) -> None:
         """Let a batch computed ahead finish (its result is dropped) before the pool is touched."""

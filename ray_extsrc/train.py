@@ -26,6 +26,14 @@ what a checkpoint saves; ``iter_torch_batches(state=...)`` resumes the epoch at 
 batch, with any number of workers (`sharding`). A crashed loader actor is restarted by Ray and
 resumes at the very batch its Train worker waits for (`actor`'s NOTE [position protocol]).
 
+Every sample, every epoch, at any world size (``last_batch_policy``, see `sharding`): ``"pad"`` (the
+default) completes the last round of ``world_size`` batches with repeats of the epoch's first
+samples, so every sample is trained on and every rank takes the same number of steps; ``"exact"``
+(for validation) does the same and adds a per-sample mask, ``batch["valid"]``, that is False on the
+repeats, so sums and counts over the valid samples, all-reduced over ranks, equal the one-rank
+result; ``"drop"`` serves whole rounds only. Resumes, re-shards, restarts and ``actors_per_worker``
+keep each policy's guarantee: the padding is a function of the position, like everything else.
+
 Several actors per Train worker (``actors_per_worker``; by default 3 for a GPU worker, 1 for a CPU
 one): a pipeline's main stage (collecting the workers' samples, driving nvImageCodec and the CUDA
 kernels) is Python in one process, and one process tops out well below what a GPU decodes (R1 on
@@ -56,14 +64,17 @@ from typing import TYPE_CHECKING, Any
 
 from .actor import BatchReply, LoaderActor, LoaderSpec
 from .errors import RayExtSrcError
+from .sharding import check_last_batch_policy
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Loader", "LoaderIterator", "NAMESPACE", "mps_daemon_running", "resolve_gpu_stage"]
+__all__ = ["Loader", "LoaderIterator", "NAMESPACE", "VALID_OUTPUT", "mps_daemon_running", "resolve_gpu_stage"]
 
 #: Ray namespace of every loader actor (names are per run, loader, seed, rank and node).
 NAMESPACE = "ray_extsrc"
+#: The batch entry (or last tuple element) holding the per-sample validity mask under ``"exact"``.
+VALID_OUTPUT = "valid"
 _CLOSE_TIMEOUT_S = 10.0  # an actor's close() stops its workers (2 s SIGTERM grace) and unlinks shm
 _SET_BY_LOADER = ("num_shards", "shard_id", "device_id")
 _STAGES = ("worker_wait_s", "worker_compute_s", "main_ops_s", "encode_s", "fetch_s", "delivery_s")
@@ -127,6 +138,16 @@ class Loader:
             ``"auto"`` (default): the winner of the training benchmark: ``"consumer"`` for a Train
             worker with a GPU on a node without an MPS daemon, else ``"actor"`` (see
             `resolve_gpu_stage`).
+        last_batch_policy: what the last round of ``world_size`` batches becomes when the epoch does
+            not fill it (see `sharding`; DALI's iterators' knob of that name). ``"pad"`` (default,
+            for training): completed with repeats of the epoch's first samples, so every sample is
+            served at least once per epoch, and at most one round of samples twice. ``"exact"``
+            (for evaluation): the same batches, plus a bool mask ``batch["valid"]`` (the last
+            element of a tuple batch), False on the repeats: every sample is valid exactly once
+            across ranks. ``"drop"``: only whole rounds of whole batches (the samples left over are
+            not served). ``"pad"`` and ``"exact"`` need the source's ``__len__`` and a source that
+            serves every ``idx_in_epoch`` below it; without ``__len__``, ``"pad"`` drops (a warning
+            in the actor's log says so) and ``"exact"`` is refused.
         actor_options: more ``ray.remote`` options for the actor (``runtime_env``, ``memory``...).
         **pipeline_args: override the pipeline's arguments (``batch_size``, ``py_num_workers``,
             ``shuffle``, ``seed``, ...) or go to the pipeline function, as ``@pipeline_def`` does.
@@ -144,11 +165,13 @@ class Loader:
         actors_per_worker: int | None = None,
         zero_copy: bool = True,
         gpu_stage: str = "auto",
+        last_batch_policy: str = "pad",
         actor_options: Mapping[str, Any] | None = None,
         **pipeline_args: Any,
     ) -> None:
         if gpu_stage not in _GPU_STAGES:
             raise ValueError(f"Loader: gpu_stage must be one of {_GPU_STAGES}; got {gpu_stage!r}")
+        check_last_batch_policy(last_batch_policy, "Loader")
         if not callable(pipeline_fn):
             raise TypeError(f"Loader: pipeline_fn must be a @pipeline_def function; got {type(pipeline_fn).__name__}")
         if outputs is not None:
@@ -157,6 +180,11 @@ class Loader:
             if len(set(outputs)) != len(outputs):
                 raise ValueError(f"Loader: output names must be unique; got {tuple(outputs)!r}")
             outputs = tuple(outputs)
+            if last_batch_policy == "exact" and VALID_OUTPUT in outputs:
+                raise ValueError(
+                    f"Loader: last_batch_policy='exact' adds the validity mask to each batch as "
+                    f"{VALID_OUTPUT!r}, and outputs={outputs!r} already has that name; rename that output"
+                )
         if not isinstance(prefetch_batches, int) or prefetch_batches < 1:
             raise ValueError(f"Loader: prefetch_batches must be an int >= 1; got {prefetch_batches!r}")
         if not isinstance(actor_num_cpus, (int, float)) or actor_num_cpus < 0:
@@ -183,6 +211,7 @@ class Loader:
         self.actors_per_worker = actors_per_worker
         self.zero_copy = bool(zero_copy)
         self.gpu_stage = gpu_stage
+        self.last_batch_policy = last_batch_policy
         self.actor_options = dict(actor_options or {})
         self.pipeline_args = pipeline_args
         self.uid = secrets.token_hex(4)  # tells this Loader's actors from another's of the same name
@@ -351,6 +380,9 @@ class LoaderIterator:
 
         ``consumed_batches`` counts the global batches consumed by all ranks, assuming they are in
         step (they are, at a synchronous ``ray.train.report``). Feed it to ``iter_torch_batches(state=)``.
+        Padding (``"pad"``/``"exact"``) exists only in an epoch's last round, so a mid-epoch state
+        never points past a real sample, and a resume with any ``world_size`` keeps the policy's
+        guarantee.
         """
         return {
             "epoch_idx": self.epoch_idx,
@@ -415,6 +447,7 @@ class LoaderIterator:
                 ways=self.ways,
                 way=way,
                 gpu_stage=self.gpu_stage,
+                last_batch_policy=self.loader.last_batch_policy,
             )
             # One name per (run, loader, seed, rank, way, node): a Train worker that re-creates its
             # iterator finds its actors again; anything that changes what they serve gets new ones.
@@ -629,25 +662,38 @@ class LoaderIterator:
             self._actor_pid[way] = reply.actor_pid
             self.actor_pids.append(reply.actor_pid)
 
-    def _named(self, tensors: tuple) -> Any:
+    def _named(self, tensors: tuple, reply: BatchReply) -> Any:
         names = self.loader.outputs
+        if self.loader.last_batch_policy == "exact":
+            tensors = (*tensors, self._valid_mask(tensors, reply.valid))
+            names = (*names, VALID_OUTPUT) if names is not None else None
         return dict(zip(names, tensors)) if names is not None else tensors
+
+    def _valid_mask(self, tensors: tuple, valid: int | None) -> Any:
+        """The batch's validity mask on this worker's device: its first ``valid`` samples are its
+        own, the rest pad the epoch's last round (see `sharding`)."""
+        import torch
+
+        n = next((x.shape[0] if isinstance(x, torch.Tensor) else len(x) for x in tensors), 0)
+        return torch.arange(n, device=self.device) < (n if valid is None else valid)
 
     def _to_torch(self, reply: BatchReply, way: int = 0) -> Any:
         from .transport import decode_outputs
 
         self._note_actor(reply, way)
-        return self._named(decode_outputs(reply.outputs, self.device, self._importers[way] if self._importers else None))
+        tensors = decode_outputs(reply.outputs, self.device, self._importers[way] if self._importers else None)
+        return self._named(tensors, reply)
 
     def _consumer_to_torch(self, reply: BatchReply, outputs: tuple, way: int) -> Any:
         self._note_actor(reply, way)
-        return self._named(self._stage.to_torch(outputs))
+        return self._named(self._stage.to_torch(outputs), reply)
 
     # -- observability ----------------------------------------------------------------------------
 
     def _reset_stats(self) -> None:
         self._batches = 0
         self._samples = 0
+        self._padded = 0  # samples that repeat another to fill the last round ("pad"/"exact")
         self._wall_s = 0.0  # time between consecutive batches (loader + the training step)
         self._rate_ema: float | None = None
         self._totals = dict.fromkeys(_STAGES, 0.0)
@@ -662,6 +708,7 @@ class LoaderIterator:
         n = _batch_len(reply.outputs)
         self._batches += 1
         self._samples += n
+        self._padded += max(0, n - reply.valid) if reply.valid is not None else 0
         self._wall_s += wall
         for k in _STAGES:
             self._totals[k] += timings.get(k, 0.0)
@@ -690,6 +737,8 @@ class LoaderIterator:
         process's GPU decode timings (cumulative seconds, ``decode_batches``). ``samples_per_s`` counts the training step's time too: it is the rate the
         Train worker actually consumed at. The same numbers go to Ray metrics
         (``ray_extsrc_stage_seconds``, ``ray_extsrc_samples_per_second``, tagged ``loader``, ``rank``).
+        ``samples`` counts every sample delivered; ``padded_samples`` those of them that repeat
+        another to fill the epoch's last round (``last_batch_policy`` ``"pad"``/``"exact"``).
         """
         b = max(self._batches, 1)
         out: dict[str, Any] = {
@@ -699,6 +748,8 @@ class LoaderIterator:
             "epoch_idx": self.epoch_idx,
             "batches": self._batches,
             "samples": self._samples,
+            "padded_samples": self._padded,
+            "last_batch_policy": self.loader.last_batch_policy,
             "samples_per_s": self._samples / self._wall_s if self._wall_s > 0 else 0.0,
             "actor_restarts": self._actor_restarts,
             "worker_respawns": sum(self._worker_respawns),

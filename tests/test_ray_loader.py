@@ -1,7 +1,9 @@
 """Loader actors under a local Ray, driven straight from the test (no TorchTrainer, for speed).
 
-Every test checks the exactly-once contract on labels that are the samples' ``idx_in_epoch``, and
-that no shared-memory segment of a loader actor outlives it.
+Every test checks its last-batch policy's contract (`sharding`) on labels that are the samples'
+``idx_in_epoch`` — "drop": whole rounds, exactly once; "pad" (the Loader's default): every sample
+at least once, the last round completed from the epoch's start; "exact": the same batches, every
+sample valid exactly once — and that no shared-memory segment of a loader actor outlives it.
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.allow_children]
 
-N, B = 103, 4  # 25 full batches: 8 per rank for 3 ranks (one global batch dropped), 12 for 2
+N, B = 103, 4  # 25 full batches and 3 samples. drop: 8 per rank for 3 ranks, 12 for 2; pad: 9 and 13
 
 
 class IndexSource:
-    """Sample i is (a 2x3 float32 array filled with i, [i]); ``bad`` raises, ``slow`` sleeps."""
+    """Sample i is (a 2x3 float32 array filled with i, [i]); ``bad`` raises, ``slow`` sleeps.
+    Serves every ``idx_in_epoch`` below its ``__len__``, as "pad" and "exact" need."""
 
     def __init__(self, n: int, bs: int, bad: int | None = None, delay: float = 0.0) -> None:
         self.n = n
-        self.full_iterations = n // bs
         self.bad = bad
         self.delay = delay
 
@@ -45,7 +47,7 @@ class IndexSource:
         return self.n
 
     def __call__(self, info):
-        if info.iteration >= self.full_iterations:
+        if info.idx_in_epoch >= self.n:
             raise StopIteration
         if info.idx_in_epoch == self.bad:
             raise ValueError(f"record {info.idx_in_epoch} is unreadable")
@@ -84,6 +86,12 @@ def labels(batch) -> list[int]:
     return batch["labels"].ravel().tolist()
 
 
+def batch_of(g: int, policy: str, n: int = N) -> list[int]:
+    """The labels of global batch g (unshuffled): under "pad"/"exact", slots past the epoch's end
+    repeat its first samples."""
+    return [(g * B + j) % n if policy != "drop" else g * B + j for j in range(B)]
+
+
 def assert_no_shm_left(iterators) -> None:
     """No /dev/shm segment of any loader actor that served these iterators remains."""
     assert_no_segments_of(p for it in iterators for p in it.actor_pids)
@@ -107,26 +115,42 @@ def consume_then_save(loader: Loader, batches: int):
     return it, seen, state
 
 
-def test_three_ranks_awkward_count_equal_batches_no_duplicates():
-    loader = make_loader()
+@pytest.mark.parametrize("policy", ["drop", "pad", "exact"])
+def test_three_ranks_awkward_count_equal_batches_under_each_policy(policy):
+    loader = make_loader(last_batch_policy=policy)
     its = [loader.iter_torch_batches(rank=r, world_size=3) for r in range(3)]
+    steps = 8 if policy == "drop" else 9  # 25 batches // 3 ranks; or ceil(103 samples / 12)
     try:
         for epoch in range(2):
-            per_rank = [[labels(b) for b in it] for it in its]
-            assert [len(b) for b in per_rank] == [8, 8, 8]  # 25 batches // 3 ranks, every epoch
-            for r, batches in enumerate(per_rank):
-                for i, batch in enumerate(batches):
+            batches = [list(it) for it in its]
+            per_rank = [[labels(b) for b in bs] for bs in batches]
+            assert [len(b) for b in per_rank] == [steps] * 3  # every epoch
+            for r, rank_batches in enumerate(per_rank):
+                for i, batch in enumerate(rank_batches):
                     g = 3 * i + r  # rank r, local step i serves global batch 3i + r
-                    assert batch == list(range(g * B, g * B + B))
+                    assert batch == batch_of(g, policy)
             flat = [i for b in per_rank for batch in b for i in batch]
-            assert len(flat) == len(set(flat)) == 8 * 3 * B
+            if policy == "drop":
+                assert len(flat) == len(set(flat)) == 8 * 3 * B
+            else:
+                assert set(flat) == set(range(N)) and len(flat) == 9 * 3 * B  # positions 0..4 twice
+            if policy == "exact":
+                valid = [x for bs in batches for b in bs for x in b["labels"].ravel()[b["valid"]].tolist()]
+                assert sorted(valid) == list(range(N))  # every sample valid exactly once
+                assert batches[1][8]["valid"].tolist() == [True, True, True, False]  # samples 100..102, 0
+                assert batches[2][8]["valid"].dtype == torch.bool and not batches[2][8]["valid"].any()
+            else:
+                assert "valid" not in batches[0][0]
             assert all(it.epoch_idx == epoch + 1 for it in its)
+        padded = sum(it.stats()["padded_samples"] for it in its)
+        assert padded == (0 if policy == "drop" else 2 * 5)  # 2 epochs of 5 repeats
+        assert its[0].describe()["last_batch_policy"] == policy
         batch = next(iter(its[0]))
         assert batch["images"].dtype == torch.float32 and batch["images"].shape == (B, 2, 3)
         assert batch["images"].device.type == "cpu"
         assert (batch["images"][:, 0, 0] == batch["labels"].ravel().float()).all()
         d = its[1].describe()
-        assert (d["num_shards"], d["shard_id"], d["epoch_size"]) == (3, 1, 8)
+        assert (d["num_shards"], d["shard_id"], d["epoch_size"]) == (3, 1, steps)
         assert d["node_id"] == ray.get_runtime_context().get_node_id()  # on its consumer's node
         assert d["cuda_visible_devices"] == ""  # a CPU consumer's actor sees no GPU
     finally:
@@ -249,7 +273,8 @@ def test_killed_forked_worker_is_replaced_and_its_samples_replayed():
 
 def test_resume_mid_epoch_from_state_with_a_new_loader_object_and_shuffle():
     # A new Loader (as in a new run restored from a checkpoint) draws another seed; the state
-    # carries the old one, so the shuffled order of the resumed epoch is the same.
+    # carries the old one, so the shuffled order of the resumed epoch is the same. Policy "pad":
+    # 26 batches, the last one completed with the epoch's first sample.
     first = make_loader(shuffle=True)
     it, seen, state = consume_then_save(first, 7)
     assert state["epoch_idx"] == 0 and state["consumed_batches"] == 7 and state["seed"] == first.seed
@@ -258,23 +283,31 @@ def test_resume_mid_epoch_from_state_with_a_new_loader_object_and_shuffle():
     it2 = second.iter_torch_batches(state=pickle.loads(pickle.dumps(state)), rank=0, world_size=1)
     try:
         rest = [i for b in it2 for i in labels(b)]
-        assert len(seen) + len(rest) == 25 * B
-        assert len(set(seen + rest)) == 25 * B and set(seen + rest) <= set(range(N))
+        assert len(seen) + len(rest) == 26 * B and len(set(seen)) == len(seen)
+        assert set(seen + rest) == set(range(N)) and rest[-1] == seen[0]  # the repeat: position 0
         assert it2.state_dict() == {"epoch_idx": 1, "consumed_batches": 0, "seed": first.seed}
     finally:
         it2.close()
     assert_no_shm_left([it, it2])
 
 
-def test_elastic_resume_with_three_ranks_after_two_finishes_the_epoch_exactly_once():
-    loader = make_loader(shuffle=True)
+@pytest.mark.parametrize("policy", ["drop", "exact"])  # "exact" serves the batches of "pad", plus masks
+def test_elastic_resume_with_three_ranks_after_two_keeps_the_policys_guarantee(policy):
+    loader = make_loader(shuffle=True, last_batch_policy=policy)
     old = [loader.iter_torch_batches(rank=r, world_size=2) for r in range(2)]
     seen: list[int] = []
+    valid: list[int] = []
+
+    def take(batch) -> None:
+        nonlocal seen, valid
+        seen += labels(batch)
+        valid += batch["labels"].ravel()[batch["valid"]].tolist() if policy == "exact" else labels(batch)
+
     try:
         gens = [iter(it) for it in old]
         for _ in range(4):  # both ranks in step, as between two ray.train.report calls
             for g in gens:
-                seen += labels(next(g))
+                take(next(g))
         state = old[0].state_dict()
         assert state == old[1].state_dict() and state["consumed_batches"] == 8
         for g in gens:
@@ -284,12 +317,20 @@ def test_elastic_resume_with_three_ranks_after_two_finishes_the_epoch_exactly_on
             it.close()
     new = [loader.iter_torch_batches(state=state, rank=r, world_size=3) for r in range(3)]
     try:
-        rest = [[labels(b) for b in it] for it in new]
-        assert [len(r) for r in rest] == [(25 - 8) // 3] * 3  # equal steps on every new rank
-        seen += [i for r in rest for batch in r for i in batch]
-        assert len(seen) == len(set(seen)) == (8 + 15) * B
+        rest = [list(it) for it in new]
+        # equal steps on every new rank: (25 - 8) // 3, or ceil((103 - 32) / 12)
+        assert [len(r) for r in rest] == [5 if policy == "drop" else 6] * 3
+        for r in rest:
+            for b in r:
+                take(b)
+        if policy == "drop":
+            assert len(seen) == len(set(seen)) == (8 + 15) * B
+        else:
+            assert set(seen) == set(range(N)) and len(seen) == (8 + 18) * B  # one repeat
+        if policy == "exact":
+            assert sorted(valid) == list(range(N))  # exactly once across the re-shard
         # the next epoch is a whole one over the new layout
-        assert [len([b for b in it]) for it in new] == [8, 8, 8]
+        assert [len([b for b in it]) for it in new] == [8 if policy == "drop" else 9] * 3
     finally:
         for it in new:
             it.close()
@@ -297,27 +338,34 @@ def test_elastic_resume_with_three_ranks_after_two_finishes_the_epoch_exactly_on
 
 
 def test_two_actors_per_worker_serve_its_batches_in_turn_and_survive_a_kill():
-    loader = make_loader(actors_per_worker=2)
+    """Policy "exact": the masks, like the batches, do not depend on which actor serves them."""
+    loader = make_loader(actors_per_worker=2, last_batch_policy="exact")
     its = [loader.iter_torch_batches(rank=r, world_size=2) for r in range(2)]
+
+    def valid_labels(batches) -> list[int]:
+        return [x for b in batches for x in b["labels"].ravel()[b["valid"]].tolist()]
+
     try:
-        per_rank = [[labels(b) for b in it] for it in its]
-        assert [len(b) for b in per_rank] == [12, 12]  # as with one actor per worker
+        epoch = [list(it) for it in its]
+        per_rank = [[labels(b) for b in bs] for bs in epoch]
+        assert [len(b) for b in per_rank] == [13, 13]  # as with one actor per worker
         for r, batches in enumerate(per_rank):
             for i, batch in enumerate(batches):
-                g = 2 * i + r
-                assert batch == list(range(g * B, g * B + B))
+                assert batch == batch_of(2 * i + r, "exact")
+        assert sorted(valid_labels(epoch[0]) + valid_labels(epoch[1])) == list(range(N))
         for it in its:
             d0, d1 = it.describe(0), it.describe(1)
             assert d0["pid"] != d1["pid"] and (d0["way"], d1["way"]) == ((0, 2), (1, 2))
-            assert d0["epoch_size"] == d1["epoch_size"] == 6  # each serves half the worker's 12
+            assert (d0["epoch_size"], d1["epoch_size"]) == (7, 6)  # the worker's 13, dealt in turn
             assert it.stats()["actors_per_worker"] == 2
-        # kill the second actor of rank 0 mid-epoch: Ray restarts it at the batch awaited from it
-        gen = iter(its[0])
-        seen = [labels(next(gen)) for _ in range(3)]
-        os.kill(its[0].describe(1)["pid"], signal.SIGKILL)
-        seen += [labels(b) for b in gen]
-        assert seen == [list(range(g * B, g * B + B)) for g in range(0, 24, 2)]
-        assert its[0].stats()["actor_restarts"] == 1
+        # kill the second actor of rank 1 mid-epoch: Ray restarts it at the batch awaited from it
+        gen = iter(its[1])
+        seen = [next(gen) for _ in range(3)]
+        os.kill(its[1].describe(1)["pid"], signal.SIGKILL)
+        seen += list(gen)
+        assert [labels(b) for b in seen] == [batch_of(g, "exact") for g in range(1, 26, 2)]
+        assert valid_labels(seen) == [i for g in range(1, 26, 2) for i in range(g * B, g * B + B) if i < N]
+        assert its[1].stats()["actor_restarts"] == 1
     finally:
         for it in its:
             it.close()
@@ -333,7 +381,7 @@ def test_resume_with_another_number_of_actors_per_worker_is_exactly_once(ways_be
     it2 = second.iter_torch_batches(state=state, rank=0, world_size=1)
     try:
         rest = [i for b in it2 for i in labels(b)]
-        assert seen + rest == list(range(25 * B))  # in order, nothing lost, nothing twice
+        assert seen + rest == list(range(N)) + [0]  # in order, nothing lost; "pad" repeats sample 0
     finally:
         it2.close()
     assert_no_shm_left([it, it2])
@@ -376,6 +424,7 @@ def test_stats_report_throughput_and_stage_timings():
         assert len(list(it)) == 10
         st = it.stats()
         assert st["batches"] == 10 and st["samples"] == 40 and st["transport"] == "host"
+        assert st["padded_samples"] == 0 and st["last_batch_policy"] == "pad"  # 40 samples: no round to fill
         for k in ("worker_wait_s", "worker_compute_s", "main_ops_s", "encode_s", "delivery_s"):
             assert st[k] >= 0.0
         assert st["samples_per_s"] > 0 and st["worker_compute_s"] > 0
@@ -396,6 +445,10 @@ def test_loader_is_small_picklable_and_validates_its_arguments():
         Loader(index_pipeline, outputs="images")
     with pytest.raises(ValueError, match="give both rank and world_size"):
         loader.iter_torch_batches(rank=0)
+    with pytest.raises(ValueError, match="last_batch_policy must be one of .*got 'fill'"):
+        make_loader(last_batch_policy="fill")
+    with pytest.raises(ValueError, match="already has that name; rename that output"):
+        Loader(index_pipeline, outputs=("images", "valid"), last_batch_policy="exact")
 
 
 def not_a_pipeline(**kwargs):
@@ -407,8 +460,9 @@ def not_a_pipeline(**kwargs):
     [
         (Loader(index_pipeline, outputs=("only_one",)), "names 1 outputs, but the pipeline"),
         (Loader(not_a_pipeline), "must be a @pipeline_def function, which returns a Pipeline"),
+        (Loader(ragged_pipeline, last_batch_policy="exact"), "'exact' needs the epoch's number of samples"),
     ],
-    ids=["output-names", "not-a-pipeline"],
+    ids=["output-names", "not-a-pipeline", "exact-without-len"],
 )
 def test_a_bad_loader_fails_at_actor_start_with_a_clear_message(loader, message):
     it = loader.iter_torch_batches(rank=0, world_size=1)

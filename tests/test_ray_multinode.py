@@ -107,7 +107,7 @@ def consumer_on(resource: str):
 
 
 def test_each_loader_actor_runs_on_its_consumers_node_and_shards_hold_across_nodes(cluster):
-    loader = Loader(pipeline)
+    loader = Loader(pipeline, last_batch_policy="drop")  # its source ends at N // B full batches
     consumers = [consumer_on("node_a"), consumer_on("node_b")]
     infos = ray.get([c.start.remote(loader, r, 2) for r, c in enumerate(consumers)])
     try:
@@ -128,13 +128,13 @@ def test_losing_a_node_fails_its_rank_clearly_and_a_restart_finishes_the_epoch_e
     c, _ = cluster
     doomed = c.add_node(num_cpus=1, resources={"node_c": 1})
     c.wait_for_nodes()
-    loader = Loader(pipeline)
+    loader = Loader(pipeline, last_batch_policy="drop")
     survivor, victim = consumer_on("node_a"), consumer_on("node_c")
     infos = ray.get([survivor.start.remote(loader, 0, 2), victim.start.remote(loader, 1, 2)])
     # A loader whose actor is on the doomed node while its consumer (this driver) is not, to see
     # the iterator's own error (placing it there takes overriding the scheduling strategy).
     on_doomed = NodeAffinitySchedulingStrategy(node_id_of("node_c"), soft=False)
-    stray = Loader(pipeline, actor_options={"scheduling_strategy": on_doomed})
+    stray = Loader(pipeline, last_batch_policy="drop", actor_options={"scheduling_strategy": on_doomed})
     stray_it = stray.iter_torch_batches(rank=0, world_size=1)
     stray_gen = iter(stray_it)
     next(stray_gen)

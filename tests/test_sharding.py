@@ -1,4 +1,8 @@
-"""Sharding across pipelines (what each loader actor runs): equal steps, every sample at most once."""
+"""Sharding across pipelines (what each loader actor runs): equal steps, every sample at most once.
+
+These pipelines use the Pipeline's default last-batch policy, "drop" (whole rounds of whole
+batches, as DALI's tutorial); "pad" and "exact" are tested in test_remainder.py.
+"""
 
 from __future__ import annotations
 
