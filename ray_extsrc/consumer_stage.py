@@ -9,17 +9,10 @@ runs the pipeline's main-stage ops (nvImageCodec decode, the CuPy kernels) in ba
 the Train worker, on the pipeline's own non-blocking streams, in the CUDA context the step already
 has. One context per GPU: no loader process holds GPU memory.
 
-Ordering and memory, without blocking either side:
-* the consumer's torch stream waits on the event recorded after the batch's last kernel, when the
-  consumer takes the batch (not earlier: the legacy default stream is shared by all threads);
-* each GPU output is copied, on that stream, into a tensor from torch's caching allocator (for a
-  batch of 256 x 3 x 224^2 float16, 77 MB, tens of microseconds of a training step's GPU time).
-  The copy is what the consumer holds, so torch's own rules decide when that memory is reused
-  (after the streams that used it are done with it), however long the consumer keeps the batch;
-  the stage's CuPy buffers are held only until an event after the copy has passed, then go back to
-  the stage. Handing the CuPy buffers over zero-copy would leave their reuse to CuPy's pool,
-  which orders it on the stage's stream only: a batch the consumer still reads on its stream
-  could be overwritten by a later batch's kernels.
+Ordering and memory, without blocking either side: the consumer's torch stream waits on the event
+recorded after the batch's last kernel when the consumer takes the batch (not earlier: the legacy
+default stream is shared by all threads), and each GPU output is copied on that stream into a
+tensor of torch's allocator (`gpu_handoff` says why a zero-copy hand-over is unsafe here).
 
 The pipeline object here is the same ``@pipeline_def`` function called with the actor's arguments,
 planned but never started (`Pipeline.open_device_stage`): its main-stage ops rebuild every random
@@ -37,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .gpu_handoff import GpuHandoff
 from .host_batch import HostBatch
 from .pipeline import Pipeline
 from .tensors import TensorListCPU, TensorListGPU
@@ -65,8 +59,7 @@ class ConsumerStage:
         # Two batches at once on a GPU: one's nvImageCodec call (blocking, in its own thread)
         # overlaps the other's gathering and kernel launches.
         self._threads = ThreadPoolExecutor(2 if self._gpu else 1, thread_name_prefix="ray_extsrc-consumer-stage")
-        #: (event after the copies, the stage's buffers they read): held until the event passes
-        self._held: list[tuple[Any, list]] = []
+        self._handoff = GpuHandoff()
         self.last_fetch_s = 0.0  # the last batch's wait in fetch() (ray.get of the host batch)
 
     def submit(self, fetch: Callable[[], Any]) -> Future:
@@ -108,49 +101,22 @@ class ConsumerStage:
         return decode.stats_snapshot()
 
     def to_torch(self, outputs: tuple) -> tuple[Any, ...]:
-        """The batch's outputs as torch tensors on this worker's device, copied on the current
-        torch stream after the batch's kernels (see the module docstring). Call in the consumer's
-        thread; the host does not wait."""
-        import torch
-
+        """The batch's outputs as torch tensors on this worker's device: GPU outputs copied on the
+        current torch stream after the batch's kernels (`gpu_handoff`), host outputs through pinned
+        memory. Call in the consumer's thread; the host does not wait."""
         from .transport import host_to_torch
 
         out: list[Any] = []
-        waited: set[int] = set()
-        used: list[Any] = []  # the stage's buffers the copies read
-        stream = None
         for x in outputs:
             if isinstance(x, TensorListGPU):
-                import cupy
-
-                if stream is None:
-                    ptr = torch.cuda.current_stream(self.device).cuda_stream
-                    stream = cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr)
-                ev = getattr(x, "ready_event", None)
-                if ev is not None and id(ev) not in waited:
-                    stream.wait_event(ev)
-                    waited.add(id(ev))
-                arrays = [x.as_array()] if x.is_dense else list(x)
-                used.extend(arrays)
-                copies = [self._copy_out(torch, a) for a in arrays]
-                out.append(copies[0] if x.is_dense else copies)
+                out.append(self._handoff.to_torch(x))
             else:
                 assert isinstance(x, TensorListCPU)
                 if x.is_dense_tensor():
                     out.append(host_to_torch(x.as_array(), self.device))
                 else:
                     out.append([host_to_torch(np.asarray(a), self.device) for a in x])
-        self._held = [(ev, bufs) for ev, bufs in self._held if not ev.done]
-        if used:
-            self._held.append((stream.record(), used))
         return tuple(out)
-
-    def _copy_out(self, torch: Any, a: Any) -> Any:
-        """``a`` (a CuPy array) copied into a new tensor of torch's allocator, on the current stream."""
-        src = torch.from_dlpack(a)  # CuPy orders the current stream after its own: no host wait
-        dst = torch.empty(src.shape, dtype=src.dtype, device=self.device)
-        dst.copy_(src)
-        return dst
 
     def close(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
