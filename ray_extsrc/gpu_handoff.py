@@ -59,7 +59,3 @@ class GpuHandoff:
         dst = torch.empty(src.shape, dtype=src.dtype, device=device)
         dst.copy_(src)
         return dst
-
-    def clear(self) -> None:
-        """Forget the held buffers (their copies must be done: call after a synchronisation)."""
-        self._held = []
