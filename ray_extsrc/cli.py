@@ -1,7 +1,8 @@
 """``ray-extsrc``: the demo, data generation and the benchmarks.
 
-    ray-extsrc demo [--out DIR] [--epochs N] [--images N] [--batch-size B] [--workers W]
+    ray-extsrc demo [--out DIR] [--data SPEC] [--epochs N] [--images N] [--batch-size B] [--workers W]
     ray-extsrc gen-data OUT_DIR --preset {small,r1} [...]
+    ray-extsrc shards DATA OUT_DIR [--samples-per-shard N] [--prefix P] [--shuffle-seed S]
     ray-extsrc bench [...]          (the R1 benchmark: see benchmarks/README.md)
     ray-extsrc bench --train resnet50,resnet18 [...]   (the training benchmark)
     ray-extsrc bench --cpu [...]    (torch DataLoader vs ray_extsrc on the CPU)
@@ -17,18 +18,24 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from .readers import FileListSource
+from .readers import open_dataset
 
-__all__ = ["main", "demo"]
+__all__ = ["main", "demo", "shards"]
+
+_DATA_HELP = (
+    "the data set: a folder with file_list.txt, a class-folder tree (ImageFolder layout), WebDataset "
+    "shards ('shards/shard-{000000..000009}.tar'), or an fsspec URL of one of these (s3://, gs://, "
+    "https://; pip install 'ray_extsrc[remote]')"
+)
 
 
-def _demo_pipelines(root: str, batch_size: int, workers: int):
+def _demo_pipelines(data: str, batch_size: int, workers: int):
     from . import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=2, device_id=0, py_num_workers=workers, seed=1234)
     def training_pipeline():
         jpegs, labels = fn.external_source(
-            source=FileListSource(root, batch_size), num_outputs=2, batch=False, parallel=True,
+            source=open_dataset(data, batch_size), num_outputs=2, batch=False, parallel=True,
             dtype=[types.UINT8, types.INT32],
         )
         images = fn.decoders.image_random_crop(jpegs, device="mixed")
@@ -40,7 +47,7 @@ def _demo_pipelines(root: str, batch_size: int, workers: int):
     @pipeline_def(batch_size=batch_size, num_threads=2, device_id=0, py_num_workers=workers, seed=1234)
     def validation_pipeline():
         jpegs, labels = fn.external_source(
-            source=FileListSource(root, batch_size), num_outputs=2, batch=False, parallel=True,
+            source=open_dataset(data, batch_size), num_outputs=2, batch=False, parallel=True,
             dtype=[types.UINT8, types.INT32],
         )
         images = fn.decoders.image(jpegs, device="mixed")
@@ -60,12 +67,21 @@ def demo(args: argparse.Namespace) -> int:
     from .synthetic import SMALL, make_jpeg_dataset
 
     out = os.path.abspath(args.out)
-    spec = dataclasses.replace(SMALL, num_images=args.images)
-    root = str(make_jpeg_dataset(os.path.join(out, "images"), spec, progress=False))
-    print(f"data: {spec.num_images} JPEGs in {root}")
+    if args.data is None:
+        spec = dataclasses.replace(SMALL, num_images=args.images)
+        data = str(make_jpeg_dataset(os.path.join(out, "images"), spec, progress=False))
+        print(f"data: {spec.num_images} JPEGs in {data}")
+    else:
+        data = args.data
+        try:  # fail here, before any worker starts, if the spec is wrong
+            probe = open_dataset(data)
+        except (OSError, ValueError, ImportError) as exc:
+            print(f"ray-extsrc demo: --data {data}: {exc}", file=sys.stderr)
+            return 2
+        print(f"data: {type(probe).__name__}: {probe.num_samples} samples from {data}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NoGPUWarning)
-        train, val = _demo_pipelines(root, args.batch_size, args.workers)
+        train, val = _demo_pipelines(data, args.batch_size, args.workers)
         pipes = {"train": train, "val": val}
         for p in pipes.values():  # fork every pipeline's workers before anything touches CUDA
             p.start_py_workers()
@@ -105,6 +121,21 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def shards(args: argparse.Namespace) -> int:
+    from .readers import write_shards
+
+    try:
+        pattern = write_shards(
+            args.data, args.out_dir, samples_per_shard=args.samples_per_shard, prefix=args.prefix,
+            shuffle_seed=args.shuffle_seed, progress=sys.stderr.isatty(),
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"ray-extsrc shards: {exc}", file=sys.stderr)
+        return 2
+    print(pattern)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # every flag (--help too) belongs to the benchmark's own parser
@@ -113,12 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ray-extsrc", description="DALI-style parallel external source on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="generate a small JPEG set and run the tutorial's two pipelines")
+    d = sub.add_parser("demo", help="run the tutorial's two pipelines on a generated JPEG set (or on --data)")
     d.add_argument("--out", default="demo-output", help="folder for the data set and the PNG grids")
+    d.add_argument("--data", help=_DATA_HELP + "; default: a generated set of --images JPEGs in OUT/images")
     d.add_argument("--epochs", type=int, default=3)
-    d.add_argument("--images", type=int, default=256)
+    d.add_argument("--images", type=int, default=256, help="size of the generated set (without --data)")
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--workers", type=int, default=2, help="py_num_workers per pipeline")
+    s = sub.add_parser("shards", help="write a data set as WebDataset tar shards (indexed) and print their pattern")
+    s.add_argument("data", help=_DATA_HELP)
+    s.add_argument("out_dir", help="local folder for the shards")
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--prefix", default="shard", help="shards are PREFIX-000000.tar, ...")
+    s.add_argument("--shuffle-seed", type=int, help="shuffle samples across shards with this seed (default: keep the order)")
     g = sub.add_parser("gen-data", help="generate a deterministic JPEG set (see ray_extsrc.synthetic)")
     g.add_argument("rest", nargs=argparse.REMAINDER)
     b = sub.add_parser("bench", help="the R1 benchmark against the peers; --train MODELS: the training "
@@ -127,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args)
+    if args.command == "shards":
+        return shards(args)
     if args.command == "gen-data":
         from .synthetic import main as gen_main
 
