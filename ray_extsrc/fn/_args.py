@@ -214,3 +214,21 @@ def saturate(values: np.ndarray, dt: np.dtype) -> np.ndarray:
     if dt.kind == "b":
         return values != 0
     return values.astype(dt, copy=False)
+
+
+def resample_dtype(op_name: str, in_dtype: np.dtype, requested: np.dtype | None) -> np.dtype:
+    """The output type of a resampling op (``fn.resize``, ``fn.random_resized_crop``): the input's,
+    or float32 when asked; anything else is refused naming both."""
+    out = in_dtype if requested is None else requested
+    if out != in_dtype and out != np.float32:
+        raise ValueError(f"fn.{op_name}: dtype must be the input type ({in_dtype}) or float32; got {out}")
+    return out
+
+
+def numeric_dtype(op_name: str, value: Any, default: Any) -> np.dtype:
+    """An op's ``dtype`` argument (``default`` when None) as a NumPy dtype, refused unless integer
+    or float."""
+    out = dtype(op_name, "dtype", default if value is None else value)
+    if out.kind not in "iuf":
+        raise ValueError(f"fn.{op_name}: dtype must be numeric; got {value!r}")
+    return out

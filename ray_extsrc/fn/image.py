@@ -75,11 +75,7 @@ class Resize(Operator):
         self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
     ) -> np.ndarray:
         img = _hwc(self.name, inputs[0])
-        out_dtype = img.dtype if self.dtype is None else self.dtype
-        if out_dtype != img.dtype and out_dtype != np.float32:
-            raise ValueError(
-                f"fn.{self.name}: dtype must be the input type ({img.dtype}) or float32; got {out_dtype}"
-            )
+        out_dtype = _args.resample_dtype(self.name, img.dtype, self.dtype)
         out_h, out_w, box = self.sizing.plan(self.name, img.shape[0], img.shape[1], arg_inputs)
         return resample(img, out_h, out_w, box, self.interp_type, self.antialias, out_dtype)
 

@@ -46,9 +46,7 @@ class Uniform(Operator):
         self.range = _args.range_pair(self.name, "range", range)
         self.values = None if values is None else np.asarray(_args.numbers(self.name, "values", values))
         self.shape = _shape(self.name, shape)
-        self.dtype = _args.dtype(self.name, "dtype", types.FLOAT if dtype is None else dtype)
-        if self.dtype.kind not in "iuf":
-            raise ValueError(f"fn.{self.name}: dtype must be numeric; got {dtype!r}")
+        self.dtype = _args.numeric_dtype(self.name, dtype, types.FLOAT)
 
     def run_cpu(
         self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
@@ -117,9 +115,7 @@ class Normal(Operator):
         self.shape = _shape(self.name, shape)
         #: the output takes the shape of the op's positional input
         self.shape_like = shape_like
-        self.dtype = _args.dtype(self.name, "dtype", types.FLOAT if dtype is None else dtype)
-        if self.dtype.kind not in "iuf":
-            raise ValueError(f"fn.{self.name}: dtype must be numeric; got {dtype!r}")
+        self.dtype = _args.numeric_dtype(self.name, dtype, types.FLOAT)
 
     def run_cpu(
         self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
