@@ -19,8 +19,11 @@ has something to learn: validation accuracy climbs well above chance (10 %) with
 Training pads its last round of batches (``last_batch_policy="pad"``, the default: every image
 each epoch, equal steps on every rank); validation uses ``"exact"``, whose ``batch["valid"]`` mask
 leaves the padding out, so the accuracy summed over ranks is the one a single process would get.
-For real data, give `ray_extsrc.readers.FileListSource` a directory with a ``file_list.txt``
-("name label" lines) instead of `jpeg_files`.
+For real data, ``--train-data`` / ``--val-data`` take what `ray_extsrc.readers.open_dataset` reads: a
+folder with a ``file_list.txt`` ("name label" lines), a class-folder tree (ImageFolder), WebDataset
+shards (``shards/train-{000000..000146}.tar``) or an ``s3://``/``gs://``/``https://`` URL of one of
+these (``pip install 'ray_extsrc[remote]'`` on the cluster); the number of classes comes from the
+data. Every node must reach that path or URL.
 """
 
 from __future__ import annotations
@@ -31,19 +34,22 @@ import os
 import tempfile
 
 from ray_extsrc import fn, pipeline_def, types
-from ray_extsrc.readers import FileListSource
+from ray_extsrc.readers import FileListSource, open_dataset
 
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 NUM_CLASSES = 10
 
 
-def jpeg_files(root: str, num_images: int, seed: int) -> FileListSource:
+def jpeg_files(root: str, num_images: int, seed: int, data: str | None = None) -> FileListSource:
     """Per-sample source, the DALI tutorial's ``ExternalInputCallable``: (encoded JPEG, label).
 
-    Made in the loader actor, which first generates the data set on its node if it is not there
-    (idempotent, locked); every file is read once per epoch.
+    Made in the loader actor: ``data`` (a path or URL, see the module docstring) when given, else
+    the synthetic set, which the actor first generates on its node if it is not there (idempotent,
+    locked); every file is read once per epoch.
     """
+    if data is not None:
+        return open_dataset(data)
     from ray_extsrc import synthetic
 
     spec = dataclasses.replace(
@@ -54,9 +60,10 @@ def jpeg_files(root: str, num_images: int, seed: int) -> FileListSource:
 
 
 @pipeline_def(batch_size=32, num_threads=2, py_num_workers=2)
-def training_pipeline(root: str, num_images: int, image_size: int = 64, decoder_device: str = "mixed"):
+def training_pipeline(root: str, num_images: int, image_size: int = 64, decoder_device: str = "mixed",
+                      data: str | None = None):
     jpegs, labels = fn.external_source(
-        source=jpeg_files(root, num_images, seed=0), num_outputs=2, batch=False, parallel=True
+        source=jpeg_files(root, num_images, seed=0, data=data), num_outputs=2, batch=False, parallel=True
     )
     images = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB)
     images = fn.resize(images, size=(image_size, image_size))
@@ -67,9 +74,10 @@ def training_pipeline(root: str, num_images: int, image_size: int = 64, decoder_
 
 
 @pipeline_def(batch_size=32, num_threads=2, py_num_workers=2)
-def validation_pipeline(root: str, num_images: int, image_size: int = 64, decoder_device: str = "mixed"):
+def validation_pipeline(root: str, num_images: int, image_size: int = 64, decoder_device: str = "mixed",
+                      data: str | None = None):
     jpegs, labels = fn.external_source(
-        source=jpeg_files(root, num_images, seed=1), num_outputs=2, batch=False, parallel=True
+        source=jpeg_files(root, num_images, seed=1, data=data), num_outputs=2, batch=False, parallel=True
     )
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
     images = fn.resize(images, size=(image_size, image_size))
@@ -77,14 +85,14 @@ def validation_pipeline(root: str, num_images: int, image_size: int = 64, decode
     return images, labels
 
 
-def tiny_cnn():
+def tiny_cnn(num_classes: int = NUM_CLASSES):
     import torch.nn as nn
 
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, NUM_CLASSES),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
     )
 
 
@@ -96,7 +104,7 @@ def train_loop_per_worker(config):
     import torch
     import torch.distributed as dist
 
-    model = ray.train.torch.prepare_model(tiny_cnn())
+    model = ray.train.torch.prepare_model(tiny_cnn(config.get("num_classes", NUM_CLASSES)))
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -169,7 +177,14 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "ray_extsrc_example"))
     parser.add_argument("--storage-path", default=None, help="checkpoints; shared storage (s3://, NFS) on a cluster")
     parser.add_argument("--name", default="ray_extsrc_tiny_cnn")
+    parser.add_argument("--train-data", default=None, help="a path or URL for open_dataset (default: synthetic)")
+    parser.add_argument("--val-data", default=None, help="the same for validation (default: synthetic)")
     args = parser.parse_args(argv)
+    num_classes = NUM_CLASSES
+    if args.train_data is not None:
+        labels = open_dataset(args.train_data).labels  # read here, before any actor starts
+        num_classes = int(max(labels)) + 1
+        print(f"train data: {len(labels)} samples, {num_classes} classes from {args.train_data}")
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -187,16 +202,16 @@ def main(argv=None) -> None:
     loaders = {
         "train": Loader(
             training_pipeline, outputs=("images", "labels"), name="train", shuffle=True,
-            root=os.path.join(args.data_dir, "train"), num_images=args.train_images, **common,
+            root=os.path.join(args.data_dir, "train"), num_images=args.train_images, data=args.train_data, **common,
         ),
         "val": Loader(
             validation_pipeline, outputs=("images", "labels"), name="val", last_batch_policy="exact",
-            root=os.path.join(args.data_dir, "val"), num_images=args.val_images, **common,
+            root=os.path.join(args.data_dir, "val"), num_images=args.val_images, data=args.val_data, **common,
         ),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"loaders": loaders, "epochs": args.epochs, "lr": args.lr},
+        train_loop_config={"loaders": loaders, "epochs": args.epochs, "lr": args.lr, "num_classes": num_classes},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu),
         run_config=RunConfig(
             name=args.name, storage_path=args.storage_path, failure_config=FailureConfig(max_failures=2)
