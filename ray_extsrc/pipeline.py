@@ -278,21 +278,17 @@ class Pipeline:
             self._plan()
         return any(not is_source(n) for n in self.plan.main_nodes)
 
-    def run_device(self, batch: HostBatch, fence: Any = None, *, order_consumer: bool = True) -> tuple:
+    def run_device(self, batch: HostBatch, *, order_consumer: bool = True) -> tuple:
         """The outputs of ``batch`` after the main-stage ops (see `serve_host_stage`).
 
-        ``fence`` (from `consumer_fence`, recorded in the consumer's thread) is waited for on the GPU
-        before this batch's kernels reuse memory. With ``order_consumer=False`` the consumer's
-        streams are not made to wait here: the caller gets the event to wait on (`last_event`).
+        With ``order_consumer=False`` the consumer's streams are not made to wait here: each GPU
+        output's ``ready_event`` is the event to wait on (`gpu_handoff` waits on it and copies the
+        output, so nothing of the stage's memory is reused while the consumer reads it).
         """
         if not self._device_stage_open:
             raise LifecycleError("run_device() needs open_device_stage() first")
         env = batch.env()
         t0 = time.perf_counter()
-        if fence is not None:
-            from .fn import _gpu_exec
-
-            _gpu_exec.wait_fence(self, fence)
         outputs = self._run_ops(batch.infos, env, order_consumer=order_consumer)
         self.last_timings = {"main_ops_s": time.perf_counter() - t0}
         return outputs

@@ -67,7 +67,7 @@ def consumer_fence() -> Any:
 
 
 def wait_fence(pipe: Any, fence: Any) -> None:
-    """Make the pipeline's stream wait for ``fence`` (see `pipeline.Pipeline._consumer_fence`)."""
+    """Make the pipeline's stream wait for ``fence`` (see `pipeline.Pipeline.consumer_fence`)."""
     stream = pipeline_stream(pipe)
     for ev in fence:
         stream.wait_event(ev)
