@@ -477,11 +477,8 @@ def _reader_of(pipes: Sequence[Pipeline], name: str) -> _Reader:
 
 
 def _reader_meta(pipe: Pipeline, name: str) -> dict[str, Any]:
-    """DALI's ``Pipeline.reader_meta(name)``: the pipeline's own when it has one, else read here
-    from the graph (the named per-sample source's ``__len__``, the pipeline's shard)."""
-    own = getattr(pipe, "reader_meta", None)
-    if callable(own):
-        return own(name)
+    """DALI's ``Pipeline.reader_meta(name)``, read from the graph: the named per-sample source's
+    ``__len__`` and the pipeline's shard."""
     node = _find_reader(pipe, name)
     n = len(node.op.spec.source)
     return {
@@ -495,29 +492,16 @@ def _reader_meta(pipe: Pipeline, name: str) -> dict[str, Any]:
 
 
 def _find_reader(pipe: Pipeline, name: str) -> Any:
-    """The graph node of ``fn.external_source(name=name)``.
-
-    This version of ``fn.external_source`` does not record ``name`` (ops that do carry it as
-    ``instance_name``); then the pipeline's one source that knows its length stands for any name,
-    and more than one is refused, since which is meant cannot be told.
-    """
+    """The graph node of ``fn.external_source(name=name)`` (its ``instance_name``); exactly one."""
     sources = [n for n in pipe.graph.nodes if is_source(n)]
-    if any(hasattr(n.op, "instance_name") for n in sources):
-        named = [n for n in sources if getattr(n.op, "instance_name", None) == name]
-        if len(named) != 1:
-            known = sorted(str(n.op.instance_name) for n in sources if getattr(n.op, "instance_name", None))
-            raise ValueError(
-                f"reader_name={name!r}: the pipeline has {len(named)} fn.external_source(name={name!r}); "
-                f"its named sources: {known}"
-            )
-        return _check_reader(named[0], name)
-    sized = [n for n in sources if _length(n) is not None]
-    if len(sized) != 1:
+    named = [n for n in sources if n.op.instance_name == name]
+    if len(named) != 1:
+        known = sorted(str(n.op.instance_name) for n in sources if n.op.instance_name)
         raise ValueError(
-            f"reader_name={name!r}: this version of fn.external_source does not record name=, so the "
-            f"reader must be the pipeline's only source with __len__; it has {len(sized)}"
+            f"reader_name={name!r}: the pipeline has {len(named)} fn.external_source(name={name!r}); "
+            f"its named sources: {known}"
         )
-    return _check_reader(sized[0], name)
+    return _check_reader(named[0], name)
 
 
 def _check_reader(node: Any, name: str) -> Any:
