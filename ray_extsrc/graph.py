@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .random import sample_rng
+from .sample_rng import sample_rng
 
 __all__ = ["DataNode", "OpNode", "Operator", "SampleContext", "Graph", "add_op", "current_graph", "graph_scope"]
 

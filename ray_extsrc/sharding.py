@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .random import derive_seed
+from .sample_rng import derive_seed
 
 __all__ = ["LAST_BATCH_POLICIES", "ShardLayout", "check_last_batch_policy", "epoch_permutation"]
 

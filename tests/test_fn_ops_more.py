@@ -19,7 +19,7 @@ from ray_extsrc import NoGPUWarning, fn, pipeline_def, types
 from ray_extsrc.fn.decoders import ImageRandomCropDecoder
 from ray_extsrc.fn.geometry import RandomResizedCrop
 from ray_extsrc.graph import Graph, SampleContext, graph_scope
-from ray_extsrc.random import sample_rng
+from ray_extsrc.sample_rng import sample_rng
 from ray_extsrc.types import SampleInfo
 
 # Every test here builds pipelines with one in-process source (parallel=False) except one, which

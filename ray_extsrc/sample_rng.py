@@ -7,6 +7,9 @@ with however many workers, after a restart, on a different shard layout, on CPU 
 
 The two low counter words are left at zero so a sample's own draws advance them without ever
 running into the next sample's stream (Philox increments the lowest word first).
+
+The streams, not the ops: `fn.random` holds DALI's random ops (``uniform``, ``coin_flip``, ...),
+which draw from here like every other op's random decision.
 """
 
 from __future__ import annotations
