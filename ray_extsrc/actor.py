@@ -39,7 +39,6 @@ that EOF (the zygote closes every inherited descriptor, so only this process hol
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -138,6 +137,8 @@ class LoaderActor:
             device_id=0 if spec.gpu_id is not None else None,
             seed=spec.seed,
             last_batch_policy=spec.last_batch_policy,
+            ways=spec.ways,
+            way=spec.way,
         )
         self.pipe = spec.pipeline_fn(**kwargs)
         if not isinstance(self.pipe, Pipeline):
@@ -146,7 +147,6 @@ class LoaderActor:
                 f"{spec.label}: the Loader's pipeline function must be a @pipeline_def function, which "
                 f"returns a Pipeline; {spec.pipeline_fn!r} returned {type(self.pipe).__name__}"
             )
-        self.pipe.layout = dataclasses.replace(self.pipe.layout, ways=spec.ways, way=spec.way)
         self._host_only = spec.gpu_stage == "consumer"
         if self._host_only:
             self.pipe.serve_host_stage()

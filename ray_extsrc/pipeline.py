@@ -17,7 +17,9 @@ last round that R does not fill (`sharding`): ``"drop"`` (the default here, DALI
 whole batches of whole rounds), ``"pad"`` or ``"exact"`` (every sample below the source's
 ``__len__``, the partial last batch included; the slots past the end wrap to the epoch's start and
 carry the SampleInfo of the position they repeat, so the source sees only positions of a normal
-epoch; `valid_samples` says how many of a batch's samples are its own).
+epoch; `valid_samples` says how many of a batch's samples are its own). With ``ways=A, way=k``
+(not DALI's: several pipelines, one process each, serving one shard in turn, as a Loader's
+``actors_per_worker`` do) this pipeline serves the shard's batches k, k+A, k+2A, ...
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class Pipeline:
         bytes_per_sample_hint: int | None = None,
         num_shards: int = 1,
         shard_id: int = 0,
+        ways: int = 1,
+        way: int = 0,
         shuffle: bool = False,
         last_batch_policy: str = "drop",
         exec_pipelined: bool = True,
@@ -132,7 +136,7 @@ class Pipeline:
         self.prefetch_queue_depth = prefetch_queue_depth
         self.bytes_per_sample_hint = bytes_per_sample_hint or (1 << 20)
         check_last_batch_policy(last_batch_policy, "Pipeline")
-        self.layout = ShardLayout(num_shards, shard_id, last_batch_policy=last_batch_policy)
+        self.layout = ShardLayout(num_shards, shard_id, ways=ways, way=way, last_batch_policy=last_batch_policy)
         self.shuffle = shuffle
         self._exec_async = bool(exec_async and exec_pipelined)
         self._ahead: collections.deque = collections.deque()  # (local iteration, Future), in order

@@ -76,7 +76,7 @@ NAMESPACE = "ray_extsrc"
 #: The batch entry (or last tuple element) holding the per-sample validity mask under ``"exact"``.
 VALID_OUTPUT = "valid"
 _CLOSE_TIMEOUT_S = 10.0  # an actor's close() stops its workers (2 s SIGTERM grace) and unlinks shm
-_SET_BY_LOADER = ("num_shards", "shard_id", "device_id")
+_SET_BY_LOADER = ("num_shards", "shard_id", "ways", "way", "device_id")
 _STAGES = ("worker_wait_s", "worker_compute_s", "main_ops_s", "encode_s", "fetch_s", "delivery_s")
 _GPU_STAGES = ("auto", "consumer", "actor")
 
@@ -151,7 +151,8 @@ class Loader:
         actor_options: more ``ray.remote`` options for the actor (``runtime_env``, ``memory``...).
         **pipeline_args: override the pipeline's arguments (``batch_size``, ``py_num_workers``,
             ``shuffle``, ``seed``, ...) or go to the pipeline function, as ``@pipeline_def`` does.
-            ``num_shards``, ``shard_id`` and ``device_id`` are set per Train worker.
+            ``num_shards``, ``shard_id``, ``ways``, ``way`` and ``device_id`` are set per Train
+            worker (and per loader actor).
     """
 
     def __init__(
@@ -195,7 +196,7 @@ class Loader:
         if fixed:
             raise ValueError(
                 f"Loader: {', '.join(fixed)} are set per Train worker by the Loader (shard = rank, "
-                "device = the worker's GPU); do not pass them"
+                "ways = actors_per_worker, device = the worker's GPU); do not pass them"
             )
         seed = pipeline_args.pop("seed", None)
         if seed is None or seed < 0:

@@ -8,7 +8,6 @@ padding slot carries, and the errors.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import warnings
 
@@ -230,8 +229,7 @@ def make_pipes(source, num_shards, policy, ways=1, **kw):
     pipes = {}
     for r in range(num_shards):
         for k in range(ways):
-            p = pipe(num_shards=num_shards, shard_id=r, last_batch_policy=policy)
-            p.layout = dataclasses.replace(p.layout, ways=ways, way=k)
+            p = pipe(num_shards=num_shards, shard_id=r, ways=ways, way=k, last_batch_policy=policy)
             p.start_py_workers()
             pipes[r, k] = p
     return pipes

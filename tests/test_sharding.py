@@ -6,12 +6,10 @@ batches, as DALI's tutorial); "pad" and "exact" are tested in test_remainder.py.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 import sources
-from ray_extsrc import pipeline_def
+from ray_extsrc import Pipeline, pipeline_def
 from ray_extsrc.pipeline import external_source
 from ray_extsrc.sharding import ShardLayout, epoch_permutation
 
@@ -113,6 +111,14 @@ def test_layout_validation_quotes_the_value():
         ShardLayout(2, 2)
 
 
+def test_ways_are_pipeline_arguments_checked_when_given():
+    assert Pipeline(batch_size=B, ways=3, way=2).layout == ShardLayout(ways=3, way=2)
+    with pytest.raises(ValueError, match="way must be in \\[0, 3\\); got 3"):
+        Pipeline(batch_size=B, ways=3, way=3)
+    with pytest.raises(ValueError, match="ways must be a positive int; got 0"):
+        Pipeline(batch_size=B, ways=0)
+
+
 def test_ways_of_a_layout_deal_each_shards_batches_out_exactly_once():
     """Pure layout arithmetic, every small case: the ways of a shard together serve exactly the
     shard's batches of the one-way layout, and every shard the same number of them."""
@@ -148,8 +154,7 @@ def test_pipelines_serving_one_shard_in_turn_yield_the_shards_batches(sized):
     pipes = {}
     for r in range(shards):
         for k in range(ways):
-            p = pipe(num_shards=shards, shard_id=r)
-            p.layout = dataclasses.replace(p.layout, ways=ways, way=k)
+            p = pipe(num_shards=shards, shard_id=r, ways=ways, way=k)
             p.start_py_workers()
             pipes[r, k] = p
     try:
