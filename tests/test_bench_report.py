@@ -59,3 +59,59 @@ def test_table_counts_the_loader_actors_memory_for_train_systems():
     row = {**_row("ray_extsrc_in_train", 24000), "tree_rss_mb": 800.0, "loader_tree_rss_mb": 1500.0}
     line = [ln for ln in table({"b": row}).splitlines() if ln.startswith("ray_extsrc_in_train ")][0]
     assert line.split()[-1] == "2300"
+
+
+def test_reader_suffixes_name_the_reader_and_are_refused_elsewhere():
+    from ray_extsrc.bench._report import split_reader
+
+    assert split_reader("a") == ("a", "file_list")
+    assert split_reader("a:wds") == ("a", "webdataset")
+    assert split_reader("b2:folder") == ("b2", "image_folder")
+    for bad in ("c:wds", "a:zip", "e1:folder"):
+        with pytest.raises(ValueError, match="reader suffix"):
+            split_reader(bad)
+    p = subprocess.run([sys.executable, "-m", "ray_extsrc.bench._runner", "d:wds", "--root", "/nonexistent"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "a reader suffix goes on a, b or bN" in p.stderr
+
+
+def test_table_sets_each_reader_against_the_file_list_of_the_same_run():
+    summary = {"a": _row("ray_extsrc", 20000), "a:wds": _row("ray_extsrc_webdataset", 19000),
+               "a:folder": _row("ray_extsrc_image_folder", 20400)}
+    out = table(summary)
+    assert "ray_extsrc_webdataset / ray_extsrc: 0.95x" in out
+    assert "ray_extsrc_image_folder / ray_extsrc: 1.02x" in out
+    assert out.index("ray_extsrc ") < out.index("ray_extsrc_image_folder") < out.index("ray_extsrc_webdataset")
+
+
+def test_r1_pipeline_reads_the_same_samples_through_every_reader(tmp_path):
+    """The bench's a:folder and a:wds run the R1 pipeline on the very images of the file list (CPU)."""
+    import dataclasses
+
+    import numpy as np
+
+    from ray_extsrc.bench._pipelines import r1_pipeline, r1_shards
+    from ray_extsrc.synthetic import SMALL, make_jpeg_dataset
+
+    root = str(make_jpeg_dataset(tmp_path / "r1", dataclasses.replace(SMALL, num_images=24), progress=False))
+    pattern = r1_shards(root, samples_per_shard=10)
+    assert pattern == r1_shards(root)  # written once, then reused
+    assert len(os.listdir(root + "-shards")) >= 3
+    from ray_extsrc.bench._pipelines import READERS
+
+    images = {}
+    for reader, where in (("file_list", root), ("image_folder", root), ("webdataset", pattern)):
+        pipe = r1_pipeline(where, None, device="cpu", size=32, batch=8, dtype="float32", reader=reader,
+                           batch_size=8, py_num_workers=2, device_id=None)
+        with pipe:
+            pipe.build()
+            images[reader] = np.stack([np.asarray(pipe.run()[0].as_tensor()) for _ in range(3)])
+        assert images[reader].shape == (3, 8, 3, 32, 32)
+        with pytest.raises(StopIteration):  # 24 images: three batches, then the epoch ends
+            pipe.run()
+    # the shards keep the file list's order, so the same crops of the same images come out
+    np.testing.assert_array_equal(images["file_list"], images["webdataset"])
+    # the folder tree is sorted by class: the same files, in another order
+    listed = [READERS[r](root if r != "webdataset" else pattern) for r in READERS]
+    encoded = [sorted(bytes(src.read_sample(i)[0]) for i in range(len(src))) for src in listed]
+    assert encoded[0] == encoded[1] == encoded[2] and len(encoded[0]) == 24

@@ -15,6 +15,9 @@ Systems, each in its own fresh process (see `_runner`), interleaved round by rou
         run it was timed on one cold epoch of 2,048 images, which measured mostly its start-up)
     e1  decode-only ceiling: nvImageCodec batched decode (default backends) of the files in memory
     e2  decode-only ceiling: torchvision.io.decode_jpeg(device="cuda"), lists of 256
+    a:folder, a:wds (also b:..., bN:...)  as a, b, bN with the same images read through
+        `readers.ImageFolderSource` (the class-folder tree) or `readers.WebDatasetSource` (the set
+        written once as 500-sample tar shards next to it), instead of the file list
 
     python -m ray_extsrc.bench --rounds 2 --out benchmarks/results   # + bN where N >= 2 GPUs are visible
 
@@ -39,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._common import device_name, gpu_count, parse_result, result_stem
-from ._report import chart, table, timed_rates
+from ._report import chart, split_reader, table, timed_rates
 
 __all__ = ["main", "r1_main"]
 
@@ -68,7 +71,8 @@ def r1_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per run (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs before them (default 1)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved runs per system (default 2)")
-    p.add_argument("--systems", default="", help="default: a,b,c,d,e1,e2, and bN with N >= 2 GPUs visible")
+    p.add_argument("--systems", default="",
+                   help="default: a,a:folder,a:wds,b,c,d,e1,e2, and bN with N >= 2 GPUs visible")
     p.add_argument("--gpus", type=int, default=1, help="Train workers for system b (total throughput)")
     p.add_argument("--workers", type=int, default=12,
                    help="ray_extsrc's Python workers per GPU (a: py_num_workers; b: split over the actors)")
@@ -92,8 +96,18 @@ def r1_main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {args.images} R1 images in {root} ({time.perf_counter() - t:.1f} s)", flush=True)
     if not args.systems:
         n = gpu_count()
-        args.systems = f"a,b,{f'b{n},' if n >= 2 else ''}c,d,e1,e2"
+        args.systems = f"a,a:folder,a:wds,b,{f'b{n},' if n >= 2 else ''}c,d,e1,e2"
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    for s in systems:
+        try:
+            split_reader(s)
+        except ValueError as e:
+            p.error(str(e))
+    if any(split_reader(s)[1] == "webdataset" for s in systems):
+        from ._pipelines import r1_shards
+
+        t = time.perf_counter()
+        print(f"shards: {r1_shards(root)} ({time.perf_counter() - t:.1f} s)", flush=True)
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     errors: dict[str, list[str]] = {}
     for r in range(args.rounds):

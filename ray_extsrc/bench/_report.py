@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from ._common import timed_rates
 
-__all__ = ["chart", "multi_gpu", "table", "timed_rates"]
+__all__ = ["READER_SUFFIXES", "chart", "multi_gpu", "split_reader", "table", "timed_rates"]
+
+#: ``SYSTEM:SUFFIX`` runs a ray_extsrc system (a, b, bN) on the same images through another reader
+READER_SUFFIXES = {"folder": "image_folder", "wds": "webdataset"}
+
+
+def split_reader(system: str) -> tuple[str, str]:
+    """``"a:wds"`` -> ``("a", "webdataset")``; a plain ``"a"`` reads the file list."""
+    base, sep, suffix = system.partition(":")
+    if not sep:
+        return system, "file_list"
+    if suffix not in READER_SUFFIXES or not (base == "a" or base == "b" or multi_gpu(base)):
+        raise ValueError(f"system {system!r}: a reader suffix goes on a, b or bN and is one of "
+                         f"{sorted(READER_SUFFIXES)}")
+    return base, READER_SUFFIXES[suffix]
 
 
 def multi_gpu(system: str) -> int:
@@ -15,7 +29,8 @@ def multi_gpu(system: str) -> int:
 def _keys(summary: dict) -> list[str]:
     """Systems in table order: a, b, then b on several GPUs (b2, b8, ...), then the peers."""
     multi = sorted((k for k in summary if multi_gpu(k)), key=multi_gpu)
-    order = ["a", "b", *multi, "c", "d", "e1", "e2"]
+    order = ["a", *(f"a:{r}" for r in READER_SUFFIXES), "b", *(f"b:{r}" for r in READER_SUFFIXES), *multi,
+             "c", "d", "e1", "e2"]
     return [k for k in order if k in summary] + [k for k in summary if k not in order]
 
 
@@ -41,6 +56,11 @@ def table(summary: dict) -> str:
             if n and "b" in summary:
                 total = summary[k]["median_images_per_s"]
                 rows.append(f"{n} GPUs / 1 GPU (in Train): {total / ref:.2f}x ({total / n:,.0f} img/s per GPU)")
+    for k in summary:  # the same system through another reader, against the file list (same run)
+        base, _, suffix = k.partition(":")
+        if suffix and base in summary:
+            ratio = summary[k]["median_images_per_s"] / summary[base]["median_images_per_s"]
+            rows.append(f"{summary[k]['system']} / {summary[base]['system']}: {ratio:.2f}x")
     return "\n".join(rows)
 
 

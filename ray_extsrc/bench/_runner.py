@@ -18,7 +18,7 @@ import sys
 import time
 
 from ._common import BATCH, GpuMemory, emit, pipeline_epoch, timed, versions  # noqa: E402 - light
-from ._report import multi_gpu  # noqa: E402 - light (matplotlib loads only to draw)
+from ._report import multi_gpu, split_reader  # noqa: E402 - light (matplotlib loads only to draw)
 
 
 def _torch_sync():
@@ -30,10 +30,20 @@ def _torch_sync():
 # --- (a) ray_extsrc alone ---------------------------------------------------------------------------
 
 
+def _reader_root(args) -> str:
+    """What ``r1_pipeline(root=...)`` takes for ``args.reader``: the set's folder, or its shards."""
+    if args.reader == "webdataset":
+        from ._pipelines import r1_shards
+
+        return r1_shards(args.root)  # written by the parent before the first round (see r1_main)
+    return args.root
+
+
 def run_extsrc(args) -> dict:
     from ._pipelines import r1_pipeline
 
-    pipe = r1_pipeline(args.root, args.images, py_num_workers=args.workers, **args.decoder)
+    pipe = r1_pipeline(_reader_root(args), args.images, py_num_workers=args.workers, reader=args.reader,
+                       **args.decoder)
     pipe.start_py_workers()  # fork before anything touches CUDA
     import cupy
     import torch
@@ -109,12 +119,13 @@ def run_train(args) -> dict:
     from ..train import Loader
     from ._pipelines import r1_pipeline
 
-    gpus = multi_gpu(args.system) or args.gpus
+    gpus = multi_gpu(args.base) or args.gpus
     per_actor = max(1, args.workers // args.actors)  # --workers Python workers per GPU in all
     ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
     stage = {"gpu_stage": args.gpu_stage} if args.gpu_stage else {}  # else the Loader's default
     loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=per_actor,
-                    actors_per_worker=args.actors, root=args.root, limit=args.images, **stage, **args.decoder)
+                    actors_per_worker=args.actors, root=_reader_root(args), limit=args.images,
+                    reader=args.reader, **stage, **args.decoder)
     out = f"/tmp/r1_train_{os.getpid()}"
     trainer = TorchTrainer(
         _train_loop,
@@ -343,7 +354,8 @@ SYSTEMS = {
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("system", help=f"one of {sorted(SYSTEMS)}, or bN: b on N GPUs (N Train workers)")
+    p.add_argument("system", help=f"one of {sorted(SYSTEMS)}, or bN: b on N GPUs (N Train workers); "
+                   "a, b, bN + ':folder' or ':wds': the same images through ImageFolderSource or WebDatasetSource")
     p.add_argument("--root", required=True)
     p.add_argument("--images", type=int, default=8000)
     p.add_argument("--epochs", type=int, default=3)
@@ -368,13 +380,20 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--decoder: {e}")
     if args.switch_interval:  # experiments: the GIL's switch interval (seconds)
         sys.setswitchinterval(args.switch_interval)
-    n = multi_gpu(args.system)
+    try:
+        args.base, args.reader = split_reader(args.system)
+    except ValueError as e:
+        p.error(str(e))
+    n = multi_gpu(args.base)
     if n:
         name, fn_ = f"ray_extsrc_in_train_{n}gpus", run_train
-    elif args.system in SYSTEMS:
-        name, fn_ = SYSTEMS[args.system]
+    elif args.base in SYSTEMS:
+        name, fn_ = SYSTEMS[args.base]
     else:
-        p.error(f"unknown system {args.system!r}: one of {sorted(SYSTEMS)}, or bN (N GPUs)")
+        p.error(f"unknown system {args.system!r}: one of {sorted(SYSTEMS)}, or bN (N GPUs), "
+                "a/b/bN with a reader suffix (:folder, :wds)")
+    if args.reader != "file_list":
+        name = f"{name}_{args.reader}"
     t = time.perf_counter()
     res = fn_(args)
     res.update(system=name, key=args.system, wall_s=round(time.perf_counter() - t, 2),
