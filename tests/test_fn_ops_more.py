@@ -656,9 +656,9 @@ def test_training_pipeline_parallel_matches_serial():
     assert not np.array_equal(serial[0][0], serial[4][0])  # epoch 1 draws new parameters
 
 
-def test_gpu_devices_without_twins_run_the_cpu_implementation(monkeypatch):
-    """None of these ops has a GPU twin yet: on device="mixed"/"gpu" they run on the CPU (after
-    the pipeline's one warning) and give the CPU results."""
+def test_gpu_devices_without_a_gpu_run_the_cpu_implementation(monkeypatch):
+    """Without a usable GPU these ops, asked for device="mixed"/"gpu", run on the CPU (after the
+    pipeline's one warning) and give the CPU results."""
     monkeypatch.setattr("ray_extsrc.pipeline._warned_no_gpu", False)
 
     def graph(device, decoder_device):
@@ -702,3 +702,120 @@ def test_new_ops_survive_pickling():
     op = build(lambda x: fn.color_twist(x, hue=x)).op
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(op)).run_cpu([img], {"hue": np.float32(40)}, None),
                                   op.run_cpu([img], {"hue": np.float32(40)}, None))
+
+
+# --- the GPU paths' array code, run here with NumPy standing in for CuPy -----------------------------
+#
+# The GPU twins of color_twist, hsv, rotate, normalize, cast and transpose run the CPU op's own
+# array functions with xp=cupy (`_gpu.ops`). With a stand-in `cupy` module that is NumPy, the same
+# glue (dense batch at once, lists per sample, per-sample argument rows) runs here and must give
+# run_cpu's results exactly; tests/gpu/test_gpu_ops_more.py checks the real thing on a GPU.
+
+
+def _numpy_as_cupy(monkeypatch):
+    import sys
+    import types as pytypes
+
+    fake = pytypes.ModuleType("cupy")
+    fake.__getattr__ = lambda name: getattr(np, name)
+    fake.ndarray = np.ndarray
+    fake.asnumpy = np.asarray
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    from ray_extsrc.fn._gpu import ops
+
+    return ops
+
+
+def _per_sample(op, samples, args):
+    return [op.run_cpu([x], {k: v[j] for k, v in args.items()}, None) for j, x in enumerate(samples)]
+
+
+def _assert_same(got, want):
+    got = list(got) if isinstance(got, np.ndarray) else got
+    assert len(got) == len(want)
+    for j, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, (j, g.dtype, g.shape, w.dtype, w.shape)
+        np.testing.assert_array_equal(g, w, err_msg=f"sample {j}")
+
+
+def test_gpu_glue_color_ops_match_run_cpu_with_numpy(monkeypatch):
+    ops = _numpy_as_cupy(monkeypatch)
+    dense = np.stack([picture(20, 24, k) for k in range(3)])
+    varied = [picture(20, 24, 0), picture(13, 31, 1), picture(40, 8, 2)]
+    args = {"hue": [np.float32(v) for v in (-30, 0, 75)], "saturation": [np.float32(v) for v in (0.5, 1.3, 2.0)]}
+    for op in (build(lambda x: fn.color_twist(x, hue=x, saturation=x, contrast=1.4, brightness=0.9)).op,
+               build(lambda x: fn.hsv(x, hue=x, saturation=x, value=1.2)).op):
+        for batch in (dense, varied, [im.astype(np.float32) / 255 for im in varied]):
+            samples = list(batch)
+            got = op.run_gpu([batch], args, [None] * 3, None)
+            assert isinstance(got, np.ndarray) == isinstance(batch, np.ndarray)
+            _assert_same(got, _per_sample(op, samples, args))
+    hsv_u8_to_f = build(lambda x: fn.hsv(x, value=x, dtype=types.FLOAT)).op
+    _assert_same(hsv_u8_to_f.run_gpu([dense], {"value": [np.float32(v) for v in (0.5, 1, 3)]}, [None] * 3, None),
+                 _per_sample(hsv_u8_to_f, list(dense), {"value": [np.float32(v) for v in (0.5, 1, 3)]}))
+    with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
+        ops.color_matrix(hsv_u8_to_f, [[dense[0][:, :, :2]]], {"value": [np.float32(1)]}, [None], None)
+
+
+@pytest.mark.parametrize("interp", [types.INTERP_NN, types.INTERP_LINEAR])
+@pytest.mark.parametrize("fill", [None, 7.0])
+def test_gpu_glue_rotate_matches_run_cpu_with_numpy(monkeypatch, interp, fill):
+    _numpy_as_cupy(monkeypatch)
+    dense = np.stack([picture(20, 24, k) for k in range(3)])
+    varied = [picture(20, 24, 0), picture(13, 31, 1), picture(40, 9, 2)[:, :, :1]]
+    angles = {"angle": [np.float32(v) for v in (-33.0, 90.0, 12.5)]}
+    for keep in (True, False):
+        op = build(lambda x: fn.rotate(x, angle=x, keep_size=keep, fill_value=fill, interp_type=interp)).op
+        for batch in (dense, varied, dense.astype(np.float32)):
+            _assert_same(op.run_gpu([batch], angles, [None] * 3, None), _per_sample(op, list(batch), angles))
+    op = build(lambda x: fn.rotate(x, angle=x, size=(11, 17), dtype=types.FLOAT, interp_type=interp)).op
+    _assert_same(op.run_gpu([dense], angles, [None] * 3, None), _per_sample(op, list(dense), angles))
+
+
+def test_gpu_glue_normalize_cast_transpose_match_run_cpu_with_numpy(monkeypatch):
+    _numpy_as_cupy(monkeypatch)
+    dense = np.stack([picture(20, 24, k) for k in range(3)])
+    varied = [picture(20, 24, 0), picture(13, 31, 1), picture(40, 9, 2)]
+    means = {"mean": [np.float32(v) for v in (100, 120.5, 90)]}
+    tensors = {"mean": [np.full((1, 1, 3), v, np.float32) for v in (100, 120.5, 90)],
+               "stddev": [np.array([[[40, 50, 60]]], np.float32) * k for k in (1, 2, 3)]}
+    cases = [
+        (lambda x: fn.normalize(x, axes=(0, 1)), {}),
+        (lambda x: fn.normalize(x, epsilon=2.0, scale=64, shift=128, dtype=types.UINT8), {}),
+        (lambda x: fn.normalize(x, mean=x, axes=(0, 1), ddof=1), means),
+        (lambda x: fn.normalize(x, mean=x, stddev=x), tensors),
+        (lambda x: fn.normalize(x, mean=x, stddev=50.0), means),
+    ]
+    for call, args in cases:
+        op = build(call).op
+        for batch in (dense, varied):
+            _assert_same(op.run_gpu([batch], args, [None] * 3, None), _per_sample(op, list(batch), args))
+    floats = [np.array([-1e10, -300.5, -0.5, 0.5, 1.5, 254.5, 255.5, 3e9, np.nan], np.float32)] * 3
+    for dt in (types.UINT8, types.INT8, types.INT32, np.uint64, types.FLOAT16, types.BOOL):
+        op = build(lambda x: fn.cast(x, dtype=dt)).op
+        for batch in (np.stack(floats), floats, dense, varied):
+            _assert_same(op.run_gpu([batch], {}, [None] * 3, None), _per_sample(op, list(batch), {}))
+    op = build(lambda x: fn.transpose(x, perm=[2, 0, 1])).op
+    for batch in (dense, varied):
+        _assert_same(op.run_gpu([batch], {}, [None] * 3, None), _per_sample(op, list(batch), {}))
+    with pytest.raises(ValueError, match="perm"):
+        op.run_gpu([[dense[0][0]]], {}, [None], None)
+
+
+def test_gpu_glue_region_decoder_windows(monkeypatch):
+    """The GPU region decoders compute each window from the decoded size with the CPU op's own
+    rules and cut it out of the decoded images (here: a list; on the GPU a pointer batch)."""
+    ops = _numpy_as_cupy(monkeypatch)
+    images = [picture(40, 30, 0), picture(33, 51, 1)]
+    crop = build(lambda x: fn.decoders.image_crop(x, crop=(10, 12), crop_pos_x=x)).op
+    sl = build(lambda x: fn.decoders.image_slice(x, rel_start=x, rel_shape=(0.5, 0.25))).op
+    rows = [({"crop_pos_x": np.float32(0.3)}, {"rel_start": np.float32([0.1, 0.5])}),
+            ({"crop_pos_x": np.float32(1.0)}, {"rel_start": np.float32([0.5, 0.2])})]
+    for op, k in ((crop, 0), (sl, 1)):
+        sizes = ops.image_sizes(images)
+        windows = [op.window(h, w, [png(images[j])], rows[j][k]) for j, (h, w) in enumerate(sizes)]
+        got = ops.crop_decoded(images, windows)
+        want = [op.run_cpu([png(im)], rows[j][k], None) for j, im in enumerate(images)]
+        _assert_same([np.ascontiguousarray(g) for g in got], want)
+    with pytest.raises(ValueError, match="does not fit"):
+        crop.window(8, 30, [None], {"crop_pos_x": np.float32(0.5)})

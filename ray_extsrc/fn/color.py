@@ -16,6 +16,9 @@ and ``hsv.h``)::
 
 The result is rounded and clamped to the output type (`_args.saturate`). Every argument may be a
 per-sample DataNode (``hue=fn.random.uniform(range=(-20, 20))``).
+
+Both devices run `apply_color_matrices` (NumPy or CuPy), with the matrices planned on the host by
+the op's ``coefficients``: the GPU gives the CPU's bits.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from .. import types
 from ..graph import Operator, SampleContext
 from . import _args
 from ._args import PER_SAMPLE
+from ._warp import saturate
 
-__all__ = ["color_twist", "hsv", "ColorTwist", "Hsv", "yiq_matrix"]
+__all__ = ["color_twist", "hsv", "ColorTwist", "Hsv", "yiq_matrix", "apply_color_matrices"]
 
 # DALI's RGB -> YIQ matrix (rows: Y, I, Q). DALI inverts it for the way back (since 2022; earlier
 # releases used a 3-decimal rounding of the inverse, which differs by < 0.2 %).
@@ -53,8 +57,9 @@ def yiq_matrix(hue: float = 0.0, saturation: float = 1.0, value: float = 1.0) ->
     return _YIQ2RGB @ adjust @ _RGB2YIQ
 
 
-def _rgb_image(op: str, x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x)
+def _rgb_image(op: str, x: Any) -> Any:
+    """``x`` checked to be an HWC RGB image of a type the colour ops take (NumPy or CuPy: only
+    ``ndim``, ``shape`` and ``dtype`` are read)."""
     if x.ndim != 3 or x.shape[2] != 3:
         raise ValueError(f"fn.{op}: expected an HWC image with 3 (RGB) channels; got shape {x.shape}")
     if x.dtype not in _DTYPES:
@@ -63,14 +68,28 @@ def _rgb_image(op: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _apply(img: np.ndarray, matrix: np.ndarray, offset: float, out_dtype: np.dtype) -> np.ndarray:
-    """``saturate(matrix @ pixel + offset)`` for every pixel, in float32."""
-    h, w, _ = img.shape
-    flat = img.reshape(h * w, 3).astype(np.float32, copy=False)
-    out = flat @ matrix.T.astype(np.float32)
-    if offset:
-        out += np.float32(offset)
-    return _args.saturate(out, out_dtype).reshape(h, w, 3)
+def apply_color_matrices(xp: Any, batch: Any, matrices: Any, offsets: Any, out_dtype: np.dtype) -> Any:
+    """``saturate(matrix @ pixel + offset)`` for every pixel of a (B, H, W, 3) batch, with one
+    float32 3x3 matrix (``matrices``: (B, 3, 3)) and offset (``offsets``: (B,)) per sample.
+
+    ``xp`` is NumPy or CuPy. Each output channel is ``((r*m0 + g*m1) + b*m2) + offset``, one IEEE
+    float32 operation per array step (nothing a compiler may fuse into an FMA), so both devices
+    produce the same bits."""
+    n = batch.shape[0]
+    shape = (n,) + (1,) * (batch.ndim - 2)
+    m = matrices.reshape(n, 9).astype(np.float32, copy=False)
+    coef = [m[:, k].reshape(shape) for k in range(9)]
+    off = offsets.astype(np.float32, copy=False).reshape(shape)
+    xf = batch.astype(np.float32, copy=False)
+    r, g, b = xf[..., 0], xf[..., 1], xf[..., 2]
+    out = xp.empty(batch.shape, np.float32)
+    for c in range(3):
+        v = r * coef[3 * c]
+        v += g * coef[3 * c + 1]
+        v += b * coef[3 * c + 2]
+        v += off
+        out[..., c] = v
+    return saturate(xp, out, out_dtype)
 
 
 class _ColorOp(Operator):
@@ -93,6 +112,38 @@ class _ColorOp(Operator):
             out[name] = _args.sample_scalar(self.name, name, getattr(self, name), arg_inputs)
         return out
 
+    def coefficients(self, arg_inputs: Mapping[str, Any], in_dtype: np.dtype) -> tuple[np.ndarray, float]:
+        """The sample's float64 3x3 matrix and offset (per-sample values from ``arg_inputs``)."""
+        raise NotImplementedError
+
+    def check_input(self, img: Any) -> Any:
+        """Refuse what the op does not take (NumPy or CuPy; only shape and dtype are read)."""
+        return _rgb_image(self.name, img)
+
+    def out_dtype(self, in_dtype: np.dtype) -> np.dtype:
+        return np.dtype(in_dtype) if self.dtype is None else self.dtype
+
+    #: the per-pixel map for a batch (``xp`` = NumPy or CuPy); the GPU path calls it too
+    apply_batch = staticmethod(apply_color_matrices)
+
+    def run_cpu(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        img = self.check_input(np.asarray(inputs[0]))
+        matrix, offset = self.coefficients(arg_inputs, img.dtype)
+        return apply_color_matrices(
+            np, img[None], matrix[None], np.array([offset]), self.out_dtype(img.dtype)
+        )[0]
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU: the same `apply_color_matrices` with CuPy, per-sample matrices
+        gathered into one device array (see `_gpu.ops.color_matrix`); equal bits to the CPU."""
+        from ._gpu import ops
+
+        return ops.color_matrix(self, inputs, arg_inputs, ctxs, stream)
+
 
 class ColorTwist(_ColorOp):
     """``fn.color_twist``: hue (degrees), saturation, contrast and brightness in one linear map."""
@@ -100,15 +151,12 @@ class ColorTwist(_ColorOp):
     name = "color_twist"
     _ARGS = (("hue", 0.0), ("saturation", 1.0), ("contrast", 1.0), ("brightness", 1.0))
 
-    def run_cpu(
-        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
-    ) -> np.ndarray:
-        img = _rgb_image(self.name, inputs[0])
+    def coefficients(self, arg_inputs: Mapping[str, Any], in_dtype: np.dtype) -> tuple[np.ndarray, float]:
         v = self._values(arg_inputs)
-        half = 0.5 if img.dtype.kind == "f" else 128.0
+        half = 0.5 if np.dtype(in_dtype).kind == "f" else 128.0
         matrix = v["brightness"] * v["contrast"] * yiq_matrix(v["hue"], v["saturation"])
         offset = (half - half * v["contrast"]) * v["brightness"]
-        return _apply(img, matrix, offset, img.dtype if self.dtype is None else self.dtype)
+        return matrix, offset
 
 
 class Hsv(_ColorOp):
@@ -117,13 +165,9 @@ class Hsv(_ColorOp):
     name = "hsv"
     _ARGS = (("hue", 0.0), ("saturation", 1.0), ("value", 1.0))
 
-    def run_cpu(
-        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
-    ) -> np.ndarray:
-        img = _rgb_image(self.name, inputs[0])
+    def coefficients(self, arg_inputs: Mapping[str, Any], in_dtype: np.dtype) -> tuple[np.ndarray, float]:
         v = self._values(arg_inputs)
-        matrix = yiq_matrix(v["hue"], v["saturation"], v["value"])
-        return _apply(img, matrix, 0.0, img.dtype if self.dtype is None else self.dtype)
+        return yiq_matrix(v["hue"], v["saturation"], v["value"]), 0.0
 
 
 def color_twist(

@@ -8,13 +8,17 @@ arguments of the same names (``hw_decoder_load=0.8``, ``decode_threads=1``, ...)
 ``op.decoder_options``.
 
 ``image_crop`` and ``image_slice`` decode the whole image and cut their region from it (the CPU
-decoders have no region decode); they have no GPU twin yet, so ``device="mixed"`` runs them on
-the CPU.
+decoders have no region decode). On ``device="mixed"`` the whole image is decoded by the batched
+GPU decode of ``decoders.image`` (worker prep, fallbacks and all), each sample's window is
+computed on the host with the CPU op's own rules from the decoded size, and the crop is a moved
+pointer into the decoded image (`_gpu.ops.crop_decoded`): no copy, no kernel.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -186,11 +190,11 @@ class ImageCropDecoder(ImageDecoder):
     refused, as DALI's decoders do.
 
     The CPU path decodes the whole image and slices it (libjpeg-turbo through simplejpeg has no
-    region decode). No GPU twin yet: ``device="mixed"`` runs this CPU implementation.
+    region decode); the GPU path decodes the whole image on the GPU and crops it there (see the
+    module docstring).
     """
 
     name = "decoders.image_crop"
-    run_gpu = None  # ImageDecoder's batched GPU decode would return the whole image
 
     def __init__(
         self, device: str = "cpu", seed: int | None = None, *, output_type: Any = types.RGB,
@@ -200,19 +204,31 @@ class ImageCropDecoder(ImageDecoder):
         super().__init__(device, seed, output_type=output_type, decoder_options=decoder_options, **options)
         self.crop = CropSpec.parse(self.name, crop, crop_h, crop_w, crop_pos_x, crop_pos_y, "error", 0)
 
+    def window(
+        self, height: int, width: int, inputs: Sequence[Any], arg_inputs: Mapping[str, Any]
+    ) -> tuple[int, int, int, int]:
+        """The sample's ``(y, x, h, w)`` in its ``height x width`` image; raises when it leaves it."""
+        y, x, h, w = self.crop.window(self.name, height, width, arg_inputs)
+        if y < 0 or x < 0 or y + h > height or x + w > width:
+            raise ValueError(
+                f"fn.{self.name}: crop window {h}x{w} does not fit the {height}x{width} image; the "
+                "decoders refuse windows that leave the image, as DALI's do. Use a smaller crop, or "
+                "decode with fn.decoders.image and pad with fn.crop(..., out_of_bounds_policy='pad')"
+            )
+        return y, x, h, w
+
     def run_cpu(
         self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
     ) -> np.ndarray:
-        img = super().run_cpu(inputs, arg_inputs, ctx)
-        H, W = img.shape[:2]
-        y, x, h, w = self.crop.window(self.name, H, W, arg_inputs)
-        if y < 0 or x < 0 or y + h > H or x + w > W:
-            raise ValueError(
-                f"fn.{self.name}: crop window {h}x{w} does not fit the {H}x{W} image; the decoders "
-                "refuse windows that leave the image, as DALI's do. Use a smaller crop, or decode "
-                "with fn.decoders.image and pad with fn.crop(..., out_of_bounds_policy='pad')"
-            )
+        img = ImageDecoder.run_cpu(self, inputs[:1], arg_inputs, ctx)
+        y, x, h, w = self.window(img.shape[0], img.shape[1], inputs, arg_inputs)
         return np.ascontiguousarray(img[y : y + h, x : x + w])
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """Decode the whole images on the GPU, then crop each by moving its pointer."""
+        return _decode_then_crop(self, inputs, arg_inputs, ctxs, stream)
 
 
 class ImageSliceDecoder(ImageDecoder):
@@ -220,11 +236,11 @@ class ImageSliceDecoder(ImageDecoder):
     (see `SliceSpec`): named ``start``/``rel_start`` with ``end``/``rel_end``/``shape``/``rel_shape``,
     or positional ``anchor`` and ``shape`` inputs, in ``axis_names`` order (default ``"WH"``).
 
-    Decodes the whole image, then slices. No GPU twin yet: ``device="mixed"`` runs this CPU path.
+    Decodes the whole image, then slices; on ``device="mixed"`` both on the GPU, as
+    `ImageCropDecoder`.
     """
 
     name = "decoders.image_slice"
-    run_gpu = None  # ImageDecoder's batched GPU decode would return the whole image
 
     def __init__(
         self, device: str = "cpu", seed: int | None = None, *, output_type: Any = types.RGB,
@@ -240,13 +256,73 @@ class ImageSliceDecoder(ImageDecoder):
         )
         self.positional = positional
 
+    def window(
+        self, height: int, width: int, inputs: Sequence[Any], arg_inputs: Mapping[str, Any]
+    ) -> tuple[int, int, int, int]:
+        """The sample's ``(y, x, h, w)`` (``inputs``: the sample's encoded data, then the
+        positional anchor and shape when given); raises when it leaves the image."""
+        anchor, shape = (inputs[1], inputs[2]) if self.positional else (None, None)
+        return self.slice.window(self.name, height, width, arg_inputs, anchor, shape)
+
     def run_cpu(
         self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
     ) -> np.ndarray:
-        img = super().run_cpu(inputs[:1], arg_inputs, ctx)
-        anchor, shape = (inputs[1], inputs[2]) if self.positional else (None, None)
-        y, x, h, w = self.slice.window(self.name, img.shape[0], img.shape[1], arg_inputs, anchor, shape)
+        img = ImageDecoder.run_cpu(self, inputs[:1], arg_inputs, ctx)
+        y, x, h, w = self.window(img.shape[0], img.shape[1], inputs, arg_inputs)
         return np.ascontiguousarray(img[y : y + h, x : x + w])
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """Decode the whole images on the GPU, then cut each region by moving its pointer."""
+        return _decode_then_crop(self, inputs, arg_inputs, ctxs, stream)
+
+
+_whole_lock = threading.Lock()
+#: region decoder op -> the `ImageDecoder` that decodes its whole images on the GPU
+_whole_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _whole_decoder(op: ImageDecoder) -> ImageDecoder:
+    """A plain `ImageDecoder` with ``op``'s output type, decoder options and name (so errors name
+    ``op``): `_gpu.decode` decodes whole images through it, and its CPU fallback decodes whole
+    images too. One per op, kept outside the op (the decode path hangs CUDA events on it, which
+    must not travel when the op is pickled)."""
+    with _whole_lock:
+        whole = _whole_decoders.get(op)
+        if whole is None:
+            whole = ImageDecoder(op.device, op.seed, output_type=op.output_type, decoder_options=op.decoder_options)
+            whole.name = op.name
+            _whole_decoders[op] = whole
+        return whole
+
+
+def _decode_then_crop(
+    op: ImageCropDecoder | ImageSliceDecoder, inputs: Sequence[Any], arg_inputs: Mapping[str, Any],
+    ctxs: Sequence[SampleContext], stream: Any,
+) -> Any:
+    import cupy
+
+    from ._gpu import decode, ops
+
+    if op.output_type is not types.RGB:
+        # The GPU decode handles RGB JPEGs only, and its pointer batches are 3-channel: other
+        # output types are decoded (and cut) by the CPU implementation, then copied to the GPU.
+        return [
+            cupy.asarray(op.run_cpu([x[j] for x in inputs], _row(arg_inputs, j), ctx))
+            for j, ctx in enumerate(ctxs)
+        ]
+    prep = arg_inputs.get(decode.PREP_ARG)
+    whole = decode.decode_batch(_whole_decoder(op), inputs[0], ctxs, stream, random_crop=False, prep=prep)
+    sizes = ops.image_sizes(whole)
+    windows = [op.window(h, w, [x[j] for x in inputs], _row(arg_inputs, j)) for j, (h, w) in enumerate(sizes)]
+    return ops.crop_decoded(whole, windows)
+
+
+def _row(arg_inputs: Mapping[str, Sequence[Any]], j: int) -> dict[str, Any]:
+    from ._gpu.ptrbatch import PREP_ARG
+
+    return {k: v[j] for k, v in arg_inputs.items() if k != PREP_ARG}
 
 
 def _scaled_size(header: _codec.Header, denom: int) -> tuple[int, int]:

@@ -15,6 +15,10 @@ w and H for h up to 45 degrees, swapped beyond), which keeps the centre sharp.
 
 ``fn.random_resized_crop``: the box of `RandomCropArgs` (the same draws as
 ``fn.decoders.image_random_crop``), resampled to ``size`` by `_resize.resample`.
+
+GPU twins (``run_gpu``): rotate runs `_warp.affine_warp_batch` with CuPy, the CPU's arithmetic
+step for step (equal bits); random_resized_crop draws its boxes on the host with `crop_window`
+and resamples them with the resize kernel (`_gpu.kernels.resize`), within a unit of Pillow.
 """
 
 from __future__ import annotations
@@ -81,15 +85,16 @@ class Rotate(Operator):
         self.interp_type = interp
         self.dtype = None if dtype is None else _args.dtype(self.name, "dtype", dtype, _WARP_DTYPES)
 
-    def run_cpu(
-        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
-    ) -> np.ndarray:
-        img = _hwc(self.name, inputs[0])
+    def check_input(self, img: Any) -> None:
+        """Refuse an input type DALI's warp does not take (reads only ``dtype``: NumPy or CuPy)."""
         if img.dtype not in _WARP_DTYPES:
             names = ", ".join(str(t) for t in _WARP_DTYPES)
             raise TypeError(f"fn.{self.name}: input type must be one of ({names}); got {img.dtype}")
+
+    def plan(self, in_h: int, in_w: int, arg_inputs: Mapping[str, Any]) -> tuple[int, int, np.ndarray]:
+        """``(out_h, out_w, matrix)`` of one sample: the canvas and the 2x3 float64 matrix from
+        destination to source ``(x, y)``. Shared by both devices."""
         angle = _args.sample_scalar(self.name, "angle", self.angle, arg_inputs)
-        in_h, in_w = img.shape[:2]
         if self.size is not None:
             out_h, out_w = _size_pair(self.name, _args.sample_arg(self.name, "size", self.size, arg_inputs))
         elif self.keep_size:
@@ -102,8 +107,25 @@ class Rotate(Operator):
             [c, -s, in_w / 2 - c * out_w / 2 + s * out_h / 2],
             [s, c, in_h / 2 - s * out_w / 2 - c * out_h / 2],
         ])
+        return out_h, out_w, matrix
+
+    def run_cpu(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        img = _hwc(self.name, inputs[0])
+        self.check_input(img)
+        out_h, out_w, matrix = self.plan(img.shape[0], img.shape[1], arg_inputs)
         out_dtype = img.dtype if self.dtype is None else self.dtype
         return affine_warp(img, out_h, out_w, matrix, self.interp_type, self.fill_value, out_dtype)
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU: `_warp.affine_warp_batch` with CuPy (bit-exact with the CPU), see
+        `_gpu.ops.rotate`."""
+        from ._gpu import ops
+
+        return ops.rotate(self, inputs, arg_inputs, ctxs, stream)
 
 
 def _size_pair(op: str, size: Any) -> tuple[int, int]:
@@ -153,6 +175,18 @@ class RandomResizedCrop(Operator):
         out_h, out_w = self.size
         box = (float(x), float(y), float(x + w), float(y + h))
         return resample(img, out_h, out_w, box, self.interp_type, self.antialias, out_dtype)
+
+    #: takes the decoders' pointer-table batches (`_gpu.ptrbatch`) without per-sample views
+    accepts_ptr_batch = True
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU: each sample's box from `crop_window` (the CPU's draws), resampled
+        by the resize kernel in one launch; see `_gpu.ops.random_resized_crop`."""
+        from ._gpu import ops
+
+        return ops.random_resized_crop(self, inputs, arg_inputs, ctxs, stream)
 
 
 def rotate(

@@ -11,6 +11,9 @@ names, defaults and formulas (its ``normalize.h`` / ``normalize_utils.h``).
   ``shift`` everywhere, as in DALI.
 * Integer output types are rounded and clamped.
 
+Both devices run `Normalize.normalize_batch` (NumPy or CuPy, float64): the GPU reduces in another
+order, so its float32 results may differ from the CPU's in the last bit.
+
 Only per-sample normalization: ``batch=True`` (statistics across the whole batch) needs the batch
 at once, which a per-sample op does not see, and is refused.
 """
@@ -28,6 +31,7 @@ from ..external_source import output_layout as _node_layout
 from ..graph import DataNode, Operator, SampleContext
 from . import _args
 from ._args import PER_SAMPLE
+from ._warp import saturate
 
 __all__ = ["normalize", "Normalize"]
 
@@ -111,32 +115,64 @@ class Normalize(Operator):
             )
         self.axes = tuple(sorted({layout.index(c) for c in self.axis_names}))
 
-    def run_cpu(
-        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
-    ) -> np.ndarray:
-        x = np.asarray(inputs[0])
+    def check_input(self, x: Any) -> Any:
+        """Refuse an input type DALI's normalize does not take (NumPy or CuPy: reads ``dtype``)."""
         if x.dtype not in _DTYPES:
             names = ", ".join(str(t) for t in _DTYPES)
             raise TypeError(f"fn.{self.name}: input type must be one of ({names}); got {x.dtype}")
         if self.axis_names is not None and self.axes is None:
             raise ValueError(f"fn.{self.name}: axis_names={self.axis_names!r} was not resolved (bind_layout)")
+        return x
+
+    def plan(self, shape: tuple[int, ...], arg_inputs: Mapping[str, Any]) -> tuple[Any, Any, tuple[int, ...]]:
+        """``(mean, stddev, axes)`` of a sample of ``shape``: the given mean/stddev (None when
+        computed; a float, or a host float64 array of the reduced shape) and the reduced axes,
+        checked against the shape. Host work, shared by both devices."""
         mean = self._sample_param("mean", self.mean, arg_inputs)
         stddev = self._sample_param("stddev", self.stddev, arg_inputs)
-        axes = self._reduced_axes(x, mean, stddev)
-        reduced = tuple(1 if d in axes else n for d, n in enumerate(x.shape))
+        axes = self._reduced_axes(shape, mean, stddev)
+        reduced = tuple(1 if d in axes else n for d, n in enumerate(shape))
         for name, p in (("mean", mean), ("stddev", stddev)):
             if isinstance(p, np.ndarray) and p.shape != reduced:
                 raise ValueError(
                     f"fn.{self.name}: per-sample {name} has shape {p.shape}; for an input of shape "
-                    f"{x.shape} reduced over axes {list(axes)} it must be {reduced}"
+                    f"{shape} reduced over axes {list(axes)} it must be {reduced}"
                 )
-        xf = x.astype(np.float64)
+        return mean, stddev, axes
+
+    def run_cpu(
+        self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
+    ) -> np.ndarray:
+        x = self.check_input(np.asarray(inputs[0]))
+        mean, stddev, axes = self.plan(x.shape, arg_inputs)
+        batch_param = [None if p is None else p if isinstance(p, float) else p[None] for p in (mean, stddev)]
+        return self.normalize_batch(np, x[None], *batch_param, axes)[0]
+
+    def normalize_batch(self, xp: Any, xb: Any, mean: Any, stddev: Any, axes: tuple[int, ...]) -> Any:
+        """Normalize a dense batch ``xb`` (B, *shape) of samples over their ``axes`` (sample axis
+        indices), in float64, with ``xp`` = NumPy or CuPy (the GPU path runs this function).
+
+        ``mean``/``stddev``: None (computed per sample), a float (one for all), or an array of
+        shape (B, *reduced) (NumPy arrays are moved to ``xp``)."""
+        shape = tuple(xb.shape[1:])
+        red = tuple(a + 1 for a in axes)
+        mean, stddev = (p if p is None or isinstance(p, float) else xp.asarray(p, np.float64) for p in (mean, stddev))
+        xf = xb.astype(np.float64)
         if mean is None:
-            mean = xf.mean(axis=axes, keepdims=True) if x.size else 0.0
+            mean = xf.mean(axis=red, keepdims=True) if xb.size else 0.0
         centred = xf - mean
-        inv = self._inv_stddev(centred, axes, stddev, x.shape)
+        inv = self._inv_stddev(xp, centred, red, stddev, shape, axes)
         out = centred * inv + self.shift
-        return np.ascontiguousarray(_args.saturate(out.astype(np.float32), self.dtype))
+        return xp.ascontiguousarray(saturate(xp, out.astype(np.float32), self.dtype))
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU: `normalize_batch` with CuPy reductions (float64), the whole dense
+        batch at once when its per-sample arguments stack; see `_gpu.ops.normalize`."""
+        from ._gpu import ops
+
+        return ops.normalize(self, inputs, arg_inputs, ctxs, stream)
 
     def _sample_param(self, name: str, const: Any, arg_inputs: Mapping[str, Any]) -> Any:
         if const is None:
@@ -147,44 +183,51 @@ class Normalize(Operator):
         a = np.asarray(v, np.float64)
         return float(a.reshape(())) if a.size == 1 else a  # one value per sample: a scalar
 
-    def _reduced_axes(self, x: np.ndarray, mean: Any, stddev: Any) -> tuple[int, ...]:
+    def _reduced_axes(self, shape: tuple[int, ...], mean: Any, stddev: Any) -> tuple[int, ...]:
+        ndim = len(shape)
         if self.axes is not None:
-            bad = [a for a in self.axes if a >= x.ndim]
+            bad = [a for a in self.axes if a >= ndim]
             if bad:
                 raise ValueError(
-                    f"fn.{self.name}: axis index {bad[0]} is out of range 0..{x.ndim - 1} for a "
-                    f"sample of shape {x.shape}"
+                    f"fn.{self.name}: axis index {bad[0]} is out of range 0..{ndim - 1} for a "
+                    f"sample of shape {shape}"
                 )
             return self.axes
         tensor = mean if isinstance(mean, np.ndarray) else stddev if isinstance(stddev, np.ndarray) else None
         if tensor is None:
-            return tuple(range(x.ndim))
-        if tensor.ndim != x.ndim:
+            return tuple(range(ndim))
+        if tensor.ndim != ndim:
             raise ValueError(
                 f"fn.{self.name}: per-sample mean/stddev of shape {tensor.shape} must have the "
-                f"input's {x.ndim} dimensions (input shape {x.shape})"
+                f"input's {ndim} dimensions (input shape {shape})"
             )
-        return tuple(d for d in range(x.ndim) if tensor.shape[d] == 1)
+        return tuple(d for d in range(ndim) if tensor.shape[d] == 1)
 
-    def _inv_stddev(self, centred: np.ndarray, axes: tuple[int, ...], stddev: Any, shape: tuple) -> Any:
-        """``scale / stddev`` (with ``epsilon`` added to the variance), 0 where that divides by 0."""
+    def _inv_stddev(
+        self, xp: Any, centred: Any, red: tuple[int, ...], stddev: Any, shape: tuple, axes: tuple[int, ...]
+    ) -> Any:
+        """``scale / stddev`` (with ``epsilon`` added to the variance), 0 where that divides by 0;
+        ``red`` are the batch array's reduced axes (``axes`` + 1)."""
         eps, scale = self.epsilon, self.scale
         if stddev is not None:
-            s = np.asarray(stddev, np.float64)
+            if isinstance(stddev, float):  # one value for the batch: a host float
+                if eps:
+                    return float(scale / np.sqrt(stddev * stddev + eps))
+                return scale / stddev if stddev != 0 else 0.0  # keeps the sign, as DALI
             if eps:
-                return scale / np.sqrt(s * s + eps)
-            return np.where(s != 0, scale / np.where(s != 0, s, 1.0), 0.0)  # keeps the sign, as DALI
+                return scale / xp.sqrt(stddev * stddev + eps)
+            return xp.where(stddev != 0, scale / xp.where(stddev != 0, stddev, 1.0), 0.0)
         n = math.prod(shape[a] for a in axes)
-        ssq = np.square(centred).sum(axis=axes, keepdims=True)
+        ssq = xp.square(centred).sum(axis=red, keepdims=True)
         if n > self.ddof:
             var = ssq / (n - self.ddof)
         elif eps == 0:  # DALI: no degrees of freedom left and nothing to regularise: out = shift
             return 0.0
         else:
-            var = np.zeros_like(ssq)
+            var = xp.zeros_like(ssq)
         if eps:
-            return scale / np.sqrt(var + eps)
-        return np.where(var != 0, scale / np.sqrt(np.where(var != 0, var, 1.0)), 0.0)
+            return scale / xp.sqrt(var + eps)
+        return xp.where(var != 0, scale / xp.sqrt(xp.where(var != 0, var, 1.0)), 0.0)
 
 
 def normalize(

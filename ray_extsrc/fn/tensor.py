@@ -9,6 +9,9 @@ anything to ``bool`` is ``value != 0``.
 output layout is the input layout permuted the same way (``transpose_layout=True``, the default),
 the input layout unchanged (``transpose_layout=False``), or ``output_layout`` when given; it is
 fixed when the graph is built, from the layout the input node declares.
+
+Both have GPU twins (``run_gpu``, CuPy) with results equal to the CPU's: cast runs the same
+`saturate_cast` on device arrays, transpose one contiguous copy of the permuted view.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ _CAST_DTYPES = tuple(
 )
 
 
-def saturate_cast(x: np.ndarray, dt: np.dtype) -> np.ndarray:
-    """``x`` as ``dt`` the way DALI's ``ConvertSat`` converts (module docstring)."""
-    x = np.asarray(x)
+def saturate_cast(x: Any, dt: np.dtype, xp: Any = np) -> Any:
+    """``x`` as ``dt`` the way DALI's ``ConvertSat`` converts (module docstring); ``xp`` is NumPy
+    or CuPy (the GPU path runs this same function on device arrays)."""
+    if not hasattr(x, "dtype"):
+        x = xp.asarray(x)
+    dt = np.dtype(dt)
     if dt.kind == "b":
         return x != 0
     if x.dtype.kind == "b":
@@ -43,7 +49,7 @@ def saturate_cast(x: np.ndarray, dt: np.dtype) -> np.ndarray:
         big = float(np.finfo(dt).max)
         src_max = float(np.finfo(x.dtype).max if x.dtype.kind == "f" else np.iinfo(x.dtype).max)
         if src_max > big:  # saturate (float16 from int32, float32 from float64, ...), never inf
-            return np.clip(x.astype(np.float64), -big, big).astype(dt)
+            return xp.clip(x.astype(np.float64), -big, big).astype(dt)
         return x.astype(dt)
     info = np.iinfo(dt)
     if x.dtype.kind in "iu":
@@ -52,13 +58,12 @@ def saturate_cast(x: np.ndarray, dt: np.dtype) -> np.ndarray:
             return x.astype(dt)  # widening: exact
         # clip in the source type: both bounds are representable there
         lo, hi = max(info.min, src.min), min(info.max, src.max)
-        return np.clip(x, x.dtype.type(lo), x.dtype.type(hi)).astype(dt)
-    r = np.nan_to_num(np.rint(x.astype(np.float64)), nan=0.0)
+        return xp.clip(x, x.dtype.type(lo), x.dtype.type(hi)).astype(dt)
+    r = xp.nan_to_num(xp.rint(x.astype(np.float64)), nan=0.0)
     too_big = r >= float(info.max)  # float64 rounds 2**63 - 1 (2**64 - 1) up: set those exactly
     top = float(info.max) if float(info.max) <= info.max else np.nextafter(float(info.max), 0.0)
-    out = np.clip(r, float(info.min), top).astype(dt)
-    out[too_big] = info.max
-    return out
+    out = xp.clip(r, float(info.min), top).astype(dt)
+    return xp.where(too_big, xp.asarray(np.array(info.max, dt)), out)  # exact: no float detour
 
 
 class Cast(Operator):
@@ -75,10 +80,26 @@ class Cast(Operator):
     def run_cpu(
         self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
     ) -> np.ndarray:
-        x = np.asarray(inputs[0])
+        x = self.check_input(np.asarray(inputs[0]))
+        return np.ascontiguousarray(saturate_cast(x, self.dtype))
+
+    def check_input(self, x: Any) -> Any:
+        """Refuse a source type ConvertSat does not take (NumPy or CuPy: reads ``dtype``)."""
         if x.dtype not in _CAST_DTYPES:
             raise TypeError(f"fn.{self.name}: cannot cast from {x.dtype}")
-        return np.ascontiguousarray(saturate_cast(x, self.dtype))
+        return x
+
+    #: the conversion for NumPy or CuPy arrays (``xp=``); the GPU path calls it on device arrays
+    convert = staticmethod(saturate_cast)
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU: `saturate_cast` with CuPy, on the dense batch at once (equal
+        results to the CPU: the same IEEE conversions), see `_gpu.ops.cast`."""
+        from ._gpu import ops
+
+        return ops.cast(self, inputs, arg_inputs, ctxs, stream)
 
 
 class Transpose(Operator):
@@ -125,13 +146,26 @@ class Transpose(Operator):
     def run_cpu(
         self, inputs: Sequence[np.ndarray], arg_inputs: Mapping[str, np.ndarray], ctx: SampleContext
     ) -> np.ndarray:
-        x = np.asarray(inputs[0])
+        x = self.check_input(np.asarray(inputs[0]))
+        return np.ascontiguousarray(np.transpose(x, self.perm))
+
+    def check_input(self, x: Any) -> Any:
+        """Refuse a sample whose rank is not perm's (NumPy or CuPy: reads ``ndim``/``shape``)."""
         if x.ndim != len(self.perm):
             raise ValueError(
                 f"fn.{self.name}: perm {list(self.perm)} has {len(self.perm)} axes but the sample "
                 f"has {x.ndim} (shape {x.shape})"
             )
-        return np.ascontiguousarray(np.transpose(x, self.perm))
+        return x
+
+    def run_gpu(
+        self, inputs: Sequence[Any], arg_inputs: Mapping[str, Any], ctxs: Sequence[SampleContext], stream: Any
+    ) -> Any:
+        """One batch on the GPU: one contiguous copy of the permuted view (of the whole dense
+        batch at once), see `_gpu.ops.transpose`."""
+        from ._gpu import ops
+
+        return ops.transpose(self, inputs, arg_inputs, ctxs, stream)
 
 
 def cast(

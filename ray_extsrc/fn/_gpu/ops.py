@@ -227,3 +227,215 @@ def crop(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, st
             out[ya - y : yb - y, xa - x0 : xb - x0] = img[ya:yb, xa:xb]
         outs.append(out)
     return _dense_if_same(outs)
+
+
+# --- ops whose math is written against an array namespace (NumPy on the CPU, CuPy here) ----------
+#
+# `color_matrix`, `rotate`, `normalize` and `cast` call the very function the CPU op calls, with
+# ``xp=cupy``: a dense batch goes through it at once, a list of differently sized samples one
+# sample at a time (a batch of one). The host plans each sample first (matrices, canvases,
+# statistics' axes) with the op's own methods, so both devices validate and plan identically.
+
+
+def _is_dense(batch: Any) -> bool:
+    import cupy
+
+    return isinstance(batch, cupy.ndarray)
+
+
+def color_matrix(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, stream: Any) -> Any:
+    """``fn.color_twist`` / ``fn.hsv``: one 3x3 matrix and offset per sample (``op.coefficients``),
+    applied by ``op.apply_batch`` (`color.apply_color_matrices`) with CuPy: the CPU's bits."""
+    import cupy
+
+    batch = inputs[0]
+    samples = kernels.as_samples(batch)
+    mats, offs = [], []
+    for j, x in enumerate(samples):
+        op.check_input(x)
+        m, off = op.coefficients(_arg_row(arg_inputs, j), x.dtype)
+        mats.append(m)
+        offs.append(off)
+    if not samples:
+        return []
+    mats_h = np.asarray(mats, np.float64).astype(np.float32)
+    offs_h = np.asarray(offs, np.float64).astype(np.float32)
+    if _is_dense(batch):
+        return op.apply_batch(cupy, batch, cupy.asarray(mats_h), cupy.asarray(offs_h), op.out_dtype(batch.dtype))
+    mats_d, offs_d = cupy.asarray(mats_h), cupy.asarray(offs_h)  # one upload, sliced per sample
+    return [
+        op.apply_batch(cupy, x[None], mats_d[j : j + 1], offs_d[j : j + 1], op.out_dtype(x.dtype))[0]
+        for j, x in enumerate(samples)
+    ]
+
+
+def rotate(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, stream: Any) -> Any:
+    """``fn.rotate``: canvases and matrices planned on the host (``op.plan``), the warp by
+    `_warp.affine_warp_batch` with CuPy (the CPU's arithmetic, equal bits). A dense batch whose
+    canvases agree is warped at once; otherwise one sample at a time."""
+    import cupy
+
+    from .. import _warp
+
+    batch = inputs[0]
+    samples = [x if x.ndim == 3 else x[:, :, None] for x in kernels.as_samples(batch)]
+    plans = []
+    for j, x in enumerate(samples):
+        op.check_input(x)
+        plans.append(op.plan(int(x.shape[0]), int(x.shape[1]), _arg_row(arg_inputs, j)))
+    if not samples:
+        return []
+
+    def warp(imgs: Any, rows: Sequence[tuple], out_dtype: np.dtype) -> Any:
+        mats = cupy.asarray(np.stack([m for _, _, m in rows]).astype(np.float64))
+        h, w = rows[0][0], rows[0][1]
+        return _warp.affine_warp_batch(cupy, imgs, h, w, mats, op.interp_type, op.fill_value, out_dtype)
+
+    if _is_dense(batch) and len({(h, w) for h, w, _ in plans}) == 1:
+        imgs = batch if batch.ndim == 4 else batch[..., None]
+        return warp(imgs, plans, imgs.dtype if op.dtype is None else op.dtype)
+    outs = [warp(x[None], [p], x.dtype if op.dtype is None else op.dtype)[0] for x, p in zip(samples, plans)]
+    return _dense_if_same(outs) if _is_dense(batch) else outs
+
+
+def _stack_param(values: list) -> Any:
+    """Per-sample mean/stddev values as one batch argument: None, one float for all, or a
+    (B, *reduced) host array; ``False`` when they do not stack (then per sample)."""
+    if all(v is None for v in values):
+        return None
+    if all(isinstance(v, float) for v in values):
+        if all(v == values[0] for v in values):
+            return values[0]
+        return np.asarray(values, np.float64)  # reshaped by the caller
+    if all(isinstance(v, np.ndarray) for v in values) and len({v.shape for v in values}) == 1:
+        return np.stack(values)
+    return False
+
+
+def normalize(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, stream: Any) -> Any:
+    """``fn.normalize``: ``op.plan`` per sample on the host (axes, given mean/stddev, the CPU's
+    checks), then ``op.normalize_batch`` with CuPy (float64 reductions, another summation order
+    than NumPy's: float32 results may differ in the last bit)."""
+    import cupy
+
+    batch = inputs[0]
+    samples = kernels.as_samples(batch)
+    plans = []
+    for j, x in enumerate(samples):
+        op.check_input(x)
+        plans.append(op.plan(tuple(x.shape), _arg_row(arg_inputs, j)))
+    if not samples:
+        return []
+    if _is_dense(batch) and len({axes for _, _, axes in plans}) == 1:
+        axes = plans[0][2]
+        params = []
+        for k in (0, 1):
+            p = _stack_param([pl[k] for pl in plans])
+            if isinstance(p, np.ndarray) and p.ndim == 1:  # one float per sample
+                p = p.reshape((-1,) + (1,) * (batch.ndim - 1))
+            params.append(p)
+        if all(p is not False for p in params):
+            return op.normalize_batch(cupy, batch, params[0], params[1], axes)
+    outs = []
+    for x, (mean, stddev, axes) in zip(samples, plans):
+        one = [None if p is None else p if isinstance(p, float) else p[None] for p in (mean, stddev)]
+        outs.append(op.normalize_batch(cupy, x[None], one[0], one[1], axes)[0])
+    return _dense_if_same(outs) if _is_dense(batch) else outs
+
+
+def cast(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, stream: Any) -> Any:
+    """``fn.cast``: ``op.convert`` (`tensor.saturate_cast`) with CuPy; elementwise, so a dense
+    batch converts at once."""
+    import cupy
+
+    batch = inputs[0]
+    if _is_dense(batch):
+        return cupy.ascontiguousarray(op.convert(op.check_input(batch), op.dtype, xp=cupy))
+    return [cupy.ascontiguousarray(op.convert(op.check_input(x), op.dtype, xp=cupy)) for x in batch]
+
+
+def transpose(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, stream: Any) -> Any:
+    """``fn.transpose``: one contiguous copy of the permuted view (the batch axis stays first)."""
+    import cupy
+
+    batch = inputs[0]
+    if _is_dense(batch):
+        op.check_input(batch[0] if batch.shape[0] else batch.reshape(batch.shape[1:]))
+        return cupy.ascontiguousarray(cupy.transpose(batch, (0, *(p + 1 for p in op.perm))))
+    return [cupy.ascontiguousarray(cupy.transpose(op.check_input(x), op.perm)) for x in batch]
+
+
+# --- random_resized_crop: the resize kernel over per-sample boxes -------------------------------
+
+
+def random_resized_crop(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, stream: Any) -> Any:
+    """Boxes from ``op.crop_window`` (the CPU's draws, from each image's size), resampled to
+    ``op.size`` by `kernels.resize` in one launch (a pointer batch from the decoder is read as is).
+
+    As the CPU path (`_resize.resample`): antialiased linear (Pillow's triangle filter widened when
+    shrinking) unless ``antialias=False`` and the box shrinks on both axes, which takes plain
+    bilinear taps (Pillow's affine transform there); those samples go in a second launch.
+    Cubic/Lanczos, inputs other than uint8 and outputs other than uint8/float32 run the CPU
+    implementation per sample (the kernel has neither those filters nor those types).
+    """
+    import cupy
+
+    batch = inputs[0]
+    if isinstance(batch, PtrBatch):
+        dims, channels, images = batch.dims, batch.channels, batch
+    else:
+        images = batch
+        samples = kernels.as_samples(batch)
+        dims = np.array([_shape_hw(x) for x in samples], np.int32).reshape(-1, 2)
+        ok = all(x.dtype == np.uint8 and x.ndim in (2, 3) for x in samples)
+        channels = (samples[0].shape[2] if samples[0].ndim == 3 else 1) if samples else 3
+        if not ok or len({(x.shape[2] if x.ndim == 3 else 1) for x in samples}) > 1:
+            return _dense_if_same(_cpu_fallback(op, samples, arg_inputs, ctxs))
+    n = len(dims)
+    if n == 0:
+        return []
+    out_dtype = _args.resample_dtype(op.name, np.dtype(np.uint8), op.dtype)
+    mode = _MODES.get(getattr(op.interp_type, "name", str(op.interp_type)))
+    if mode is None or out_dtype.name not in ("uint8", "float32") or channels > 4:
+        samples = kernels.as_samples(batch)  # cubic / lanczos: see the docstring
+        return _dense_if_same(_cpu_fallback(op, samples, arg_inputs, ctxs))
+    boxes = np.empty((n, 4), np.float32)
+    out_h, out_w = op.size
+    plain = np.zeros(n, bool)
+    for j in range(n):
+        y, x, h, w = op.crop_window(ctxs[j], int(dims[j, 0]), int(dims[j, 1]))
+        boxes[j] = (x, y, x + w, y + h)
+        # `_resize.resample`: plain taps only without antialias, for linear, when both axes shrink
+        plain[j] = mode == 1 and not op.antialias and w / out_w >= 1 and h / out_h >= 1
+    keep: list = []
+    if mode == 0 or not plain.any() or plain.all():
+        m = mode if mode == 0 else (1 if plain.all() else 2)
+        return kernels.resize(images, boxes, out_h, out_w, m, out_dtype, keep)
+    out = cupy.empty((n, out_h, out_w, channels), out_dtype)
+    samples = kernels.as_samples(batch)
+    for m, sel in ((1, np.flatnonzero(plain)), (2, np.flatnonzero(~plain))):
+        part = kernels.resize([samples[j] for j in sel.tolist()], boxes[sel], out_h, out_w, m, out_dtype, keep)
+        out[cupy.asarray(sel)] = part
+    return out
+
+
+# --- region decoders: crop the decoded batch ------------------------------------------------------
+
+
+def image_sizes(decoded: Any) -> list[tuple[int, int]]:
+    """``(h, w)`` of each image of a decoder's output (a `PtrBatch` or a list of HWC arrays)."""
+    if isinstance(decoded, PtrBatch):
+        return [(int(h), int(w)) for h, w in decoded.dims[:, :2].tolist()]
+    return [_shape_hw(x) for x in decoded]
+
+
+def crop_decoded(decoded: Any, windows: Sequence[tuple[int, int, int, int]]) -> Any:
+    """Cut ``(y, x, h, w)`` windows (inside their images) from a decoder's output, without a copy:
+    a `PtrBatch` gets moved pointers (the full image's row pitch, the same owners), a list views."""
+    if isinstance(decoded, PtrBatch):
+        win = np.asarray(windows, np.int64).reshape(-1, 4)
+        pitch = decoded.dims[:, 2].astype(np.int64)
+        offsets = (win[:, 0] * pitch + win[:, 1] * decoded.channels).astype(np.uint64)
+        dims = np.stack([win[:, 2], win[:, 3], pitch], 1)
+        return PtrBatch(decoded.ptrs + offsets, dims, decoded.channels, decoded.owners)
+    return [img[y : y + h, x : x + w] for img, (y, x, h, w) in zip(decoded, windows)]
