@@ -3,7 +3,8 @@
     RayExtSrcError
      ├── SampleError          producing a sample failed; names idx_in_epoch, worker id/pid, traceback
      │    ├── SourceError     ... because the user's source raised
-     │    └── DecodeError     ... because its encoded data could not be decoded (also a ValueError)
+     │    ├── DecodeError     ... because its encoded data could not be decoded (also a ValueError)
+     │    └── SharedMemoryError ... because the shared memory carrying it ran out (/dev/shm full)
      ├── WorkerDiedError      a worker died and could not be replaced / replayed
      ├── ForkAfterCUDAError   fork-mode workers were asked for after CUDA was initialised
      └── LifecycleError       a pipeline step was called in the wrong state (also a RuntimeError)
@@ -17,6 +18,7 @@ __all__ = [
     "SourceError",
     "WorkerDiedError",
     "DecodeError",
+    "SharedMemoryError",
     "ForkAfterCUDAError",
     "LifecycleError",
 ]
@@ -72,6 +74,12 @@ class WorkerDiedError(RayExtSrcError):
 
 class DecodeError(SampleError, ValueError):
     """Encoded data for a sample could not be decoded (corrupt, truncated or unsupported)."""
+
+
+class SharedMemoryError(SampleError):
+    """The shared memory that carries samples from the Python workers ran out (no room left in
+    /dev/shm, or a worker killed by SIGBUS writing it). Not the source's fault: the message says how
+    big /dev/shm is, what the pool needs, and how to give it room."""
 
 
 class ForkAfterCUDAError(RayExtSrcError, RuntimeError):

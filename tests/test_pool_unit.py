@@ -1,7 +1,9 @@
 """`workers.WorkerPool` on its own: a small program object, real worker processes, real shared memory.
 
 No pipeline here (tests/test_worker_pool.py covers the pool through `pipeline_def`). The autouse
-`no_leaks` fixture (conftest) fails any test that leaves a process or a /dev/shm segment behind.
+`no_leaks` fixture (conftest) fails any test that leaves a process or a /dev/shm segment behind;
+`no_memfd_leaks` below does the same for memfd segments (the default backend), which have no name
+in /dev/shm but show in /proc/self/fd.
 """
 
 from __future__ import annotations
@@ -19,10 +21,28 @@ from ray_extsrc.errors import SourceError, WorkerDiedError
 from ray_extsrc.types import BatchInfo, SampleInfo
 from ray_extsrc.workers import WorkerPool
 from ray_extsrc.workers.pool import MAX_REPLAYS, Chunk
+from ray_extsrc.workers.shm import DEVSHM, MEMFD, live_memfds
 
 pytestmark = pytest.mark.timeout(60)
 
 BS = 4
+
+
+@pytest.fixture(autouse=True)
+def no_memfd_leaks():
+    before = live_memfds(creator=os.getpid())
+    yield
+    assert live_memfds(creator=os.getpid()) == before, "test leaked memfd segments"
+
+
+@pytest.fixture(params=[MEMFD, DEVSHM])
+def backend(request) -> str:
+    return request.param
+
+
+def our_segments(backend: str) -> set[str]:
+    """This process's segments of ``backend``: memfd names from /proc/self/fd, or /dev/shm paths."""
+    return set(live_memfds(creator=os.getpid())) if backend == MEMFD else our_shm()
 
 
 def infos(iteration: int, epoch_idx: int = 0, bs: int = BS) -> tuple[SampleInfo, ...]:
@@ -62,8 +82,8 @@ def run_batch(pool: WorkerPool, iteration: int, epoch_idx: int = 0) -> list[tupl
     return out
 
 
-def test_samples_come_back_in_order_as_read_only_views(pool_of, start_method):
-    pool = pool_of(sources.PoolProgram(), 3, start_method=start_method)
+def test_samples_come_back_in_order_as_read_only_views(pool_of, start_method, backend):
+    pool = pool_of(sources.PoolProgram(), 3, start_method=start_method, shm_backend=backend)
     assert pool.started and len(pool.pids) == 3 and pool.zygote_pid is not None
     assert os.getpid() not in pool.pids.values() and set(pool.pids.values()) <= descendants()
     for it in range(3):  # submitted before anything is collected: answers arrive out of order
@@ -79,17 +99,18 @@ def test_samples_come_back_in_order_as_read_only_views(pool_of, start_method):
     assert pool.last_compute_s >= 0 and pool.respawns == 0
 
 
-def test_slots_are_reused_after_release(pool_of):
-    pool = pool_of(sources.PoolProgram(), 2)
+def test_slots_are_reused_after_release(pool_of, backend):
+    pool = pool_of(sources.PoolProgram(), 2, shm_backend=backend)
     run_batch(pool, 0)
-    segments = our_shm()
+    segments = our_segments(backend)
+    assert len(segments) == 3  # the status page and the batch's two slots
     for it in range(1, 20):
         run_batch(pool, it)
-    assert our_shm() == segments  # no new segment per batch once released
+    assert our_segments(backend) == segments  # no new segment per batch once released
 
 
-def test_samples_larger_than_the_slot_grow_it(pool_of):
-    pool = pool_of(sources.PoolProgram(big=3 << 20), 2, slot_bytes=4096)
+def test_samples_larger_than_the_slot_grow_it(pool_of, backend):
+    pool = pool_of(sources.PoolProgram(big=3 << 20), 2, slot_bytes=4096, shm_backend=backend)
     for it in range(2):
         out = run_batch(pool, it)
         assert [s[0].shape for s in out] == [(3 << 20,)] * BS
@@ -206,18 +227,22 @@ def test_discard_forgets_uncollected_batches(pool_of):
     assert [int(s[0][0]) for s in run_batch(pool, 0, epoch_idx=1)] == [0, 1, 2, 3]
 
 
-def test_close_stops_every_process_and_unlinks_every_segment():
-    pool = WorkerPool(sources.PoolProgram(), 2)
+def test_close_stops_every_process_and_unlinks_every_segment(start_method, backend):
+    pool = WorkerPool(sources.PoolProgram(), 2, start_method=start_method, shm_backend=backend)
     pool.start()
     procs = set(pool.pids.values()) | {pool.zygote_pid}
     run_batch(pool, 0)
-    assert our_shm() and procs <= descendants()
+    assert our_segments(backend) and procs <= descendants()
+    if backend == MEMFD:
+        assert not our_shm()  # nothing of ours in /dev/shm
+        for pid in pool.pids.values():  # the workers got the slots as descriptors
+            assert live_memfds(pid, creator=os.getpid())
     pool.close()
     pool.close()  # idempotent
-    deadline = time.monotonic() + 6
+    deadline = time.monotonic() + 6  # the zygote gives workers 2 s after SIGTERM, plus margin
     while procs & descendants() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not procs & descendants() and not our_shm()
+    assert not procs & descendants() and not our_segments(DEVSHM) and not our_segments(MEMFD)
 
 
 def test_arguments_are_checked():
@@ -225,6 +250,10 @@ def test_arguments_are_checked():
         WorkerPool(sources.PoolProgram(), 0)
     with pytest.raises(ValueError, match="py_start_method"):
         WorkerPool(sources.PoolProgram(), 1, start_method="forkserver")
+    with pytest.raises(ValueError, match=r"'memfd' or 'devshm'.*got 'tmpfs'"):
+        WorkerPool(sources.PoolProgram(), 1, shm_backend="tmpfs")
+    with pytest.raises(ValueError, match="prefetch_depth"):
+        WorkerPool(sources.PoolProgram(), 1, prefetch_depth=0)
     pool = WorkerPool(sources.PoolProgram(), 1)
     with pytest.raises(RuntimeError, match="not started"):
         pool.submit("k", 0, 0, sample_chunks(0))

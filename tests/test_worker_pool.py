@@ -1,4 +1,9 @@
-"""The parallel external source end to end: real forked/spawned workers, real shared memory."""
+"""The parallel external source end to end: real forked/spawned workers, real shared memory.
+
+The pool's shared-memory backend is memfd by default; tests that are about the backend run on both
+(the pipeline builds its pool with ``$RAY_EXTSRC_SHM``, read once when the pool is built). The
+autouse `no_leaks` (conftest) checks /dev/shm, `no_memfd_leaks` below the memfds this process holds.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +29,23 @@ from ray_extsrc import (
     types,
 )
 from ray_extsrc.pipeline import external_source
+from ray_extsrc.workers.shm import DEVSHM, MEMFD, SHM_ENV, live_memfds
 
 pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(autouse=True)
+def no_memfd_leaks():
+    before = live_memfds(creator=os.getpid())
+    yield
+    assert live_memfds(creator=os.getpid()) == before, "test leaked memfd segments"
+
+
+@pytest.fixture(params=[MEMFD, DEVSHM])
+def backend(request, monkeypatch) -> str:
+    """Pipelines built in the test use this backend."""
+    monkeypatch.setenv(SHM_ENV, request.param)
+    return request.param
 
 
 def make(source, *, num_outputs=4, batch=False, workers=3, bs=4, method="fork", **kw):
@@ -326,12 +346,31 @@ def test_slots_grow_for_samples_larger_than_the_hint():
         p.close()
 
 
-def test_shared_memory_is_private():
+def test_both_backends_carry_samples_to_forked_and_spawned_workers(backend, start_method):
+    src = sources.IndexSource(num_samples=24, batch_size=4)
+    p = make(src, method=start_method)
+    try:
+        assert np.concatenate(epoch(p)).tolist() == list(range(24))
+        memfds, files = set(live_memfds(creator=os.getpid())), our_shm()
+        # the status page and a slot per chunk in flight, in one backend only
+        assert len(memfds if backend == MEMFD else files) >= 2 and not (files if backend == MEMFD else memfds)
+        for pid in p.py_worker_pids.values():  # workers hold the slots they were sent, not the others'
+            assert set(live_memfds(pid, creator=os.getpid())) <= memfds
+    finally:
+        p.close()
+
+
+def test_shared_memory_is_private(backend):
     p = make(sources.IndexSource(8, 4))
     try:
         p.run()
-        segs = our_shm()
-        assert segs and all(os.stat(s).st_mode & 0o777 == 0o600 for s in segs)
+        if backend == DEVSHM:
+            segs = our_shm()
+            assert segs and all(os.stat(s).st_mode & 0o777 == 0o600 for s in segs)
+        else:  # no name anywhere: only processes holding a descriptor can reach them
+            assert live_memfds(creator=os.getpid()) and not our_shm()
+            for name in set(live_memfds(creator=os.getpid())):
+                assert name.startswith(f"memfd:rxs_{os.getpid()}_")
     finally:
         p.close()
 
@@ -392,7 +431,11 @@ CTRL_C_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ctrl_c_leaves_no_processes_or_shared_memory():
+def _segments_of(pid: int, backend: str) -> set[str]:
+    return set(live_memfds(pid, creator=pid)) if backend == MEMFD else our_shm(pid)
+
+
+def test_ctrl_c_leaves_no_processes_or_shared_memory(backend):
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_SCRIPT.format(tests=os.path.dirname(__file__))],
         stdout=subprocess.PIPE,
@@ -402,7 +445,7 @@ def test_ctrl_c_leaves_no_processes_or_shared_memory():
     )
     try:
         assert proc.stdout.readline().strip() == "READY"
-        assert our_shm(proc.pid)
+        assert _segments_of(proc.pid, backend)
         tree = descendants(proc.pid)
         assert len(tree) == 3  # zygote + 2 workers
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -420,7 +463,7 @@ def test_ctrl_c_leaves_no_processes_or_shared_memory():
             proc.wait()
 
 
-def test_parent_killed_leaves_no_processes_or_shared_memory():
+def test_parent_killed_leaves_no_processes_or_shared_memory(backend):
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_SCRIPT.format(tests=os.path.dirname(__file__))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -428,7 +471,8 @@ def test_parent_killed_leaves_no_processes_or_shared_memory():
     try:
         assert proc.stdout.readline().strip() == "READY"
         tree = descendants(proc.pid)
-        assert len(tree) == 3 and our_shm(proc.pid)
+        assert len(tree) == 3 and _segments_of(proc.pid, backend)
+        # memfds die with the last process holding one: the workers must not outlive the parent
         os.kill(proc.pid, signal.SIGKILL)  # no finalizer runs in the parent
         proc.wait(timeout=10)
         deadline = time.monotonic() + 8

@@ -1,13 +1,15 @@
 """Every message that crosses a process boundary in the worker pool.
 
-Parent (`pool.WorkerPool`)  ──Task / Shutdown──►  worker (`worker.worker_main`)
+Parent (`pool.WorkerPool`)  ──Task (+ a new slot's fd) / Shutdown──►  worker (`worker.worker_main`)
 Parent                      ◄──TaskDone / TaskFailed──  worker
-Parent  ──SpawnWorker (+2 fds over SCM_RIGHTS)──►  zygote (`zygote.zygote_main`)
+Parent  ──SpawnWorker (+3 fds over SCM_RIGHTS)──►  zygote (`zygote.zygote_main`)
 Parent  ◄──WorkerSpawned──  zygote
 
 All are small dataclasses pickled by `multiprocessing.connection` (parent <-> worker) or by the
 zygote's control socket. Array payloads never travel here: they go through shared memory
-(`shm`), and messages only say where they are.
+(`shm`), and messages only say where they are. Descriptors travel over SCM_RIGHTS: a slot's fd
+right after the first Task that names it on a worker's task socket (`pool` NOTE [task channel]),
+a worker's three fds with its SpawnWorker.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "TASK_SAMPLES",
     "TASK_BATCH",
     "TASK_ITER",
+    "STATUS_STRIDE",
     "ArrayMeta",
     "Shutdown",
     "SlotRef",
@@ -34,13 +37,25 @@ TASK_SAMPLES = "samples"  # per-sample callable(s): the task carries the SampleI
 TASK_BATCH = "batch"  # batch callable: the task carries one BatchInfo
 TASK_ITER = "iter"  # iterable/generator: next() of the worker's iterator (its cycle says when it restarts)
 
+#: The status page, the one thing a worker says without a message (so it survives the worker's
+#: death): a small shared segment of int64 entries, one per worker at ``worker_id * STATUS_STRIDE``
+#: (64 bytes apart, a cache line each), holding ``task_id + 1`` while the worker writes that task's
+#: output into its slot and 0 otherwise. A worker that dies with its entry set died writing shared
+#: memory (`pool` NOTE [shutdown and faults]).
+STATUS_STRIDE = 8
+
 
 @dataclass(frozen=True, slots=True)
 class SlotRef:
-    """A shared-memory segment the worker should write its output into."""
+    """A shared-memory segment the worker should write its output into.
+
+    ``fd_follows``: this worker has not seen the slot yet; its descriptor comes next on the task
+    socket, as one byte with the fd attached (`pool` NOTE [task channel]).
+    """
 
     name: str
     capacity: int
+    fd_follows: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +95,9 @@ class TaskFailed:
 
     The original exception is never pickled (an unpicklable one would hang the parent): its type
     name, message and formatted traceback travel as plain strings.
+
+    ``shm_bytes_per_sample`` is set when the output could not be placed because shared memory ran
+    out (ENOSPC reserving /dev/shm pages): what each of the task's samples takes, on average.
     """
 
     task_id: int
@@ -92,14 +110,26 @@ class TaskFailed:
     exc_type: str = ""
     message: str = ""
     traceback: str = ""
+    shm_bytes_per_sample: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class SpawnWorker:
+    """Fork worker ``worker_id``; its fds: task socket, result pipe (write end), status page.
+
+    ``replaces``: the pid of the dead worker it replaces (0: none), whose exit status the zygote
+    reaps and reports in `WorkerSpawned`.
+    """
+
     worker_id: int
+    replaces: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpawned:
+    """``replaced_exit``: how the replaced worker ended, as `subprocess.Popen.returncode` says it
+    (``-N``: killed by signal N); None when there was none or it could not be reaped in time."""
+
     worker_id: int
     pid: int
+    replaced_exit: int | None = None

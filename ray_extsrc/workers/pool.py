@@ -4,12 +4,39 @@ A batch is submitted as one or more chunks; each chunk becomes a `Task` sent to 
 worker together with a free shared-memory slot. `collect` returns a batch's samples in order, as
 read-only views into the slots, which stay reserved until `release`.
 
+NOTE [shared memory]
+Slots are `shm.Segment`s of one backend per pool, chosen when the pool is built (argument
+``shm_backend``, else ``$RAY_EXTSRC_SHM``, else memfd where the kernel has it; never re-read on the
+hot path): anonymous memfds, which do not depend on the size of /dev/shm (64 MB in a default Docker
+container), or private /dev/shm files as the fallback. `start()` compares what the pool will need
+(``prefetch_depth`` x ``batch_size`` x ``slot_bytes`` per sample) with what there is and warns if it
+does not fit (`capacity`: a warning, not an error, since the need comes from a hint). A devshm
+worker reserves every byte before writing it, so a full /dev/shm fails the batch with
+`SharedMemoryError` ("shared memory exhausted (/dev/shm is N MB ...; the pool needs M MB); fix:
+..."), never a SIGBUS.
+
+NOTE [task channel]
+Each worker's task channel is a Unix stream socketpair, not a pipe, so descriptors can travel on
+it: a slot is created by the parent and reaches a worker (forked or spawned alike) as an fd over
+SCM_RIGHTS. The parent remembers which slots each worker has; the first Task naming a slot a
+worker has not seen carries ``SlotRef.fd_follows`` and is followed, on the same socket, by one byte
+with the slot's fd attached. The worker reads the Task (`multiprocessing.connection` framing, which
+never reads past a message), then that byte with ``socket.recv_fds``, and keeps the fd (and its
+mapping) for later tasks. A replacement worker starts with no slots, so replayed tasks send their
+fds again. The result channel stays a pipe. Why not once per slot at spawn time: slots are made on
+demand, after the workers start.
+
 NOTE [shutdown and faults]
 * A worker that dies (kill -9, segfault in a C extension) is noticed by EOF on its result pipe. The
-  zygote forks a replacement with the same worker id and the dead worker's unfinished tasks are sent
-  to it again (replay), so the epoch still holds every sample exactly once. A task that kills
-  more than `MAX_REPLAYS` workers in a row is not sent again: its batch fails with
-  `WorkerDiedError` naming its samples. Iterable sources are stateful and cannot be replayed:
+  zygote forks a replacement with the same worker id, answering with how the dead one ended (its
+  exit status: the zygote reaps workers), and the dead worker's unfinished tasks are sent to it again
+  (replay), so the epoch still holds every sample exactly once. A task that kills more than
+  `MAX_REPLAYS` workers in a row is not sent again: its batch fails with `WorkerDiedError` naming
+  its samples (and the last worker's fatal signal). One death is diagnosed instead of replayed: a
+  devshm worker killed by SIGBUS while its status page entry (`messages.STATUS_STRIDE`) says it was
+  writing a slot ran out of /dev/shm pages (someone truncated the segment or filled /dev/shm behind
+  our reservation), so its batch fails at once with `SharedMemoryError`, not with a message blaming
+  the source. Iterable sources are stateful and cannot be replayed:
   their worker's death fails every batch it had (and any submitted before the next `discard()`,
   the epoch reset) with `WorkerDiedError`. Either way the dead worker is replaced at once, so the
   pool is whole again for the next epoch (a fresh iterable worker starts its iterator anew) —
@@ -17,8 +44,10 @@ NOTE [shutdown and faults]
   already served, so every later batch fails with `WorkerDiedError`, across resets too.
 * `close()` (also run by garbage collection and at interpreter exit through `weakref.finalize`)
   asks every worker to stop, closes the zygote's control socket (the zygote then terminates and
-  reaps any worker left), waits for the zygote, and unlinks every slot. If the parent itself is
-  killed, workers see EOF on their task pipe and the zygote on its control socket, and both exit.
+  reaps any worker left), waits for the zygote, and closes (devshm: unlinks) every slot. If the
+  parent itself is killed, workers see EOF on their task socket and the zygote on its control
+  socket, and both exit; memfds go with the last process holding them, and the zygote unlinks a
+  dead parent's /dev/shm files.
 
 NOTE [iterable across epochs]
 An iterable's worker runs ahead of the consumer: when an epoch ends early (``reset()`` in
@@ -39,6 +68,7 @@ which is right for ``cycle=None``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import os
 import pickle
@@ -55,11 +85,20 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from ..errors import DecodeError, ForkAfterCUDAError, SourceError, WorkerDiedError
+from ..errors import (
+    DecodeError,
+    ForkAfterCUDAError,
+    RayExtSrcError,
+    SharedMemoryError,
+    SourceError,
+    WorkerDiedError,
+)
 from ..source import Cycle
 from ..types import BatchInfo, SampleInfo
 from ._cuda import cuda_initialized
+from .capacity import Need, exhausted_message, shortage_warning
 from .messages import (
+    STATUS_STRIDE,
     TASK_ITER,
     Shutdown,
     SlotRef,
@@ -69,7 +108,7 @@ from .messages import (
     TaskFailed,
     WorkerSpawned,
 )
-from .shm import Segment, read_samples
+from .shm import DEVSHM, Segment, choose_backend, read_samples
 
 __all__ = ["WorkerPool", "Chunk", "cuda_initialized", "MAX_REPLAYS"]
 
@@ -99,9 +138,16 @@ class Chunk:
 class _Worker:
     worker_id: int
     pid: int
-    tasks: Connection
+    tasks: Connection  # pickled messages on the task socket
+    fds: socket.socket  # the same socket, for slot fds (NOTE [task channel])
     results: Connection
     outstanding: dict[int, Task] = field(default_factory=dict)
+    slots_sent: set[str] = field(default_factory=set)  # slots whose fd this worker has
+
+    def close(self) -> None:
+        self.tasks.close()
+        self.fds.close()
+        self.results.close()
 
 
 @dataclass(eq=False)
@@ -110,7 +156,9 @@ class _Batch:
     task_ids: list[int]
     done: dict[int, TaskDone] = field(default_factory=dict)
     failed: TaskFailed | None = None
-    died: WorkerDiedError | None = None  # a task of it killed its worker and cannot be replayed
+    # set when a task of it cannot be completed nor replayed (it kept killing workers, its worker
+    # ran out of shared memory): WorkerDiedError or SharedMemoryError
+    died: RayExtSrcError | None = None
 
 
 def _finalize(zygote: Any, ctl: socket.socket | None, workers: dict, slots: list) -> None:
@@ -120,8 +168,7 @@ def _finalize(zygote: Any, ctl: socket.socket | None, workers: dict, slots: list
             w.tasks.send(Shutdown())
         except OSError:
             pass
-        w.tasks.close()
-        w.results.close()
+        w.close()
     workers.clear()
     if ctl is not None:
         ctl.close()
@@ -174,6 +221,12 @@ class WorkerPool:
     ``start_method`` "fork" forks the zygote from this process (refused once CUDA is initialised);
     "spawn" starts it as a fresh interpreter and sends it the pickled program (``pickler`` is a
     module-like object with ``dumps``; default `pickle`).
+
+    Shared memory (NOTE [shared memory]): ``slot_bytes`` is what a slot reserves per sample of its
+    task (slots grow when samples are larger); ``batch_size`` (default: ``num_workers``, one sample
+    per worker) and ``prefetch_depth`` (batches in shared memory at once) only size the check that
+    `start` makes; ``shm_backend`` is "memfd" or "devshm" (default: ``$RAY_EXTSRC_SHM``, else memfd
+    where available).
     """
 
     def __init__(
@@ -185,19 +238,30 @@ class WorkerPool:
         pickler: Any = None,
         slot_bytes: int = 1 << 20,
         name: str = "",
+        batch_size: int | None = None,
+        prefetch_depth: int = 2,
+        shm_backend: str | None = None,
     ) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"py_num_workers must be an int >= 1; got {num_workers!r}")
         if start_method not in ("fork", "spawn"):
             raise ValueError(f"py_start_method must be 'fork' or 'spawn'; got {start_method!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be an int >= 1 or None; got {batch_size!r}")
+        if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be an int >= 1; got {prefetch_depth!r}")
+        self.shm_backend = choose_backend(shm_backend)  # once: NOTE [shared memory]
         self.program = program
         self.num_workers = 1 if program.kind == TASK_ITER else num_workers
         self.start_method = start_method
         self.pickler = pickler if pickler is not None else pickle
         self.slot_bytes = max(4096, int(slot_bytes))
+        self.batch_size = batch_size if batch_size is not None else num_workers
+        self.prefetch_depth = prefetch_depth
         self.name = name
         self._workers: dict[int, _Worker] = {}
-        self._slots: list[Segment] = []
+        self._slots: list[Segment] = []  # every segment, the status page first once started
+        self._status: Segment | None = None  # the status page (messages.STATUS_STRIDE)
         self._free_slots: list[Segment] = []
         self._task_slot: dict[int, Segment] = {}
         self._task_batch: dict[int, _Batch] = {}
@@ -242,6 +306,9 @@ class WorkerPool:
     def start(self) -> None:
         if self.started:
             return
+        warning = shortage_warning(self.shm_backend, self._need())
+        if warning is not None:
+            warnings.warn(f"worker pool{self._label()}: {warning}", RuntimeWarning, stacklevel=2)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             if self.start_method == "fork":
@@ -254,6 +321,14 @@ class WorkerPool:
         self._finalizer = weakref.finalize(
             self, _finalize, self._zygote, self._ctl, self._workers, self._slots
         )
+        self._status = Segment.create(max(4096, 64 * self.num_workers), tag="status_", backend=self.shm_backend)
+        self._slots.append(self._status)  # closed with the slots
+        try:
+            self._status.reserve(self._status.size)  # its pages exist before any worker writes one
+        except OSError as e:
+            raise SharedMemoryError(
+                f"worker pool{self._label()}: cannot start: {e}; " + exhausted_message(self.shm_backend, self._need())
+            ) from e
         for wid in range(self.num_workers):
             self._spawn_worker(wid)
 
@@ -303,21 +378,30 @@ class WorkerPool:
             pass  # the zygote died early; _spawn_worker reports it
         return proc
 
-    def _spawn_worker(self, worker_id: int) -> _Worker:
-        task_r, task_w = os.pipe()
+    def _need(self, bytes_per_sample: int = 0) -> Need:
+        return Need(self.prefetch_depth, self.batch_size, max(self.slot_bytes, bytes_per_sample))
+
+    def _spawn_worker(self, worker_id: int, replaces: int = 0) -> tuple[_Worker, int | None]:
+        """Have the zygote fork worker ``worker_id``; also return how the worker it replaces
+        (pid ``replaces``) ended (see `messages.WorkerSpawned`)."""
+        task_w, task_r = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         result_r, result_w = os.pipe()
         try:
-            if self._ctl is None:
+            if self._ctl is None or self._status is None:
                 raise RuntimeError("the worker pool is not started")
-            socket.send_fds(self._ctl, [pickle.dumps(SpawnWorker(worker_id))], [task_r, result_w])
+            socket.send_fds(
+                self._ctl,
+                [pickle.dumps(SpawnWorker(worker_id, replaces))],
+                [task_r.fileno(), result_w, self._status.fd],
+            )
             self._ctl.settimeout(_ZYGOTE_REPLY_TIMEOUT_S)
             reply = self._ctl.recv(1 << 16)
             if not reply:
                 raise EOFError
             msg = pickle.loads(reply)
         except (OSError, EOFError) as e:
-            for fd in (task_w, result_r):
-                os.close(fd)
+            task_w.close()
+            os.close(result_r)
             code = self._zygote.poll() if self._zygote is not None else None
             raise WorkerDiedError(
                 f"worker pool{self._label()}: the zygote process (pid {self.zygote_pid}) could not "
@@ -325,13 +409,19 @@ class WorkerPool:
                 "With py_start_method='spawn', the zygote's own error is printed above."
             ) from e
         finally:
-            os.close(task_r)
+            task_r.close()
             os.close(result_w)
         if not isinstance(msg, WorkerSpawned) or msg.worker_id != worker_id:
             raise WorkerDiedError(f"worker pool{self._label()}: unexpected zygote reply {msg!r}")
-        w = _Worker(worker_id, msg.pid, Connection(task_w, readable=False), Connection(result_r, writable=False))
+        w = _Worker(
+            worker_id,
+            msg.pid,
+            Connection(os.dup(task_w.fileno()), readable=False),
+            task_w,
+            Connection(result_r, writable=False),
+        )
         self._workers[worker_id] = w
-        return w
+        return w, msg.replaced_exit
 
     def close(self) -> None:
         if self._finalizer is not None:
@@ -365,7 +455,16 @@ class WorkerPool:
             return
         for chunk in chunks:
             task_id = next(self._ids)
-            slot = self._take_slot(max(1, len(chunk.samples)))
+            try:
+                slot = self._take_slot(max(1, len(chunk.samples)))
+            except OSError as e:  # the parent cannot even make the segment (out of memory/files)
+                batch.died = SharedMemoryError(
+                    f"cannot create a shared-memory slot for iteration {iteration}: {e}; "
+                    + exhausted_message(self.shm_backend, self._need()),
+                    iteration=iteration,
+                    epoch_idx=epoch_idx,
+                )
+                return
             task = Task(
                 task_id=task_id,
                 kind=chunk.kind,
@@ -389,16 +488,24 @@ class WorkerPool:
         return min(rotated, key=lambda w: len(w.outstanding))
 
     def _send(self, w: _Worker, task: Task) -> None:
+        """See NOTE [task channel]."""
         w.outstanding[task.task_id] = task
+        seg = self._task_slot[task.task_id]
+        new = seg.name not in w.slots_sent
         try:
-            w.tasks.send(task)
+            if new:
+                w.tasks.send(dataclasses.replace(task, slot=dataclasses.replace(task.slot, fd_follows=True)))
+                socket.send_fds(w.fds, [b"\0"], [seg.fd])
+                w.slots_sent.add(seg.name)
+            else:
+                w.tasks.send(task)
         except OSError:
             pass  # the worker is dead; its EOF on the result pipe triggers the replay
 
     def _take_slot(self, nsamples: int) -> Segment:
         if self._free_slots:
             return self._free_slots.pop()
-        seg = Segment.create(self.slot_bytes * nsamples, tag=f"{len(self._slots)}_")
+        seg = Segment.create(self.slot_bytes * nsamples, tag=f"{len(self._slots)}_", backend=self.shm_backend)
         self._slots.append(seg)
         return seg
 
@@ -491,7 +598,7 @@ class WorkerPool:
             self._handle(w, msg)
 
     def _handle(self, w: _Worker, msg: TaskDone | TaskFailed) -> None:
-        w.outstanding.pop(msg.task_id, None)
+        task = w.outstanding.pop(msg.task_id, None)
         batch = self._task_batch.get(msg.task_id)
         if batch is None:  # a discarded batch (epoch reset) or a failed one: just free the slot
             seg = self._task_slot.pop(msg.task_id, None)
@@ -502,16 +609,53 @@ class WorkerPool:
             return
         if isinstance(msg, TaskDone):
             batch.done[msg.task_id] = msg
+        elif msg.shm_bytes_per_sample:
+            if batch.died is None:
+                batch.died = self._shm_error(msg, task, msg.shm_bytes_per_sample, msg.message)
         elif batch.failed is None or (batch.failed.stop_iteration and not msg.stop_iteration):
             batch.failed = msg  # a real error outranks an end of epoch in the same batch
 
+    def _shm_error(self, f: TaskFailed | None, task: Task | None, per_sample: int, detail: str) -> SharedMemoryError:
+        """`SharedMemoryError` for a task whose output found no room (NOTE [shared memory])."""
+        samples = [s.idx_in_epoch for s in task.samples] if task is not None else []
+        where = f"samples idx_in_epoch={samples}" if samples else "a batch"
+        if task is not None:
+            where += f" (iteration {task.iteration}, epoch {task.epoch_idx})"
+        if f is not None:
+            where += f" in Python worker {f.worker_id} (pid {f.pid})"
+        return SharedMemoryError(
+            f"{where} of pool{self._label()}: {exhausted_message(self.shm_backend, self._need(per_sample))}. "
+            f"[{detail}]",
+            idx_in_epoch=samples[0] if samples else None,
+            iteration=task.iteration if task is not None else None,
+            epoch_idx=task.epoch_idx if task is not None else None,
+            worker_id=f.worker_id if f is not None else None,
+            pid=f.pid if f is not None else None,
+        )
+
+    def _writing_when_died(self, dead: _Worker) -> int | None:
+        """The task whose output ``dead`` was writing when it died (status page), if any."""
+        if self._status is None or self._status.buf is None:
+            return None
+        off = 8 * STATUS_STRIDE * dead.worker_id
+        task_id = int.from_bytes(self._status.buf[off : off + 8], sys.byteorder, signed=True) - 1
+        return task_id if task_id in dead.outstanding else None
+
     def _replace(self, dead: _Worker) -> None:
         """See NOTE [shutdown and faults]."""
-        dead.tasks.close()
-        dead.results.close()
+        dead.close()
         del self._workers[dead.worker_id]
-        new = self._spawn_worker(dead.worker_id)
+        writing = self._writing_when_died(dead)
+        new, exit_code = self._spawn_worker(dead.worker_id, replaces=dead.pid)
         self.respawns += 1
+        how = _how_it_ended(exit_code)
+        if writing is not None and exit_code == -signal.SIGBUS and self.shm_backend == DEVSHM:
+            task = dead.outstanding.pop(writing)
+            self._give_up(writing, self._shm_error(
+                None, task, 0,
+                f"worker {dead.worker_id} (pid {dead.pid}) was killed by SIGBUS writing this task's "
+                f"output into its /dev/shm slot: the slot's pages could not be allocated",
+            ))
         if self.program.kind == TASK_ITER:
             if self._cycle is Cycle.NO:
                 fix = (
@@ -527,7 +671,7 @@ class WorkerPool:
                     "source, whose samples are replayed after a worker dies."
                 )
             self._iter_lost = WorkerDiedError(
-                f"worker {dead.worker_id} (pid {dead.pid}) of pool{self._label()} died; it ran an "
+                f"worker {dead.worker_id} (pid {dead.pid}) of pool{self._label()} died{how}; it ran an "
                 f"iterable source, whose state cannot be replayed. {fix}"
             )
             for task_id in dead.outstanding:
@@ -540,13 +684,13 @@ class WorkerPool:
                 self._give_up(task_id, WorkerDiedError(
                     f"samples idx_in_epoch={idx} (iteration {task.iteration}, epoch {task.epoch_idx}) "
                     f"killed {MAX_REPLAYS + 1} workers in a row (last: worker {dead.worker_id}, "
-                    f"pid {dead.pid}); the source likely crashes the process on them (a segfault in "
-                    "a C extension, os._exit, running out of memory). Fix or skip those samples."
+                    f"pid {dead.pid}{how}); the source likely crashes the process on them (a segfault "
+                    "in a C extension, os._exit, running out of memory). Fix or skip those samples."
                 ))
             else:
                 self._send(new, task)
 
-    def _give_up(self, task_id: int, error: WorkerDiedError) -> None:
+    def _give_up(self, task_id: int, error: RayExtSrcError) -> None:
         """A task of a dead worker that will not run again: fail its batch, or free its slot when
         nobody waits for it (a discarded or already failed batch)."""
         self._task_replays.pop(task_id, None)
@@ -575,3 +719,15 @@ class WorkerPool:
             pid=f.pid,
             remote_traceback=f.traceback,
         )
+
+
+def _how_it_ended(exit_code: int | None) -> str:
+    """", killed by SIGBUS" and the like, for messages about a dead worker."""
+    if exit_code is None:
+        return ""
+    if exit_code < 0:
+        try:
+            return f", killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            return f", killed by signal {-exit_code}"
+    return f", exit code {exit_code}"

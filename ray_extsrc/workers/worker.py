@@ -1,16 +1,21 @@
 """The child side of the pool: one worker process's loop (its parent side is `pool.WorkerPool`).
 
-A worker receives `Task`s on its task connection, runs the program (the user's source plus the
-CPU ops that can run next to it), writes the samples into the task's shared-memory slot and
-answers `TaskDone`, or `TaskFailed` carrying the sample index and the formatted traceback. It
-never calls Ray, CUDA or torch. It exits when told to (`Shutdown`) or when its task connection
-closes (the parent is gone), so an orphan cannot outlive its pool.
+A worker receives `Task`s on its task socket (and, after a Task naming a slot it has not seen, that
+slot's descriptor: `pool` NOTE [task channel]), runs the program (the user's source plus the CPU
+ops that can run next to it), writes the samples into the task's shared-memory slot and answers
+`TaskDone`, or `TaskFailed` carrying the sample index and the formatted traceback (or, when shared
+memory ran out, how much each sample needed). While it writes a slot its entry in the status page
+says so (`messages.STATUS_STRIDE`). It never calls Ray, CUDA or torch. It exits when told to
+(`Shutdown`) or when its task socket closes (the parent is gone), so an orphan cannot outlive its pool.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import signal
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -20,8 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..types import BatchInfo, SampleInfo
-from .messages import TASK_BATCH, TASK_ITER, TASK_SAMPLES, Shutdown, Task, TaskDone, TaskFailed
-from .shm import Segment, write_samples
+from .messages import STATUS_STRIDE, TASK_BATCH, TASK_ITER, TASK_SAMPLES, Shutdown, Task, TaskDone, TaskFailed
+from .shm import Segment, layout_size, write_samples
 
 __all__ = ["Sample", "WorkerArgs", "WorkerProgram", "worker_main"]
 
@@ -54,8 +59,9 @@ class WorkerProgram(Protocol):
 @dataclass
 class WorkerArgs:
     worker_id: int
-    task_fd: int
-    result_fd: int
+    task_fd: int  # a Unix stream socket: pickled Tasks, and slot fds (`pool` NOTE [task channel])
+    result_fd: int  # a pipe's write end
+    status_fd: int  # the status page (`messages.STATUS_STRIDE`)
     program: Any
 
 
@@ -91,11 +97,49 @@ def _run_task(program: Any, task: Task, state: dict) -> list[Sample]:
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
+def _slot_of(task: Task, segments: dict[str, Segment], fds: socket.socket) -> Segment:
+    slot = task.slot
+    if slot.fd_follows:  # the parent sent the slot's descriptor right after the task
+        _, got, _, _ = socket.recv_fds(fds, 1, 1)
+        if len(got) != 1:
+            raise RuntimeError(f"the descriptor of slot {slot.name} did not arrive with its task")
+        old = segments.pop(slot.name, None)
+        if old is not None:
+            old.close()
+        segments[slot.name] = Segment.from_fd(slot.name, got[0])
+        return segments[slot.name]
+    seg = segments[slot.name]
+    seg.remap()
+    return seg
+
+
+def _failed(task: Task, args: WorkerArgs, message: str, exc: BaseException, **kw: Any) -> TaskFailed:
+    return TaskFailed(
+        task_id=task.task_id,
+        worker_id=args.worker_id,
+        pid=os.getpid(),
+        idx_in_epoch=task.samples[0].idx_in_epoch if task.samples else None,
+        iteration=task.iteration,
+        epoch_idx=task.epoch_idx,
+        stop_iteration=False,
+        exc_type=type(exc).__name__,
+        message=message,
+        traceback=traceback.format_exc(),
+        **kw,
+    )
+
+
 def worker_main(args: WorkerArgs) -> None:
     # Ctrl-C goes to the whole process group; the parent handles it and shuts us down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tasks = Connection(args.task_fd, writable=False)
+    fds = socket.socket(fileno=os.dup(args.task_fd))  # the same socket, for SCM_RIGHTS
     results = Connection(args.result_fd, readable=False)
+    status_map = mmap.mmap(args.status_fd, 0)
+    os.close(args.status_fd)
+    status = np.frombuffer(status_map, dtype=np.int64)
+    mine = args.worker_id * STATUS_STRIDE
+    status[mine] = 0
     pid = os.getpid()
     segments: dict[str, Segment] = {}
     state: dict = {}
@@ -108,6 +152,11 @@ def worker_main(args: WorkerArgs) -> None:
             if isinstance(msg, Shutdown):
                 return
             task: Task = msg
+            try:
+                # first, so a task whose source fails still takes its slot's fd off the socket
+                seg = _slot_of(task, segments, fds)
+            except (OSError, KeyError, RuntimeError):
+                return  # the parent broke the protocol or is gone: nothing sensible is left to do
             t0 = time.perf_counter()
             try:
                 samples = _run_task(args.program, task, state)
@@ -128,30 +177,25 @@ def worker_main(args: WorkerArgs) -> None:
                     )
                 )
                 continue
+            status[mine] = task.task_id + 1
             try:
-                seg = segments.get(task.slot.name)
-                if seg is None:
-                    seg = segments[task.slot.name] = Segment.attach(task.slot.name)
-                else:
-                    seg.remap()
                 layout = write_samples(seg, samples)
-            except Exception as e:  # a sample the pool cannot carry (e.g. an object array)
-                results.send(
-                    TaskFailed(
-                        task_id=task.task_id,
-                        worker_id=args.worker_id,
-                        pid=pid,
-                        idx_in_epoch=task.samples[0].idx_in_epoch if task.samples else None,
-                        iteration=task.iteration,
-                        epoch_idx=task.epoch_idx,
-                        stop_iteration=False,
-                        exc_type=type(e).__name__,
-                        message=f"cannot place the task's output in shared memory: {e}",
-                        traceback=traceback.format_exc(),
-                    )
-                )
+            except Exception as e:
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.ENOMEM):
+                    need = layout_size(samples)
+                    results.send(_failed(
+                        task, args,
+                        f"no room in shared memory for this task's {len(samples)} samples "
+                        f"({need / (1 << 20):.1f} MB in slot {seg.name}): {e}",
+                        e, shm_bytes_per_sample=max(1, need // max(1, len(samples))),
+                    ))
+                else:  # a sample the pool cannot carry (e.g. an object array)
+                    results.send(_failed(task, args, f"cannot place the task's output in shared memory: {e}", e))
                 continue
+            finally:
+                status[mine] = 0
             results.send(TaskDone(task.task_id, args.worker_id, seg.size, layout, time.perf_counter() - t0))
     finally:
         for seg in segments.values():
             seg.close()
+        fds.close()
