@@ -97,8 +97,8 @@ def affine_warp_batch(
     fx, fy = xp.floor(sx), xp.floor(sy)
     # weights repeated per channel: broadcasting a length-1 last axis makes NumPy's inner loop
     # C elements long (several times slower than same-shape arithmetic)
-    qx = xp.repeat((sx - fx)[..., None], channels, axis=-1)
-    qy = xp.repeat((sy - fy)[..., None], channels, axis=-1)
+    qx = xp.repeat((sx - fx)[..., None], channels, axis=3)
+    qy = xp.repeat((sy - fy)[..., None], channels, axis=3)
     x0, y0 = fx.astype(np.intp), fy.astype(np.intp)
     c0, c1, r0, r1 = col(x0), col(x0 + 1), row(y0), row(y0 + 1)
     values = flat.astype(np.float32, copy=False)

@@ -7,6 +7,12 @@ outputs share a shape, else a list. Per-sample geometry is planned on the host w
 own helpers (`Sizing.plan`, `CropSpec.window`, `CropMirrorNormalize.coefficients`,
 `_normalize.brightness_contrast_affine`), so both paths agree on every box and every value. This
 module takes the ops as arguments and never imports the modules that define them.
+
+Ops whose math is plain array code (colour matrices, the rotate warp, normalize, cast) keep it in
+one function written against an array namespace, which ``run_cpu`` calls with NumPy and the
+functions here with CuPy (``op.apply_batch``, `_warp.affine_warp_batch`, ``op.normalize_batch``,
+``op.convert``): one implementation, checked on machines without a GPU by running this module's
+glue with NumPy in CuPy's place (tests/test_fn_ops_more.py).
 """
 
 from __future__ import annotations
