@@ -8,7 +8,9 @@ Lifecycle (explicit, each illegal step says which state it is in)::
 Execution plan: `plan.make_plan`, fixed when the workers start (before CUDA, since fork happens
 there): the *worker stage* runs in the Python workers, the *main stage* (GPU ops, ops on
 non-parallel sources) per batch in this process — or, split with `serve_host_stage` /
-`run_device`, in a consumer's process (`consumer_stage`).
+`run_device`, in a consumer's process (`consumer_stage`). Running it is `executor`'s: the
+pipeline keeps the lifecycle and the position (epoch, local iteration, layout) and hands the
+executor a fresh `executor.Positions` whenever it moves.
 
 Sharding (used by the Ray layer, see `sharding`): with ``num_shards=R, shard_id=r``, local iteration i
 serves global batch ``g = i*R + r``; SampleInfo carries the global ``idx_in_epoch = g*B + j`` (or the
@@ -24,35 +26,26 @@ epoch; `valid_samples` says how many of a batch's samples are its own). With ``w
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import functools
 import inspect
 import secrets
-import threading
 import time
 import warnings
-import weakref
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
-from .errors import LifecycleError, SourceError
-from .host_batch import HostBatch, pack_column
-from .external_source import ExternalSourceOp, external_source, is_source, output_layout
-from .graph import DataNode, Graph, OpNode, graph_scope
-from .plan import Plan, make_plan
-from .sharding import ShardLayout, check_last_batch_policy, epoch_permutation
+from .errors import LifecycleError
+from .executor import EndOfEpoch, HostStage, MainStage, Positions, RunAhead
+from .external_source import ExternalSourceOp, external_source, is_source
+from .graph import DataNode, Graph, graph_scope
 from .gpu_probe import gpu_available
-from .source import SourceKind, chunk_samples
-from .tensors import TensorListCPU, TensorListGPU, assemble_cpu
-from .types import BatchInfo, SampleInfo
+from .host_batch import HostBatch
+from .plan import Plan, make_plan
+from .sharding import ShardLayout, check_last_batch_policy
+from .tensors import TensorListCPU, TensorListGPU
 from .workers import WorkerPool
-from .workers.messages import TASK_SAMPLES
-from .workers.pool import Chunk
 
 __all__ = ["Pipeline", "pipeline_def", "external_source", "NoGPUWarning", "State", "ExternalSourceOp", "gpu_available"]
 
@@ -69,10 +62,6 @@ class State(enum.Enum):
     WORKERS_STARTED = "workers started"
     BUILT = "built"
     CLOSED = "closed"
-
-
-class _EndOfEpoch(Exception):
-    """StopIteration, carried through a Future (which must not raise StopIteration itself)."""
 
 
 class Pipeline:
@@ -136,31 +125,34 @@ class Pipeline:
         self.prefetch_queue_depth = prefetch_queue_depth
         self.bytes_per_sample_hint = bytes_per_sample_hint or (1 << 20)
         check_last_batch_policy(last_batch_policy, "Pipeline")
-        self.layout = ShardLayout(num_shards, shard_id, ways=ways, way=way, last_batch_policy=last_batch_policy)
+        self._layout = ShardLayout(num_shards, shard_id, ways=ways, way=way, last_batch_policy=last_batch_policy)
         self.shuffle = shuffle
         self._exec_async = bool(exec_async and exec_pipelined)
-        self._ahead: collections.deque = collections.deque()  # (local iteration, Future), in order
-        self._ahead_thread: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()  # the pool is driven from the ahead threads
         self._broken: tuple[int, str] | None = None  # (batch, error type) that stopped the epoch
         self.graph = Graph()
         self.outputs: tuple[DataNode, ...] = ()
         self.state = State.DEFINED
         self.epoch_idx = 0
         self._iteration = 0  # local iteration to run next
-        self._submitted = 0  # local iterations submitted to the pool
         self._epoch_over = False
         self._pool: WorkerPool | None = None
-        self._threads: ThreadPoolExecutor | None = None
         self._planned = False
         self.plan: Plan | None = None  # fixed when the workers start (see `plan`)
-        self._gpu_release: weakref.finalize | None = None  # holds the process's GPU decoders (see build/close)
+        self._positions: Positions | None = None  # the epoch's positions, once planned (see `_moved`)
+        self._main: MainStage | None = None  # the main-stage ops (build, or open_device_stage)
+        self._runner: RunAhead | None = None  # the batches, once built
         # host stage only (a loader actor whose consumer runs the GPU stage): run() yields HostBatch
         self._host_only = False
         self._device_stage_open = False  # the consumer side: run_device() may be called
         self._scope: graph_scope | None = None
         #: seconds spent on the last batch, by stage (see run())
         self.last_timings: dict[str, float] = {}
+
+    @property
+    def layout(self) -> ShardLayout:
+        """Which global batches this pipeline serves (`sharding`): from ``num_shards``, ``shard_id``,
+        ``ways``, ``way`` and ``last_batch_policy``; ``skip_to(consumed_batches=)`` moves its base."""
+        return self._layout
 
     # -- definition --------------------------------------------------------------------------------
 
@@ -207,7 +199,7 @@ class Pipeline:
                 start_method=self.py_start_method,
                 pickler=self.py_callback_pickler,
                 slot_bytes=self._sample_bytes_hint() * max(1, -(-self.batch_size // self.py_num_workers)),
-                name=f"shard {self.layout.shard_id}/{self.layout.num_shards}" if self.layout.num_shards > 1 else "",
+                name=f"shard {self._layout.shard_id}/{self._layout.num_shards}" if self._layout.num_shards > 1 else "",
             )
             self._pool.start()
         self.state = State.WORKERS_STARTED
@@ -228,21 +220,18 @@ class Pipeline:
             return
         if self.state is State.DEFINED:
             self.start_py_workers()
-        if self.plan.main_cpu and not self._host_only:
-            self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
-        if self.plan.run_ahead:
-            self._ahead_thread = ThreadPoolExecutor(self.plan.ahead_depth, thread_name_prefix="ray_extsrc-ahead")
-        if not self._host_only:
-            self._retain_gpu()
+        if not self._host_only and self._main is None:
+            self._main = self._main_stage()
+        host = HostStage(
+            self.plan, self._pool, self._positions, self._iteration,
+            prefetch_queue_depth=self.prefetch_queue_depth, py_num_workers=self.py_num_workers,
+        )
+        self._runner = RunAhead(self.plan, host, self._main)
         self.state = State.BUILT
 
-    def _retain_gpu(self) -> None:
-        if self.plan.gpu_main and self._gpu_release is None:
-            from .fn._gpu import decode
-
-            decode.retain()  # the process's GPU decoders live while a GPU pipeline is open
-            # released by close(), or when the pipeline is garbage-collected without it
-            self._gpu_release = weakref.finalize(self, decode.release)
+    def _main_stage(self) -> MainStage:
+        # holds the process's GPU decoders while open (see `executor.main_stage`): close() lets go
+        return MainStage(self.plan, self.outputs, seed=self.seed, device_id=self.device_id, num_threads=self.num_threads)
 
     # -- split execution: host stage in one process, the main-stage ops in another ---------------
 
@@ -266,9 +255,7 @@ class Pipeline:
             raise LifecycleError(f"open_device_stage() needs a fresh pipeline; this one is '{self.state.value}'")
         if not self._planned:
             self._plan()
-        if self.plan.main_cpu and self._threads is None:
-            self._threads = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ray_extsrc")
-        self._retain_gpu()
+        self._main = self._main_stage()
         self._device_stage_open = True
 
     def prep_of(self, op_id: int) -> DataNode | None:
@@ -293,25 +280,21 @@ class Pipeline:
             raise LifecycleError("run_device() needs open_device_stage() first")
         env = batch.env()
         t0 = time.perf_counter()
-        outputs = self._run_ops(batch.infos, env, order_consumer=order_consumer)
+        outputs = self._main.run(batch.infos, env, epoch_idx=self.epoch_idx, order_consumer=order_consumer)
         self.last_timings = {"main_ops_s": time.perf_counter() - t0}
         return outputs
 
     def close(self) -> None:
         """Stop the workers and free shared memory. Idempotent; also done at garbage collection."""
-        self._drain_ahead()
-        if self._ahead_thread is not None:
-            self._ahead_thread.shutdown(wait=True)
-            self._ahead_thread = None
+        if self._runner is not None:
+            self._runner.close()  # the batches in flight finish first
+            self._runner = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        if self._threads is not None:
-            self._threads.shutdown(wait=True, cancel_futures=True)
-            self._threads = None
-        if self._gpu_release is not None:
-            self._gpu_release()  # runs decode.release() once
-            self._gpu_release = None
+        if self._main is not None:
+            self._main.close()  # its threads, and the GPU decoders
+            self._main = None
         self._device_stage_open = False
         self.state = State.CLOSED
 
@@ -335,17 +318,17 @@ class Pipeline:
         )
         if self.shuffle and plan.num_samples is None:
             raise ValueError("shuffle=True needs per-sample sources that define __len__ (the number of samples)")
-        if (self.layout.num_shards > 1 or self.layout.ways > 1) and plan.has_iterable:
+        if (self._layout.num_shards > 1 or self._layout.ways > 1) and plan.has_iterable:
             raise ValueError("an iterable source cannot be sharded (it is stateful); use a callable source")
-        if self.layout.last_batch_policy == "exact" and plan.num_samples is None:
+        if self._layout.last_batch_policy == "exact" and plan.num_samples is None:
             raise ValueError(
                 "last_batch_policy='exact' needs the epoch's number of samples, to mark the padding "
                 "of the last round: give every source a __len__ (per-sample sources; batch sources and "
                 "iterables have none), or use last_batch_policy='pad' or 'drop'"
             )
-        if self.layout.last_batch_policy == "pad" and plan.num_samples is None and self.layout.num_shards > 1:
+        if self._layout.last_batch_policy == "pad" and plan.num_samples is None and self._layout.num_shards > 1:
             warnings.warn(
-                f"ray_extsrc: last_batch_policy='pad' (shard {self.layout.shard_id}/{self.layout.num_shards}) "
+                f"ray_extsrc: last_batch_policy='pad' (shard {self._layout.shard_id}/{self._layout.num_shards}) "
                 "cannot pad an epoch of unknown length: the source has no __len__, so the epoch ends "
                 "where it raises StopIteration and a last round the shards do not fill is dropped. "
                 "Give the source a __len__ to serve every sample.",
@@ -364,8 +347,21 @@ class Pipeline:
                 stacklevel=3,
             )
         self.plan = plan
-        self._perm: tuple[int, np.ndarray] | None = None
         self._planned = True
+        self._moved()
+
+    def _moved(self) -> None:
+        """The position (epoch, local iteration, layout) changed: new `Positions` for the executor,
+        which lets the batches in flight finish and drops the workers' batches of the old place."""
+        if not self._planned:
+            return  # `_plan` makes the first ones
+        self._positions = Positions(
+            self._layout, self.epoch_idx, self.batch_size, self.plan.num_samples, shuffle=self.shuffle, seed=self.seed,
+        )
+        if self._runner is not None:
+            self._runner.move(self._positions, self._iteration)
+        elif self._pool is not None:  # started, not built: nothing is in flight
+            self._pool.discard()
 
     @property
     def last_batch_policy(self) -> str:
@@ -373,9 +369,9 @@ class Pipeline:
         number of samples, which can only drop (see `sharding`)."""
         if not self._planned:
             self._plan()
-        if self.layout.pads and self.plan.num_samples is None:
+        if self._layout.pads and self.plan.num_samples is None:
             return "drop"
-        return self.layout.last_batch_policy
+        return self._layout.last_batch_policy
 
     def valid_samples(self, iteration: int | None = None) -> int:
         """How many samples of local batch ``iteration`` (default: the one `run` returned last)
@@ -387,80 +383,22 @@ class Pipeline:
         i = self._iteration - 1 if iteration is None else iteration
         if i < 0:
             raise LifecycleError("valid_samples(): no batch of this epoch was run yet; pass the local iteration")
-        return self.layout.valid_samples(self._global_iteration(i), self.plan.num_samples, self.batch_size)
-
-    @property
-    def _epoch_length(self) -> int | None:
-        if self.plan.num_samples is None:
-            return None
-        return self.layout.epoch_length(self.plan.num_samples, self.batch_size)
+        return self._positions.valid_samples(i)
 
     def epoch_size(self) -> int | None:
         """Batches this pipeline (this shard) yields per epoch, if the source has ``__len__``."""
         if not self._planned:
             self._plan()
-        return self._epoch_length
+        return self._positions.epoch_length
 
     def shard_epoch_size(self) -> int | None:
         """Batches the whole shard yields per epoch (all the ways of a shard that several
         pipelines serve in turn, see `sharding`), if the source has ``__len__``."""
         if not self._planned:
             self._plan()
-        if self.plan.num_samples is None:
-            return None
-        return self.layout.shard_length(self.plan.num_samples, self.batch_size)
+        return self._positions.shard_length
 
     # -- running -----------------------------------------------------------------------------------
-
-    def _global_iteration(self, i: int) -> int:
-        return self.layout.global_batch(i)
-
-    def _sample_index(self, position: int) -> int:
-        if not self.shuffle:
-            return position
-        if self._perm is None or self._perm[0] != self.epoch_idx:
-            self._perm = (self.epoch_idx, epoch_permutation(self.seed, self.epoch_idx, self.plan.num_samples))
-        return int(self._perm[1][position])
-
-    def _infos_of_global(self, g: int, only_last: bool = False) -> tuple[SampleInfo, ...]:
-        """The SampleInfos of global batch g: slot j holds position q (``g*B + j``, or the position a
-        padding slot repeats), with that position's own ``idx_in_batch = q % B`` and
-        ``iteration = q // B``: a repeat is the very sample (and augmentation) served at q."""
-        b = self.batch_size
-        if only_last:  # a probe: asked only when the epoch's length is unknown (no padding)
-            return (SampleInfo(self._sample_index(g * b + b - 1), b - 1, g, self.epoch_idx),)
-        positions = self.layout.positions(g, self.plan.num_samples, b).tolist()
-        return tuple(SampleInfo(self._sample_index(q), q % b, q // b, self.epoch_idx) for q in positions)
-
-    def _sample_infos(self, i: int) -> tuple[SampleInfo, ...]:
-        return self._infos_of_global(self._global_iteration(i))
-
-    def _probe(self, i: int) -> tuple[SampleInfo, ...]:
-        """See `sharding`: without __len__, a shard learns the epoch's end from the last shard's batch."""
-        if self._epoch_length is not None:
-            return ()
-        g = self.layout.probe_batch(i)
-        return () if g is None else self._infos_of_global(g, only_last=True)
-
-    def _submit_ahead(self, i: int) -> None:
-        if self._pool is None:
-            return
-        last = i + self.prefetch_queue_depth
-        if self._epoch_length is not None:
-            last = min(last, self._epoch_length)
-        while self._submitted < last:
-            k = self._submitted
-            g = self._global_iteration(k)
-            kind = self.plan.program.kind
-            if kind == TASK_SAMPLES:
-                chunks = [Chunk(kind, samples=c) for c in chunk_samples(self._sample_infos(k), self.py_num_workers)]
-                probe = self._probe(k)
-                if probe:
-                    chunks.append(Chunk(kind, samples=probe))
-            else:
-                chunks = [Chunk(kind, batch=BatchInfo(g, self.epoch_idx))]
-            self._pool.submit((self.epoch_idx, k), self.epoch_idx, g, chunks)
-            self._submitted += 1
 
     def run(self) -> tuple[TensorListCPU | TensorListGPU, ...]:
         """The next batch's outputs. Raises StopIteration at the end of the epoch (then reset())."""
@@ -477,14 +415,8 @@ class Pipeline:
             )
         i = self._iteration
         try:
-            if self.plan.run_ahead:
-                self._fill_ahead(i)
-                _, fut = self._ahead.popleft()
-                outputs, self.last_timings = fut.result()
-                self._fill_ahead(i + 1)  # start the next batches now, overlapping the consumer
-            else:
-                outputs, self.last_timings = self._compute(i, None)
-        except _EndOfEpoch:
+            outputs, self.last_timings = self._runner.run(i)
+        except EndOfEpoch:
             self._epoch_over = True
             raise StopIteration from None
         except Exception as e:
@@ -493,197 +425,47 @@ class Pipeline:
         self._iteration = i + 1
         return outputs
 
-    def _fill_ahead(self, start: int) -> None:
-        """Have batches ``start .. start + depth - 1`` (within the epoch) computing ahead."""
-        nxt = self._ahead[-1][0] + 1 if self._ahead else start
-        while len(self._ahead) < self.plan.ahead_depth and (self._epoch_length is None or nxt < self._epoch_length or not self._ahead):
-            self._ahead.append((nxt, self._ahead_thread.submit(self._compute, nxt, self.consumer_fence())))
-            nxt += 1
-
     def consumer_fence(self) -> Any:
         """Called in the consumer's thread: a marker after everything it queued on the GPU so far
         (its work on earlier batches), which the next batch's GPU work waits for before reusing
         memory those batches had."""
         if not self.plan.gpu_main:
             return None
-        from .fn import _gpu_exec
+        from .executor.gpu_stage import consumer_fence  # GPU modules load lazily, only on GPU machines
 
-        return _gpu_exec.consumer_fence()
-
-    def _compute(self, i: int, fence: Any) -> tuple[tuple, dict[str, float]]:
-        """Batch i of the epoch, start to finish (in the caller's or the ahead thread)."""
-        if self._epoch_length is not None and i >= self._epoch_length:
-            raise _EndOfEpoch
-        env: dict[int, Any] = {}
-        key = (self.epoch_idx, i)
-        t0 = time.perf_counter()
-        try:
-            if self._pool is not None:
-                with self._pool_lock:
-                    self._submit_ahead(i)
-                    samples = self._pool.collect(key)[: self.batch_size]  # minus the probe, if any
-                    compute_s = self._pool.last_compute_s
-                for k, x in enumerate(self.plan.exports):
-                    env.setdefault(x.source.op_id, {})[x.index] = [s[k] for s in samples]
-            t1 = time.perf_counter()
-            if self._host_only:
-                self._run_sources(i, env)
-                outputs = (self._host_batch(i, env),)
-            else:
-                if fence is not None:
-                    from .fn import _gpu_exec
-
-                    _gpu_exec.wait_fence(self, fence)
-                outputs = self._run_main(i, env)
-        except StopIteration:
-            if self.layout.pads and self.plan.num_samples is not None:
-                raise self._stop_inside_epoch(i) from None
-            raise _EndOfEpoch from None
-        finally:
-            if self._pool is not None:
-                with self._pool_lock:
-                    self._pool.release(key)
-        t2 = time.perf_counter()
-        timings = {
-            "worker_wait_s": t1 - t0,  # waiting for the workers' share of this batch
-            "worker_compute_s": compute_s if self._pool is not None else 0.0,
-            "main_ops_s": t2 - t1,  # main-stage ops (GPU decode/augment) and assembling outputs
-        }
-        return outputs, timings
-
-    def _stop_inside_epoch(self, i: int) -> SourceError:
-        """A source that ended the epoch before its ``__len__`` under a padding policy: the shards
-        agreed on the epoch's length from ``__len__``, so an early end would leave them unequal."""
-        g = self._global_iteration(i)
-        iterations = sorted({info.iteration for info in self._sample_infos(i)})
-        return SourceError(
-            f"the source raised StopIteration in global batch {g} (epoch_idx={self.epoch_idx}, its samples' "
-            f"SampleInfo.iteration {iterations}), inside the {self.plan.num_samples} samples its __len__ "
-            f"declares. Under last_batch_policy={self.layout.last_batch_policy!r} every idx_in_epoch below "
-            "__len__ is served, a partial last batch included. Make the source serve all of them (raise "
-            "StopIteration on idx_in_epoch >= len, not on iteration >= len // batch_size), make __len__ "
-            "return the number it serves, or use last_batch_policy='drop'",
-            iteration=g,
-            epoch_idx=self.epoch_idx,
-        )
-
-    def _drain_ahead(self) -> None:
-        """Let a batch computed ahead finish (its result is dropped) before the pool is touched."""
-        while self._ahead:
-            _, fut = self._ahead.popleft()
-            try:
-                fut.result()
-            except BaseException:  # noqa: BLE001 - its error belongs to a batch nobody will ask for
-                pass
-
-    def _run_main(self, i: int, env: dict[int, dict[int, list]]) -> tuple:
-        # in-process (parallel=False) sources first, then the main-stage ops in graph order
-        self._run_sources(i, env)
-        return self._run_ops(self._sample_infos(i), env)
-
-    def _host_batch(self, i: int, env: dict[int, dict[int, list]]) -> HostBatch:
-        """Batch i after the host stage, copied out of the workers' slots (see `host_batch`)."""
-        columns = {op_id: {k: pack_column(v) for k, v in outs.items()} for op_id, outs in env.items()}
-        return HostBatch(self.epoch_idx, i, self._sample_infos(i), columns)
-
-    def _run_sources(self, i: int, env: dict[int, dict[int, list]]) -> None:
-        infos = self._sample_infos(i)
-        g = self._global_iteration(i)
-        for node in self.plan.main_nodes:
-            if is_source(node):
-                spec = node.op.spec
-                if spec.kind is SourceKind.SAMPLE:
-                    for info in self._probe(i):
-                        spec.call_sample(info)  # raises StopIteration past the end
-                    rows = [spec.call_sample(info) for info in infos]
-                elif spec.kind is SourceKind.BATCH:
-                    rows = spec.call_batch(BatchInfo(g, self.epoch_idx))
-                else:
-                    if i == 0:
-                        spec.start_epoch(self.epoch_idx)
-                    rows = spec.next_batch(BatchInfo(g, self.epoch_idx))
-                env[node.op_id] = {k: [r[k] for r in rows] for k in range(spec.width)}
-
-    def _run_ops(self, infos: Sequence[SampleInfo], env: dict, *, order_consumer: bool = True) -> tuple:
-        """The main-stage ops for one batch (CPU ops on the thread pool, then GPU ops), assembled."""
-        cpu_nodes = {n.op_id for n in self.plan.main_eval.nodes}
-        if cpu_nodes:
-            self._run_main_cpu(infos, env, infos[0].epoch_idx if infos else self.epoch_idx)
-        for node in self.plan.main_nodes:
-            if node.op_id in cpu_nodes or is_source(node):
-                continue
-            self._run_gpu_op(node, infos, env)
-        return tuple(self._assemble(x, env, order_consumer) for x in self.outputs)
-
-    def _run_main_cpu(self, infos: Sequence[SampleInfo], env: dict[int, dict[int, list]], epoch_idx: int) -> None:
-        def one(j: int) -> dict[int, tuple]:
-            sample_env = {op_id: _row(outs, j) for op_id, outs in env.items()}
-            return self.plan.main_eval.run(infos[j], sample_env, epoch_idx)
-
-        if self._threads is None:  # build() makes the pool when the main stage has CPU ops
-            raise LifecycleError("the pipeline is not built")
-        results = list(self._threads.map(one, range(len(infos))))
-        for node in self.plan.main_eval.nodes:
-            env[node.op_id] = {
-                k: [r[node.op_id][k] for r in results] for k in range(node.op.num_outputs)
-            }
-
-    def _run_gpu_op(self, node: OpNode, infos: Sequence[SampleInfo], env: dict) -> None:
-        from .fn import _gpu_exec  # GPU modules load lazily, only on GPU machines
-
-        env[node.op_id] = _gpu_exec.run_op(self, node, infos, env)
-
-    def _assemble(self, x: DataNode, env: dict, order_consumer: bool = True) -> TensorListCPU | TensorListGPU:
-        data = env[x.source.op_id][x.index]
-        layout = output_layout(x)
-        if self.plan.device.get(x.source.op_id) == "gpu":
-            from .fn import _gpu_exec
-
-            return _gpu_exec.assemble(data, layout, order_consumer=order_consumer)
-        return assemble_cpu(data, layout)
+        return consumer_fence()
 
     def reset(self) -> None:
         """End the current epoch (wherever it stands) and start the next one (``epoch_idx + 1``)."""
         if self.state is State.CLOSED:
             raise LifecycleError("cannot reset a closed pipeline")
-        self._drain_ahead()
-        if self._pool is not None:
-            self._pool.discard()
         self._broken = None
         self.epoch_idx += 1
-        if self.layout.base:  # a resumed epoch is over: the next one starts from its beginning
-            self.layout = dataclasses.replace(self.layout, base=0)
+        if self._layout.base:  # a resumed epoch is over: the next one starts from its beginning
+            self._layout = dataclasses.replace(self._layout, base=0)
         self._iteration = 0
-        self._submitted = 0
         self._epoch_over = False
+        self._moved()
 
     def position(self) -> dict[str, int]:
         """Where this shard stands: the epoch, and the global batches consumed by all shards.
 
         Feed it to `skip_to` (possibly of a pipeline with another ``num_shards``) to resume.
         """
-        return {"epoch_idx": self.epoch_idx, "consumed_batches": self.layout.consumed_after(self._iteration)}
+        return {"epoch_idx": self.epoch_idx, "consumed_batches": self._layout.consumed_after(self._iteration)}
 
     def skip_to(self, epoch_idx: int, iteration: int = 0, *, consumed_batches: int | None = None) -> None:
         """Continue at local ``iteration`` of ``epoch_idx``; with ``consumed_batches``, after that many
         global batches of the epoch were consumed under an earlier (maybe different) shard layout."""
         if self.state is State.CLOSED:
             raise LifecycleError("cannot move a closed pipeline")
-        self._drain_ahead()
-        if self._pool is not None:
-            self._pool.discard()
         if consumed_batches is not None:
-            self.layout = dataclasses.replace(self.layout, base=consumed_batches)
+            self._layout = dataclasses.replace(self._layout, base=consumed_batches)
         self.epoch_idx = epoch_idx
         self._iteration = iteration
-        self._submitted = iteration
         self._epoch_over = False
         self._broken = None
-
-
-def _row(outs: dict[int, list], j: int) -> tuple:
-    """Sample j of a node's outputs; outputs nobody downstream needs stay None."""
-    return tuple(outs[k][j] if k in outs else None for k in range(max(outs) + 1))
+        self._moved()
 
 
 _PIPELINE_ARGS = set(inspect.signature(Pipeline.__init__).parameters) - {"self"}

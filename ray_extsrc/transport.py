@@ -119,7 +119,7 @@ class IpcExporter:
             bufs.append(buf)
             refs.append(IpcBuffer(self.owner_pid, buf.buffer_id, buf.handle, buf.capacity, tuple(a.shape), a.dtype.str))
         # The copies run on the current stream, which the pipeline ordered after its own stream
-        # (fn._gpu_exec.assemble). Wait for the whole device anyway — the pipeline's work and the
+        # (executor.gpu_stage.assemble). Wait for the whole device anyway — the pipeline's work and the
         # copies — so the consumer, in another process, never reads a buffer before its data is there.
         cupy.cuda.Device().synchronize()
         self._next_lease += 1

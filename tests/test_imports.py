@@ -223,6 +223,41 @@ def test_workers_import_nothing_heavy_at_module_level(module):
     assert not bad, f"{MODULES[module]} imports at module level: {bad}"
 
 
+# DESIGN.md: the executor runs a planned pipeline for `pipeline.Pipeline`, below it on the data path:
+# it imports nothing that uses the pipeline (the pipeline, the Ray layer, the consumer side) and,
+# like `pipeline.py`, nothing heavy at module level (a pipeline runs in any process; GPU modules
+# load CuPy inside their functions)
+ABOVE_THE_EXECUTOR = ("pipeline", "actor", "train", "loader_iterator", "transport", "consumer_stage",
+                      "gpu_handoff", "plugin", "bench", "cli")
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in MODULES if m == f"{PACKAGE}.executor" or m.startswith(f"{PACKAGE}.executor."))
+)
+def test_the_executor_imports_down_the_data_path_only(module):
+    tree = ast.parse(MODULES[module].read_text())
+    above = {f"{PACKAGE}.{name}" for name in ABOVE_THE_EXECUTOR}
+    bad = []
+    for node in eager_imports(tree):
+        for name in what_it_loads(module, node):
+            if name.split(".")[0] in HEAVY:
+                bad.append(f"line {node.lineno}: {name}")
+            elif any(name == a or name.startswith(a + ".") for a in above):
+                bad.append(f"line {node.lineno}: {name} (above the executor on the data path)")
+    assert not bad, f"{MODULES[module]} imports at module level: {bad}"
+
+
+def test_the_pipeline_imports_no_ray_or_gpu_library_at_module_level():
+    tree = ast.parse(MODULES[f"{PACKAGE}.pipeline"].read_text())
+    bad = [
+        f"line {node.lineno}: {name}"
+        for node in eager_imports(tree)
+        for name in what_it_loads(f"{PACKAGE}.pipeline", node)
+        if name.split(".")[0] in HEAVY
+    ]
+    assert not bad, f"pipeline.py imports at module level: {bad}"
+
+
 def test_importing_workers_loads_no_heavy_module():
     code = textwrap.dedent(
         f"""
