@@ -53,6 +53,7 @@ class Need:
 class Room:
     free: int | None  # bytes still to be had; None: unknown
     what: str  # e.g. "/dev/shm is 64 MB, 60 MB free"
+    total: int | None = None  # devshm: the size of /dev/shm
 
 
 def _read_int(path: str) -> int | None:
@@ -110,7 +111,8 @@ def room(backend: str) -> Room:
         except OSError as e:
             return Room(None, f"{SHM_DIR} cannot be inspected ({e})")
         free = st.f_bavail * st.f_frsize
-        return Room(free, f"{SHM_DIR} is {_mb(st.f_blocks * st.f_frsize)} MB, {_mb(free)} MB free")
+        total = st.f_blocks * st.f_frsize
+        return Room(free, f"{SHM_DIR} is {_mb(total)} MB, {_mb(free)} MB free", total)
     available, cgroup = _mem_available(), _cgroup_room()
     known = [n for n in (available, cgroup) if n is not None]
     parts = []
@@ -121,17 +123,25 @@ def room(backend: str) -> Room:
     return Room(min(known) if known else None, "memory: " + (", ".join(parts) or "unknown"))
 
 
-def _fixes(backend: str, need: Need) -> str:
+def _fixes(backend: str, need: Need, have: Room) -> str:
     less = (
         "or make the pool need less: a bytes_per_sample_hint close to the real sample size, a "
         "smaller prefetch_queue_depth or batch_size"
     )
     if backend == DEVSHM:
+        crowded = have.total is not None and have.free is not None and need.bytes <= have.total
+        # big enough for us alone: something else holds the rest, and keeps holding it
+        base = need.bytes + (have.total - have.free if crowded else 0)
         size = 64
-        while size * _MB < need.bytes * 1.25:
+        while size * _MB < base * 1.25:
             size *= 2
+        others = (
+            f"{SHM_DIR} would hold this pool, but other files fill it (see df -h {SHM_DIR}; "
+            "remove what is stale); or "
+            if crowded else ""
+        )
         return (
-            f"fix: give {SHM_DIR} more room (docker run --shm-size={size}m ...; on Kubernetes/KubeRay "
+            f"fix: {others}give {SHM_DIR} more room (docker run --shm-size={size}m ...; on Kubernetes/KubeRay "
             f"mount an emptyDir with medium: Memory at {SHM_DIR}), {less}; or use memfd shared memory, "
             f"which does not live in {SHM_DIR} ({SHM_ENV}=memfd; the default where os.memfd_create works)"
         )
@@ -146,11 +156,11 @@ def shortage_warning(backend: str, need: Need) -> str | None:
     return (
         f"the Python workers' shared memory may not fit: {have.what}, and the pool needs {need}. "
         f"Samples smaller than bytes_per_sample_hint need less; if it does run out, batches fail "
-        f"with SharedMemoryError. {_fixes(backend, need)}."
+        f"with SharedMemoryError. {_fixes(backend, need, have)}."
     )
 
 
 def exhausted_message(backend: str, need: Need) -> str:
     """The text of `SharedMemoryError`: both numbers in MB and the fixes."""
     have = room(backend)
-    return f"shared memory exhausted ({have.what}; the pool needs {need}); {_fixes(backend, need)}"
+    return f"shared memory exhausted ({have.what}; the pool needs {need}); {_fixes(backend, need, have)}"
