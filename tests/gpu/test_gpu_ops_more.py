@@ -29,7 +29,13 @@ Tolerances (every failure message names the output, the sample, the max |GPU - C
   rounds once (<= 0.5): integers 1 apart, 2 with Pillow's fixed-point weights; in float32 both
   are exact up to accumulation error (~1e-4 of 255). Nearest neighbour picks floor(coordinate),
   computed in float32 on the GPU and in double by Pillow: a pixel flips only where a coordinate
-  lies within float32 rounding of an integer.
+  lies within float32 rounding of an integer. With ``antialias=False`` and a box that shrinks on
+  both axes the CPU takes Pillow's affine transform, whose 8-bit bilinear result is truncated, not
+  rounded: the GPU is then 0 or 1 above it, mean ~0.5 (bound 0.6).
+Measured on an H200 (CuPy 14.2, the ops' run_gpu on CuPy arrays against run_cpu, 4 dense and 4
+differently sized samples; no nvImageCodec there, so not yet through these pipelines): color,
+hsv, rotate, cast, transpose and normalize identical; random_resized_crop linear max 1, mean
+0.15-0.19; nearest identical; float32 max 6.4e-4; antialias=False max 1, mean up to 0.50.
 """
 
 from __future__ import annotations
@@ -249,7 +255,7 @@ def test_random_resized_crop_matches_cpu(jpegs):
     _check("random_resized_crop linear", gpu, cpu, 0, max_abs=2, mean_abs=0.25)
     _check("random_resized_crop NN", gpu, cpu, 1, max_abs=255, max_frac=0.005)
     _check("random_resized_crop float32", gpu, cpu, 2, max_abs=0.02)
-    _check("random_resized_crop antialias=False (dense)", gpu, cpu, 3, max_abs=2, mean_abs=0.25)
+    _check("random_resized_crop antialias=False (dense)", gpu, cpu, 3, max_abs=2, mean_abs=0.6)
 
 
 def test_normalize_matches_cpu(jpegs):
