@@ -1,8 +1,9 @@
 """`LoaderActor`: one shard of the epoch, served to one Ray Train worker (its consumer).
 
-Consumer side: `train.LoaderIterator`, which creates this actor on its own node, pinned to its own
-GPU, and asks for batches by exact position. The actor is plain Python here; `train` wraps it with
-``ray.remote`` (``max_restarts=-1, max_task_retries=-1``), so this module imports no Ray at load.
+Consumer side: `loader_iterator.LoaderIterator`, which creates this actor on its own node, pinned
+to its own GPU, and asks for batches by exact position. The actor is plain Python here;
+`loader_iterator` wraps it with ``ray.remote`` (``max_restarts=-1, max_task_retries=-1``), so this
+module imports no Ray at load.
 
 NOTE [fork before CUDA]
 ``__init__`` runs in this order, and the order matters:

@@ -21,11 +21,6 @@ worker's GPU, serving shard ``rank`` of ``world_size``, and yields their batches
     TorchTrainer(train_loop_per_worker, scaling_config=ScalingConfig(num_workers=2),
                  train_loop_config={"loaders": {"train": loader}}).fit()
 
-Exactly-once across failures: ``it.state_dict()`` (``{"epoch_idx", "consumed_batches", "seed"}``) is
-what a checkpoint saves; ``iter_torch_batches(state=...)`` resumes the epoch at the next unconsumed
-batch, with any number of workers (`sharding`). A crashed loader actor is restarted by Ray and
-resumes at the very batch its Train worker waits for (`actor`'s NOTE [position protocol]).
-
 Every sample, every epoch, at any world size (``last_batch_policy``, see `sharding`): ``"pad"`` (the
 default) completes the last round of ``world_size`` batches with repeats of the epoch's first
 samples, so every sample is trained on and every rank takes the same number of steps; ``"exact"``
@@ -34,12 +29,9 @@ repeats, so sums and counts over the valid samples, all-reduced over ranks, equa
 result; ``"drop"`` serves whole rounds only. Resumes, re-shards, restarts and ``actors_per_worker``
 keep each policy's guarantee: the padding is a function of the position, like everything else.
 
-Several actors per Train worker (``actors_per_worker``; by default 3 for a GPU worker, 1 for a CPU
-one): a pipeline's main stage (collecting the workers' samples, driving nvImageCodec and the CUDA
-kernels) is Python in one process, and one process tops out well below what a GPU decodes (R1 on
-an H100: one process ~9k img/s, three ~22k). The shard's batches are dealt to its actors in turn
-(batch n from actor ``n % actors_per_worker``, see `sharding`), so positions, checkpoints and
-exactly-once are the same as with one actor. Each actor forks its own ``py_num_workers``.
+One Train worker's side, its iterator, is `loader_iterator.LoaderIterator` (positions and
+exactly-once across failures, several actors per worker); where the GPU stage runs is
+`gpu_stage_choice`.
 
 Why loader actors reserve no CPU by default (``actor_num_cpus=0``): the CPU work happens in the
 pipeline's forked Python workers, which Ray cannot see or account for anyway; the actor itself mostly
@@ -52,18 +44,13 @@ scheduled. Account for the loaders' workers by giving the Train workers more CPU
 from __future__ import annotations
 
 import atexit
-import collections
-import functools
 import inspect
-import os
 import secrets
-import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .actor import BatchReply, LoaderActor, LoaderSpec
-from .errors import RayExtSrcError
+from .gpu_stage_choice import GPU_STAGES, mps_daemon_running, resolve_gpu_stage
+from .loader_iterator import NAMESPACE, VALID_OUTPUT, LoaderIterator
 from .sharding import check_last_batch_policy
 
 if TYPE_CHECKING:
@@ -71,36 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Loader", "LoaderIterator", "NAMESPACE", "VALID_OUTPUT", "mps_daemon_running", "resolve_gpu_stage"]
 
-#: Ray namespace of every loader actor (names are per run, loader, seed, rank and node).
-NAMESPACE = "ray_extsrc"
-#: The batch entry (or last tuple element) holding the per-sample validity mask under ``"exact"``.
-VALID_OUTPUT = "valid"
-_CLOSE_TIMEOUT_S = 10.0  # an actor's close() stops its workers (2 s SIGTERM grace) and unlinks shm
 _SET_BY_LOADER = ("num_shards", "shard_id", "ways", "way", "device_id")
-_STAGES = ("worker_wait_s", "worker_compute_s", "main_ops_s", "encode_s", "fetch_s", "delivery_s")
-_GPU_STAGES = ("auto", "consumer", "actor")
-
-
-def mps_daemon_running() -> bool:
-    """Whether a CUDA MPS control daemon serves this process's GPU clients (its pipe directory
-    exists): then separate processes' kernels do run concurrently, and the actor-side GPU stage
-    keeps its extra host parallelism without taking turns with the step."""
-    pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
-    return os.path.exists(os.path.join(pipe_dir, "control"))
-
-
-def resolve_gpu_stage(requested: str, has_gpu: bool) -> str:
-    """``Loader(gpu_stage=...)`` for one Train worker. ``"auto"`` is the stage that won the training
-    benchmark (``ray-extsrc bench --train``) for a Train worker with a GPU: on an H200, 2026-12-02,
-    in one run, ResNet-50 ran at 0.875x of synthetic fed by the consumer stage and 0.79x by the
-    actor stage; ResNet-18 at 0.62x and 0.63x (benchmarks/results/train-2026-12-02-h200-*.json),
-    and the consumer stage adds less GPU memory (one CUDA context per GPU). So ``"auto"`` is
-    ``"consumer"`` there — unless a CUDA MPS daemon runs (`mps_daemon_running`): then the actors'
-    kernels run concurrently with the step instead of taking turns, which is what the actor stage
-    lacked. A Train worker without a GPU gets ``"actor"`` (the actors run the whole pipeline)."""
-    if requested != "auto":
-        return requested
-    return "consumer" if has_gpu and not mps_daemon_running() else "actor"
 
 
 def _decorator_seed(pipeline_fn: Callable) -> int | None:
@@ -127,7 +85,8 @@ class Loader:
             least one per loader actor.
         actor_num_cpus: CPUs each loader actor reserves in Ray (see the module docstring).
         actors_per_worker: loader actors feeding each Train worker in turn (each a process with its
-            own ``py_num_workers``); ``None``: 3 for a worker with a GPU, 1 for a CPU worker.
+            own ``py_num_workers``); ``None``: 3 for a worker with a GPU, 1 for a CPU worker (see
+            `loader_iterator`).
         zero_copy: hand GPU outputs to a Train worker on the same GPU by CUDA IPC (else via host);
             only where the GPU stage runs in the actors.
         gpu_stage: where the pipeline's main-stage ops (GPU decode and augmentation) run.
@@ -170,8 +129,8 @@ class Loader:
         actor_options: Mapping[str, Any] | None = None,
         **pipeline_args: Any,
     ) -> None:
-        if gpu_stage not in _GPU_STAGES:
-            raise ValueError(f"Loader: gpu_stage must be one of {_GPU_STAGES}; got {gpu_stage!r}")
+        if gpu_stage not in GPU_STAGES:
+            raise ValueError(f"Loader: gpu_stage must be one of {GPU_STAGES}; got {gpu_stage!r}")
         check_last_batch_policy(last_batch_policy, "Loader")
         if not callable(pipeline_fn):
             raise TypeError(f"Loader: pipeline_fn must be a @pipeline_def function; got {type(pipeline_fn).__name__}")
@@ -256,17 +215,6 @@ class Loader:
 
 
 _ITERATORS: dict[tuple[str, int, int], LoaderIterator] = {}
-_REMOTE_ACTOR: Any = None
-
-
-def _remote_actor_class() -> Any:
-    """`LoaderActor` as a Ray actor class (made once per process)."""
-    global _REMOTE_ACTOR
-    if _REMOTE_ACTOR is None:
-        import ray
-
-        _REMOTE_ACTOR = ray.remote(LoaderActor)
-    return _REMOTE_ACTOR
 
 
 def _train_rank() -> tuple[int, int]:
@@ -277,500 +225,6 @@ def _train_rank() -> tuple[int, int]:
         return ctx.get_world_rank(), ctx.get_world_size()
     except (RuntimeError, ImportError, AttributeError):
         return 0, 1  # not inside a Ray Train worker: one shard
-
-
-def _run_name() -> str:
-    import ray
-
-    job = ray.get_runtime_context().get_job_id()
-    try:
-        import ray.train
-
-        return f"{job}/{ray.train.get_context().get_experiment_name()}"
-    except (RuntimeError, ImportError, AttributeError):
-        return job
-
-
-def _resolve_device(device: Any) -> tuple[torch.device, str | None]:
-    """The consumer's torch device, and its GPU as Ray names it (to pin the actor to), if any."""
-    import ray
-    import torch
-
-    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if device is None:
-        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        if not gpu_ids:
-            return torch.device("cpu"), None
-        index = visible.index(gpu_ids[0]) if gpu_ids[0] in visible else 0
-        return torch.device("cuda", index), gpu_ids[0]
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return dev, None
-    index = dev.index or 0
-    return torch.device("cuda", index), (visible[index] if index < len(visible) else str(index))
-
-
-class _Metrics:
-    """Ray metrics of all iterators of this process, created on first use."""
-
-    _instance: _Metrics | None = None
-
-    def __init__(self) -> None:
-        from ray.util.metrics import Gauge, Histogram
-
-        self.stage = Histogram(
-            "ray_extsrc_stage_seconds",
-            description="Seconds per batch, by stage: worker wait/compute, main-stage ops, encode, delivery.",
-            boundaries=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5],
-            tag_keys=("loader", "rank", "stage"),
-        )
-        self.throughput = Gauge(
-            "ray_extsrc_samples_per_second",
-            description="Samples per second delivered to one Train worker (over its current epoch).",
-            tag_keys=("loader", "rank"),
-        )
-
-    @classmethod
-    def get(cls) -> _Metrics:
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-
-class LoaderIterator:
-    """One Train worker's batches; each ``for`` over it runs (the rest of) one epoch.
-
-    Positions: `state_dict` / `load_state_dict`. Observability: `stats`. Made by
-    `Loader.iter_torch_batches`; its actor side is `actor.LoaderActor` (``ways`` of them, serving
-    this worker's batches in turn).
-    """
-
-    def __init__(self, loader: Loader, rank: int, world_size: int, device: Any = None) -> None:
-        self.loader = loader
-        self.rank = rank
-        self.world_size = world_size
-        self.device, self._gpu_id = _resolve_device(device)
-        default_ways = 3 if self._gpu_id is not None else 1
-        #: where this worker's GPU stage runs: "consumer" (here) or "actor" (see `Loader`)
-        self.gpu_stage: str = resolve_gpu_stage(loader.gpu_stage, self._gpu_id is not None)
-        self._stage: Any = None  # consumer_stage.ConsumerStage, when gpu_stage == "consumer"
-        #: loader actors serving this worker in turn (batch n comes from actor n % ways)
-        self.ways: int = loader.actors_per_worker or default_ways
-        self.seed = loader.seed
-        self.epoch_idx = 0
-        self._base = 0  # global batches consumed before this epoch's layout took over (resume)
-        self._iteration = 0  # local batches of this epoch already yielded
-        self._actors: list[Any] = []
-        self._actor_names: list[str] = []
-        self._actor_pid: list[int | None] = [None] * self.ways
-        #: pids of the loader actor processes that served this iterator (a restart adds one)
-        self.actor_pids: list[int] = []
-        self._importers: list[Any] = []
-        #: requests for the start of the next epoch, made while this one ended (see `_epoch`):
-        #: ((epoch_idx, base) they belong to, deque of (position, ref or stage future))
-        self._carry: tuple[tuple[int, int], collections.deque] | None = None
-        self.closed = False
-        self._reset_stats()
-        self._actor_restarts = 0
-        self._worker_respawns = [0] * self.ways
-
-    # -- position ---------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, int]:
-        """Where this iterator stands: ``{"epoch_idx", "consumed_batches", "seed"}``.
-
-        ``consumed_batches`` counts the global batches consumed by all ranks, assuming they are in
-        step (they are, at a synchronous ``ray.train.report``). Feed it to ``iter_torch_batches(state=)``.
-        Padding (``"pad"``/``"exact"``) exists only in an epoch's last round, so a mid-epoch state
-        never points past a real sample, and a resume with any ``world_size`` keeps the policy's
-        guarantee.
-        """
-        return {
-            "epoch_idx": self.epoch_idx,
-            "consumed_batches": self._base + self._iteration * self.world_size,
-            "seed": self.seed,
-        }
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        try:
-            epoch_idx, consumed = int(state["epoch_idx"]), int(state["consumed_batches"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"state must be a dict from state_dict() with 'epoch_idx' and 'consumed_batches'; got {state!r}"
-            ) from e
-        if epoch_idx < 0 or consumed < 0:
-            raise ValueError(f"state: epoch_idx and consumed_batches must be >= 0; got {dict(state)!r}")
-        if self._carry is not None:
-            self._drop(self._carry[1])
-            self._carry = None
-        seed = state.get("seed")
-        if seed is not None and int(seed) != self.seed:
-            self._stop_actors()  # their pipelines draw from the old seed: build new ones
-            if self._stage is not None:
-                self._stage.close()
-                self._stage = None
-            self.seed = int(seed)
-        self.epoch_idx, self._base, self._iteration = epoch_idx, consumed, 0
-
-    # -- the actors -------------------------------------------------------------------------------
-
-    @property
-    def actor(self) -> Any:
-        """The first `LoaderActor` handle (all are created on first use)."""
-        return self.actors[0]
-
-    @property
-    def actors(self) -> list[Any]:
-        """The `LoaderActor` handles, one per way (created on first use)."""
-        if not self._actors:
-            self._start_actors()
-        return self._actors
-
-    def _start_actors(self) -> None:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        if self.closed:
-            raise RuntimeError(f"{self._label()}: the iterator is closed")
-        node_id = ray.get_runtime_context().get_node_id()
-        names, actors = [], []
-        for way in range(self.ways):
-            spec = LoaderSpec(
-                pipeline_fn=self.loader.pipeline_fn,
-                pipeline_kwargs=self.loader.pipeline_args,
-                output_names=self.loader.outputs,
-                num_shards=self.world_size,
-                shard_id=self.rank,
-                seed=self.seed,
-                gpu_id=self._gpu_id,
-                zero_copy=self.loader.zero_copy,
-                label=self._label(way),
-                ways=self.ways,
-                way=way,
-                gpu_stage=self.gpu_stage,
-                last_batch_policy=self.loader.last_batch_policy,
-            )
-            # One name per (run, loader, seed, rank, way, node): a Train worker that re-creates its
-            # iterator finds its actors again; anything that changes what they serve gets new ones.
-            name = (
-                f"{_run_name()}/{self.loader.name}-{self.loader.uid}/seed{self.seed}/"
-                f"rank{self.rank}of{self.world_size}/way{way}of{self.ways}@{node_id[:12]}"
-            )
-            options = {
-                "num_cpus": self.loader.actor_num_cpus,
-                "num_gpus": 0,  # the GPU is the Train worker's: the actor shares it (CUDA_VISIBLE_DEVICES)
-                "max_restarts": -1,
-                "max_task_retries": -1,
-                "name": name,
-                "namespace": NAMESPACE,
-                "get_if_exists": True,
-                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-                **self.loader.actor_options,
-            }
-            names.append(name)
-            actors.append(_remote_actor_class().options(**options).remote(spec))
-        self._actor_names, self._actors = names, actors
-        if self.gpu_stage == "consumer":
-            if self._stage is None:
-                from .consumer_stage import ConsumerStage
-
-                kwargs = dict(self.loader.pipeline_args, num_shards=self.world_size, shard_id=self.rank, seed=self.seed)
-                self._stage = ConsumerStage(self.loader.pipeline_fn, kwargs, self.device, self._label())
-        elif self._gpu_id is not None and self.loader.zero_copy and not self._importers:
-            from .transport import IpcImporter
-
-            self._importers = [IpcImporter(self.device) for _ in range(self.ways)]
-
-    def _stop_actors(self) -> None:
-        if not self._actors:
-            return
-        import ray
-
-        actors, self._actors = self._actors, []
-        closing = [a.close.remote() for a in actors]
-        try:
-            ray.get(closing, timeout=_CLOSE_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - best effort: the janitor frees what close() could not
-            pass
-        for a in actors:
-            ray.kill(a, no_restart=True)
-
-    def worker_pids(self, way: int = 0) -> dict[int, int]:
-        """worker id -> pid of the Python workers of loader actor ``way``."""
-        import ray
-
-        return ray.get(self.actors[way].worker_pids.remote())
-
-    def describe(self, way: int = 0) -> dict[str, Any]:
-        """Loader actor ``way``'s pid, node, shard, seed, epoch size, workers (see `LoaderActor.describe`)."""
-        import ray
-
-        return ray.get(self.actors[way].describe.remote())
-
-    def close(self) -> None:
-        """Stop the loader actors (their workers, shared memory, GPU buffers). Idempotent."""
-        if self.closed:
-            return
-        if self._carry is not None:
-            self._drop(self._carry[1])
-            self._carry = None
-        self._stop_actors()
-        for imp in self._importers:
-            imp.close()
-        self._importers = []
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
-        self.closed = True
-
-    def _label(self, way: int | None = None) -> str:
-        label = f"loader {self.loader.name!r} rank {self.rank}/{self.world_size}"
-        return label if way is None or self.ways == 1 else f"{label} actor {way}/{self.ways}"
-
-    # -- iteration --------------------------------------------------------------------------------
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._epoch()
-
-    def _epoch(self) -> Iterator[Any]:
-        """The rest of the current epoch. NOTE: the consumer's half of actor's [position protocol].
-
-        Batch n of this worker's epoch is local iteration ``n // ways`` of actor ``n % ways``.
-
-        Across epochs: once every request of this epoch is made (its size is known), the free
-        prefetch slots ask for the first batches of the next epoch, so the loader works through
-        the epoch boundary instead of starting cold when the next ``for`` begins (on the H200,
-        ResNet-18 waited ~0.1 s for each epoch's first batch, a tenth of a 32-batch epoch). The
-        next epoch's ``for`` takes them over; anything else (a new position, close) drops them.
-        """
-        actors, ways = self.actors, self.ways
-        stage = self._stage
-        epoch_idx, base = self.epoch_idx, self._base
-        depth = max(self.loader.prefetch_batches, ways)  # every actor has work queued
-        pending: collections.deque[tuple[int, Any]] = collections.deque()
-        carried, self._carry = self._carry, None
-        if carried is not None and carried[0] == (epoch_idx, base) and self._iteration == 0:
-            pending = carried[1]
-        elif carried is not None:
-            self._drop(carried[1])
-        carry: collections.deque[tuple[int, Any]] = collections.deque()  # the next epoch's first requests
-        to_release: list[list[int]] = [[] for _ in range(ways)]
-        next_req = pending[-1][0] + 1 if pending else self._iteration
-        end: int | None = None
-        t_prev = time.perf_counter()
-        finished = False
-
-        def request(epoch: int, at: int, pos: int) -> Any:
-            way = pos % ways
-            ref = actors[way].next_batch.remote(epoch, at, pos // ways, tuple(to_release[way]))
-            to_release[way] = []
-            if stage is not None:  # fetched and run through the GPU stage in its threads
-                ref = stage.submit(functools.partial(self._get, ref, way))
-            return ref
-
-        try:
-            while True:
-                while len(pending) < depth and (end is None or next_req < end):
-                    pending.append((next_req, request(epoch_idx, base, next_req)))
-                    next_req += 1
-                while end is not None and next_req >= end and len(pending) + len(carry) < depth:
-                    carry.append((len(carry), request(epoch_idx + 1, 0, len(carry))))
-                if not pending:
-                    finished = True
-                    break
-                pos, ref = pending.popleft()
-                way = pos % ways
-                t0 = time.perf_counter()
-                if stage is not None:
-                    reply, outputs = ref.result()
-                else:
-                    reply = self._get(ref, way)
-                delivery = time.perf_counter() - t0
-                if reply.end:
-                    finished = True
-                    break
-                if reply.epoch_size is not None:
-                    end = reply.epoch_size
-                if stage is not None:
-                    batch = self._consumer_to_torch(reply, outputs, way)
-                else:
-                    batch = self._to_torch(reply, way)
-                now = time.perf_counter()
-                self._record(reply, delivery, now - t_prev, way)
-                t_prev = now
-                self._iteration = pos + 1
-                yield batch
-                # The caller asked for the next batch: it is done with this one.
-                if reply.lease is not None:
-                    self._importers[way].done_with_batch()
-                    to_release[way].append(reply.lease)
-        finally:
-            if finished and carry:
-                self._carry = ((epoch_idx + 1, 0), carry)
-            else:
-                pending.extend(carry)  # a break or an error: the next epoch's requests go too
-            if stage is not None:
-                for _, fut in pending:
-                    fut.cancel()  # batches past the end or after a break: nobody will take them
-            if self._importers:
-                busy = {pos % ways for pos, _ in pending}
-                for way in sorted(busy):
-                    # Runs after every call still pending (one caller's calls run in order), so it
-                    # frees their leases too. Not waited for: the next request queues behind it anyway.
-                    actors[way].release.remote(everything=True)
-                for way in range(ways):
-                    if to_release[way] and way not in busy:  # only these: carried batches stay leased
-                        actors[way].release.remote(tuple(to_release[way]))
-            if finished:
-                self.epoch_idx += 1
-                self._base = 0
-                self._iteration = 0
-
-    def _drop(self, requests: collections.deque) -> None:
-        """Give up requests nobody will consume (carried into an epoch that did not come)."""
-        if self._stage is not None:
-            for _, fut in requests:
-                fut.cancel()
-        if self._importers and self._actors:
-            for way in sorted({pos % self.ways for pos, _ in requests}):
-                self._actors[way].release.remote(everything=True)
-
-    def _get(self, ref: Any, way: int = 0) -> BatchReply:
-        import ray
-
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, RayExtSrcError):
-                cause.add_note(f"delivered to {self._label()} (loader actor {self._actor_names[way]!r})")
-                raise cause from None
-            raise
-        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnschedulableError) as e:
-            e.add_note(
-                f"{self._label()}: its loader actor {self._actor_names[way]!r} is dead and cannot be "
-                "restarted (its node is gone, or its __init__ failed: see above). A loader actor lives on "
-                "its Train worker's node, so that worker is lost too: let Ray Train restart the worker "
-                "group (RunConfig(failure_config=FailureConfig(max_failures=...))) and resume with "
-                "iter_torch_batches(state=<state_dict() saved in the last checkpoint>)."
-            )
-            raise
-
-    def _note_actor(self, reply: BatchReply, way: int) -> None:
-        if reply.actor_pid != self._actor_pid[way]:
-            if self._actor_pid[way] is not None:
-                self._actor_restarts += 1
-            self._actor_pid[way] = reply.actor_pid
-            self.actor_pids.append(reply.actor_pid)
-
-    def _named(self, tensors: tuple, reply: BatchReply) -> Any:
-        names = self.loader.outputs
-        if self.loader.last_batch_policy == "exact":
-            tensors = (*tensors, self._valid_mask(tensors, reply.valid))
-            names = (*names, VALID_OUTPUT) if names is not None else None
-        return dict(zip(names, tensors)) if names is not None else tensors
-
-    def _valid_mask(self, tensors: tuple, valid: int | None) -> Any:
-        """The batch's validity mask on this worker's device: its first ``valid`` samples are its
-        own, the rest pad the epoch's last round (see `sharding`)."""
-        import torch
-
-        n = next((x.shape[0] if isinstance(x, torch.Tensor) else len(x) for x in tensors), 0)
-        return torch.arange(n, device=self.device) < (n if valid is None else valid)
-
-    def _to_torch(self, reply: BatchReply, way: int = 0) -> Any:
-        from .transport import decode_outputs
-
-        self._note_actor(reply, way)
-        tensors = decode_outputs(reply.outputs, self.device, self._importers[way] if self._importers else None)
-        return self._named(tensors, reply)
-
-    def _consumer_to_torch(self, reply: BatchReply, outputs: tuple, way: int) -> Any:
-        self._note_actor(reply, way)
-        return self._named(self._stage.to_torch(outputs), reply)
-
-    # -- observability ----------------------------------------------------------------------------
-
-    def _reset_stats(self) -> None:
-        self._batches = 0
-        self._samples = 0
-        self._padded = 0  # samples that repeat another to fill the last round ("pad"/"exact")
-        self._wall_s = 0.0  # time between consecutive batches (loader + the training step)
-        self._rate_ema: float | None = None
-        self._totals = dict.fromkeys(_STAGES, 0.0)
-
-    def _record(self, reply: BatchReply, delivery: float, wall: float, way: int = 0) -> None:
-        self._worker_respawns[way] = reply.worker_respawns
-        timings = dict(reply.timings)
-        timings["delivery_s"] = delivery
-        if self._stage is not None:
-            timings["main_ops_s"] = self._stage.last_main_ops_s
-            timings["fetch_s"] = self._stage.last_fetch_s
-        n = _batch_len(reply.outputs)
-        self._batches += 1
-        self._samples += n
-        self._padded += max(0, n - reply.valid) if reply.valid is not None else 0
-        self._wall_s += wall
-        for k in _STAGES:
-            self._totals[k] += timings.get(k, 0.0)
-        if wall > 0:
-            rate = n / wall
-            self._rate_ema = rate if self._rate_ema is None else 0.9 * self._rate_ema + 0.1 * rate
-        try:
-            m = _Metrics.get()
-            tags = {"loader": self.loader.name, "rank": str(self.rank)}
-            for k in _STAGES:
-                m.stage.observe(timings.get(k, 0.0), tags={**tags, "stage": k.removesuffix("_s")})
-            if self._rate_ema is not None:
-                m.throughput.set(self._rate_ema, tags=tags)
-        except Exception as e:  # noqa: BLE001 - metrics must never break training
-            warnings.warn(f"ray_extsrc: could not export Ray metrics: {e}", RuntimeWarning, stacklevel=2)
-
-    def stats(self) -> dict[str, Any]:
-        """Throughput and mean seconds per batch by stage, since this iterator was created.
-
-        Stages: ``worker_wait_s`` (the actor waiting for its Python workers), ``worker_compute_s``
-        (workers running the source and worker-side ops, summed over workers), ``main_ops_s``
-        (main-stage ops: GPU decode/augment), ``encode_s`` (the actor preparing the batch for
-        transport), ``fetch_s`` (with the consumer-side GPU stage: its thread waiting in ``ray.get``
-        for the host batch), ``delivery_s`` (this Train worker waiting for the batch: near zero when
-        the loader keeps up). With the consumer-side stage on a GPU, ``decode_*`` give this
-        process's GPU decode timings (cumulative seconds, ``decode_batches``). ``samples_per_s`` counts the training step's time too: it is the rate the
-        Train worker actually consumed at. The same numbers go to Ray metrics
-        (``ray_extsrc_stage_seconds``, ``ray_extsrc_samples_per_second``, tagged ``loader``, ``rank``).
-        ``samples`` counts every sample delivered; ``padded_samples`` those of them that repeat
-        another to fill the epoch's last round (``last_batch_policy`` ``"pad"``/``"exact"``).
-        """
-        b = max(self._batches, 1)
-        out: dict[str, Any] = {
-            "loader": self.loader.name,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "epoch_idx": self.epoch_idx,
-            "batches": self._batches,
-            "samples": self._samples,
-            "padded_samples": self._padded,
-            "last_batch_policy": self.loader.last_batch_policy,
-            "samples_per_s": self._samples / self._wall_s if self._wall_s > 0 else 0.0,
-            "actor_restarts": self._actor_restarts,
-            "worker_respawns": sum(self._worker_respawns),
-            "actors_per_worker": self.ways,
-            "transport": "host_batch" if self._stage is not None else "cuda_ipc" if self._importers else "host",
-            "gpu_stage": self.gpu_stage,
-        }
-        out.update({k: self._totals[k] / b for k in _STAGES})
-        if self._stage is not None:
-            out.update({f"decode_{k}": v for k, v in self._stage.decode_stats().items()})
-        return out
-
-
-def _batch_len(outputs: Any) -> int:
-    for x in outputs:
-        try:
-            return len(x) if not hasattr(x, "shape") else int(x.shape[0])
-        except (TypeError, IndexError):
-            continue
-    return 0
 
 
 @atexit.register
