@@ -227,7 +227,7 @@ def test_workers_import_nothing_heavy_at_module_level(module):
 # it imports nothing that uses the pipeline (the pipeline, the Ray layer, the consumer side) and,
 # like `pipeline.py`, nothing heavy at module level (a pipeline runs in any process; GPU modules
 # load CuPy inside their functions)
-ABOVE_THE_EXECUTOR = ("pipeline", "actor", "train", "loader_iterator", "transport", "consumer_stage",
+ABOVE_THE_EXECUTOR = ("pipeline", "actor", "train", "loader_iterator", "gpu_stage_choice", "transport", "consumer_stage",
                       "gpu_handoff", "plugin", "bench", "cli")
 
 
