@@ -68,7 +68,8 @@ class RunAhead:
         nxt = self._ahead[-1][0] + 1 if self._ahead else start
         length = self._host.positions.epoch_length
         while len(self._ahead) < self._plan.ahead_depth and (length is None or nxt < length or not self._ahead):
-            self._ahead.append((nxt, self._threads.submit(self._compute, nxt, _consumer_fence(self._plan))))
+            fence = _consumer_fence(self._plan) if self._main is not None else None
+            self._ahead.append((nxt, self._threads.submit(self._compute, nxt, fence)))
             nxt += 1
 
     def _compute(self, i: int, fence: Any) -> tuple[tuple, dict[str, float]]:
@@ -121,7 +122,9 @@ class RunAhead:
 
 
 def _consumer_fence(plan: Plan) -> Any:
-    """The consumer's fence for a batch started now, when the main stage has GPU ops."""
+    """The consumer's fence for a batch started now, when the main stage has GPU ops. Never asked
+    for by a pipeline that stops after the host stage: a loader actor feeding a consumer-side GPU
+    stage must not touch CUDA (a fence would make it a CUDA context of its own on the GPU)."""
     if not plan.gpu_main:
         return None
     from .gpu_stage import consumer_fence

@@ -317,6 +317,11 @@ def test_loader_on_ray_feeds_a_gpu_consumer_in_both_gpu_stages():
                 os.kill(it.describe(1)["pid"], signal.SIGKILL)
         torch.cuda.synchronize()
         stats = it.stats()
+        # which loader actors hold a CUDA context now (the consumer stage's must not: one context per GPU)
+        smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        on_gpu = {int(x) for x in smi.stdout.split() if x.strip().isdigit()}
+        stats["actors_on_gpu"] = [it.describe(k)["pid"] in on_gpu for k in range(len(it.actors))]
         it.close()
         return out, stats
 
@@ -329,6 +334,8 @@ def test_loader_on_ray_feeds_a_gpu_consumer_in_both_gpu_stages():
         assert runs["actor"][1]["transport"] == "cuda_ipc"
         assert runs["consumer"][1]["transport"] == "host_batch" and runs["consumer"][1]["actor_restarts"] >= 1
         assert runs["auto"][1]["gpu_stage"] == ("actor" if mps_daemon_running() else "consumer")
+        if any(runs["actor"][1]["actors_on_gpu"]):  # nvidia-smi sees this container's processes
+            assert not any(runs["consumer"][1]["actors_on_gpu"]), "a consumer-stage loader actor made a CUDA context"
         for stage, (batches, _) in runs.items():
             assert len(batches) == len(files) // 8, stage
             assert {b[0] for b in batches} == {"cuda"} and batches[0][1].shape[0] == 8
