@@ -198,7 +198,10 @@ class Pipeline:
                 self.py_num_workers,
                 start_method=self.py_start_method,
                 pickler=self.py_callback_pickler,
-                slot_bytes=self._sample_bytes_hint() * max(1, -(-self.batch_size // self.py_num_workers)),
+                slot_bytes=self._sample_bytes_hint(),  # per sample: a slot holds slot_bytes x its task's samples
+                batch_size=self.batch_size,
+                # batches in shared memory at once: those submitted ahead, plus the ones computing ahead
+                prefetch_depth=self.prefetch_queue_depth + (self.plan.ahead_depth - 1 if self.plan.run_ahead else 0),
                 name=f"shard {self._layout.shard_id}/{self._layout.num_shards}" if self._layout.num_shards > 1 else "",
             )
             self._pool.start()

@@ -1,14 +1,17 @@
-"""Shared fixtures. Every test fails if it leaks a child process or a /dev/shm segment of ours."""
+"""Shared fixtures. Every test fails if it leaks a child process, a /dev/shm segment of ours, or a
+memfd segment this process created and still holds (the default backend, `workers.shm`)."""
 
 from __future__ import annotations
 
+import collections
+import gc
 import glob
 import os
 import time
 
 import pytest
 
-from ray_extsrc.workers.shm import SHM_PREFIX
+from ray_extsrc.workers.shm import SHM_PREFIX, live_memfds
 
 # How long a test's leftovers may take to go away after close(): the zygote gives workers 2 s
 # after SIGTERM before SIGKILL, so 6 s leaves room on a loaded 2-core CI machine.
@@ -68,15 +71,19 @@ def no_leaks(request):
         yield
         return
     procs_before, shm_before = descendants(), our_shm()
+    memfds_before = collections.Counter(live_memfds(creator=os.getpid()))
     yield
     deadline = time.monotonic() + _LEAK_GRACE_S
+    gc.collect()  # a pipeline dropped without close() lets go of its segments at collection
     while True:
         procs, shm = descendants() - procs_before, our_shm() - shm_before
-        if not procs and not shm or time.monotonic() > deadline:
+        memfds = collections.Counter(live_memfds(creator=os.getpid())) - memfds_before
+        if not procs and not shm and not memfds or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert not procs, f"test leaked child processes: {sorted(procs)}"
     assert not shm, f"test leaked shared-memory segments: {sorted(shm)}"
+    assert not memfds, f"test leaked memfd segments (still open here): {sorted(memfds.elements())}"
 
 
 @pytest.fixture(params=["fork", "spawn"])

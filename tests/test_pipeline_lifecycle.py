@@ -110,7 +110,8 @@ def _segment_bytes() -> int:
 
 
 @pytest.mark.allow_children
-def test_bytes_per_sample_hint_of_a_source_sizes_the_shared_memory():
+def test_bytes_per_sample_hint_of_a_source_sizes_the_shared_memory(monkeypatch):
+    monkeypatch.setenv("RAY_EXTSRC_SHM", "devshm")  # segments as files, whose size can be read
     sizes = {}
     for hint in (4096, 4 << 20):
         @pipeline_def(batch_size=2, py_num_workers=1, bytes_per_sample_hint=1 << 20)
@@ -121,6 +122,7 @@ def test_bytes_per_sample_hint_of_a_source_sizes_the_shared_memory():
         pipe.run()
         sizes[hint] = _segment_bytes()
         pipe.close()
-    assert sizes[4096] < (1 << 20) <= 4 * (4 << 20) <= sizes[4 << 20]
+    # one task of 2 samples: a slot of 2 x the source's hint (not the pipeline's 1 MB)
+    assert sizes[4096] < (1 << 20) <= 2 * (4 << 20) <= sizes[4 << 20]
     with pytest.raises(ValueError, match="bytes_per_sample_hint"):
         fn.external_source(_source, bytes_per_sample_hint=0)
