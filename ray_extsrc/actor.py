@@ -114,6 +114,8 @@ class BatchReply:
     timings: Mapping[str, float] = field(default_factory=dict)
     actor_pid: int = 0
     worker_respawns: int = 0
+    # samples of this batch replaced under on_error="skip" (`sample_errors.SkippedSample.to_dict`)
+    skipped: tuple[dict, ...] = ()
 
 
 class LoaderActor:
@@ -263,6 +265,7 @@ class LoaderActor:
             timings=timings,
             actor_pid=self.pid,
             worker_respawns=self.pipe.py_worker_respawns,
+            skipped=tuple(e.to_dict() for e in self.pipe.last_skipped),
         )
 
     def _end_reply(self, epoch_idx: int, base: int, iteration: int) -> BatchReply:

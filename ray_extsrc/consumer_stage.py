@@ -23,6 +23,7 @@ imported lazily.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -84,8 +85,12 @@ class ConsumerStage:
         batch = reply.outputs[0]
         if not isinstance(batch, HostBatch):
             raise TypeError(f"{self.label}: the loader actor sent outputs, not a HostBatch; its gpu_stage differs")
+        skipped: list = []
         with self._on_device():
-            return reply, self.pipe.run_device(batch, order_consumer=False)
+            outputs = self.pipe.run_device(batch, order_consumer=False, skipped=skipped)
+        if skipped:  # decode failures replaced here (on_error="skip"), reported with the actor's
+            reply = dataclasses.replace(reply, skipped=reply.skipped + tuple(e.to_dict() for e in skipped))
+        return reply, outputs
 
     @property
     def last_main_ops_s(self) -> float:

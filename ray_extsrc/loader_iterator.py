@@ -102,13 +102,18 @@ class _Metrics:
     _instance: _Metrics | None = None
 
     def __init__(self) -> None:
-        from ray.util.metrics import Gauge, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         self.stage = Histogram(
             "ray_extsrc_stage_seconds",
             description="Seconds per batch, by stage: worker wait/compute, main-stage ops, encode, delivery.",
             boundaries=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5],
             tag_keys=("loader", "rank", "stage"),
+        )
+        self.skipped = Counter(
+            "ray_extsrc_skipped_samples",
+            description="Samples replaced by a substitute under on_error='skip' (their source or decoder failed).",
+            tag_keys=("loader", "rank"),
         )
         self.throughput = Gauge(
             "ray_extsrc_samples_per_second",
@@ -159,6 +164,10 @@ class LoaderIterator:
         self._reset_stats()
         self._actor_restarts = 0
         self._worker_respawns = [0] * self.ways
+        # on_error="skip": (epoch, idx_in_epoch) of every sample replaced, each counted once (a
+        # batch served again after a restart reports its skips again); the latest listed in stats()
+        self._skipped_keys: set[tuple[int, int]] = set()
+        self._skipped: collections.deque[dict] = collections.deque(maxlen=100)
 
     # -- position ---------------------------------------------------------------------------------
 
@@ -487,6 +496,13 @@ class LoaderIterator:
 
     def _record(self, reply: BatchReply, delivery: float, wall: float, way: int = 0) -> None:
         self._worker_respawns[way] = reply.worker_respawns
+        new_skips = 0
+        for entry in reply.skipped:
+            key = (entry["epoch_idx"], entry["idx_in_epoch"])
+            if key not in self._skipped_keys:
+                self._skipped_keys.add(key)
+                self._skipped.append(entry)
+                new_skips += 1
         timings = dict(reply.timings)
         timings["delivery_s"] = delivery
         if self._stage is not None:
@@ -509,6 +525,8 @@ class LoaderIterator:
                 m.stage.observe(timings.get(k, 0.0), tags={**tags, "stage": k.removesuffix("_s")})
             if self._rate_ema is not None:
                 m.throughput.set(self._rate_ema, tags=tags)
+            if new_skips:
+                m.skipped.inc(new_skips, tags=tags)
         except Exception as e:  # noqa: BLE001 - metrics must never break training
             warnings.warn(f"ray_extsrc: could not export Ray metrics: {e}", RuntimeWarning, stacklevel=2)
 
@@ -526,6 +544,9 @@ class LoaderIterator:
         (``ray_extsrc_stage_seconds``, ``ray_extsrc_samples_per_second``, tagged ``loader``, ``rank``).
         ``samples`` counts every sample delivered; ``padded_samples`` those of them that repeat
         another to fill the epoch's last round (``last_batch_policy`` ``"pad"``/``"exact"``).
+        ``skipped_samples`` counts the samples replaced by a substitute (``on_error="skip"``; also
+        the Ray counter ``ray_extsrc_skipped_samples``), and ``skipped`` lists the latest 100 with
+        their ``epoch_idx``, ``idx_in_epoch``, error and substitute.
         """
         b = max(self._batches, 1)
         out: dict[str, Any] = {
@@ -536,6 +557,8 @@ class LoaderIterator:
             "batches": self._batches,
             "samples": self._samples,
             "padded_samples": self._padded,
+            "skipped_samples": len(self._skipped_keys),
+            "skipped": list(self._skipped),
             "last_batch_policy": self.loader.last_batch_policy,
             "samples_per_s": self._samples / self._wall_s if self._wall_s > 0 else 0.0,
             "actor_restarts": self._actor_restarts,

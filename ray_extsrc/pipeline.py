@@ -22,6 +22,11 @@ carry the SampleInfo of the position they repeat, so the source sees only positi
 epoch; `valid_samples` says how many of a batch's samples are its own). With ``ways=A, way=k``
 (not DALI's: several pipelines, one process each, serving one shard in turn, as a Loader's
 ``actors_per_worker`` do) this pipeline serves the shard's batches k, k+A, k+2A, ...
+
+Bad samples (not DALI's): ``on_error="skip"`` replaces a sample whose source or decoder fails by a
+deterministic substitute from the same shard and epoch, so batches stay full; ``max_error_rate``
+bounds how many one epoch may skip (`sample_errors`, `executor.substitutes`); `skipped_samples`
+names them. The default, ``"raise"``, stops the batch with the sample's error, as DALI does.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ from typing import Any
 
 from .errors import LifecycleError
 from .executor import EndOfEpoch, HostStage, MainStage, Positions, RunAhead
+from .executor.substitutes import SKIPPABLE, Substitutes
 from .external_source import ExternalSourceOp, external_source, is_source
 from .graph import DataNode, Graph, graph_scope
 from .gpu_probe import gpu_available
 from .host_batch import HostBatch
 from .plan import Plan, make_plan
+from .sample_errors import ErrorPolicy, SkippedSample
 from .sharding import ShardLayout, check_last_batch_policy
 from .tensors import TensorListCPU, TensorListGPU
 from .workers import WorkerPool
@@ -85,6 +92,8 @@ class Pipeline:
         way: int = 0,
         shuffle: bool = False,
         last_batch_policy: str = "drop",
+        on_error: str = "raise",
+        max_error_rate: float = 0.01,
         exec_pipelined: bool = True,
         exec_async: bool = True,
         set_affinity: bool = False,
@@ -127,6 +136,10 @@ class Pipeline:
         check_last_batch_policy(last_batch_policy, "Pipeline")
         self._layout = ShardLayout(num_shards, shard_id, ways=ways, way=way, last_batch_policy=last_batch_policy)
         self.shuffle = shuffle
+        self._substitutes = Substitutes(ErrorPolicy(on_error, max_error_rate), self.seed,
+                                        name=f"shard {shard_id}/{num_shards}" if num_shards > 1 else "")
+        #: the samples the last batch `run` returned replaced (``on_error="skip"``), oldest first
+        self.last_skipped: list[SkippedSample] = []
         self._exec_async = bool(exec_async and exec_pipelined)
         self._broken: tuple[int, str] | None = None  # (batch, error type) that stopped the epoch
         self.graph = Graph()
@@ -229,7 +242,7 @@ class Pipeline:
             self.plan, self._pool, self._positions, self._iteration,
             prefetch_queue_depth=self.prefetch_queue_depth, py_num_workers=self.py_num_workers,
         )
-        self._runner = RunAhead(self.plan, host, self._main)
+        self._runner = RunAhead(self.plan, host, self._main, self._substitutes)
         self.state = State.BUILT
 
     def _main_stage(self) -> MainStage:
@@ -272,19 +285,33 @@ class Pipeline:
             self._plan()
         return any(not is_source(n) for n in self.plan.main_nodes)
 
-    def run_device(self, batch: HostBatch, *, order_consumer: bool = True) -> tuple:
+    def run_device(self, batch: HostBatch, *, order_consumer: bool = True, skipped: list | None = None) -> tuple:
         """The outputs of ``batch`` after the main-stage ops (see `serve_host_stage`).
 
         With ``order_consumer=False`` the consumer's streams are not made to wait here: each GPU
         output's ``ready_event`` is the event to wait on (`gpu_handoff` waits on it and copies the
         output, so nothing of the stage's memory is reused while the consumer reads it).
+        ``skipped``: a list to which the samples replaced under ``on_error="skip"`` are added (for
+        callers running several batches at once, which `last_skipped` cannot tell apart).
         """
         if not self._device_stage_open:
             raise LifecycleError("run_device() needs open_device_stage() first")
-        env = batch.env()
         t0 = time.perf_counter()
-        outputs = self._main.run(batch.infos, env, epoch_idx=self.epoch_idx, order_consumer=order_consumer)
+        tried: dict[int, int] = {}
+        found: list[SkippedSample] = []
+        while True:
+            try:
+                outputs = self._main.run(batch.infos, batch.env(), epoch_idx=self.epoch_idx, order_consumer=order_consumer)
+                break
+            except SKIPPABLE as e:  # on_error="skip": the actor stage's choice, from the batch at hand
+                _, pairs, entries = self._substitutes.for_main(e, batch.infos, tried, None, batch.iteration)
+                found.extend(entries)
+                for j, k in pairs:
+                    batch = batch.with_row(j, k)
         self.last_timings = {"main_ops_s": time.perf_counter() - t0}
+        self.last_skipped = found
+        if skipped is not None:
+            skipped.extend(found)
         return outputs
 
     def close(self) -> None:
@@ -418,7 +445,7 @@ class Pipeline:
             )
         i = self._iteration
         try:
-            outputs, self.last_timings = self._runner.run(i)
+            outputs, self.last_timings, self.last_skipped = self._runner.run(i)
         except EndOfEpoch:
             self._epoch_over = True
             raise StopIteration from None
@@ -427,6 +454,17 @@ class Pipeline:
             raise
         self._iteration = i + 1
         return outputs
+
+    @property
+    def on_error(self) -> str:
+        """``"raise"`` or ``"skip"`` (see the module docstring)."""
+        return self._substitutes.policy.on_error
+
+    def skipped_samples(self) -> dict[str, Any]:
+        """``{"skipped_samples": count, "skipped": [{"epoch_idx", "idx_in_epoch", "error",
+        "substitute"}, ...]}``: every sample this pipeline replaced under ``on_error="skip"``
+        (the most recent 1,000 listed), each counted once however often its batch was run."""
+        return self._substitutes.log.snapshot()
 
     def consumer_fence(self) -> Any:
         """Called in the consumer's thread: a marker after everything it queued on the GPU so far

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from .gpu_stage_choice import GPU_STAGES, mps_daemon_running, resolve_gpu_stage
 from .loader_iterator import NAMESPACE, VALID_OUTPUT, LoaderIterator
+from .sample_errors import ErrorPolicy
 from .sharding import check_last_batch_policy
 
 if TYPE_CHECKING:
@@ -109,7 +110,12 @@ class Loader:
             in the actor's log says so) and ``"exact"`` is refused.
         actor_options: more ``ray.remote`` options for the actor (``runtime_env``, ``memory``...).
         **pipeline_args: override the pipeline's arguments (``batch_size``, ``py_num_workers``,
-            ``shuffle``, ``seed``, ...) or go to the pipeline function, as ``@pipeline_def`` does.
+            ``shuffle``, ``seed``, ``on_error``, ``max_error_rate``, ...) or go to the pipeline
+            function, as ``@pipeline_def`` does. ``on_error="skip"`` replaces a sample whose source
+            or decoder fails by a deterministic substitute of the same shard and epoch (batches
+            stay full, ranks in step, a restart draws the same), counted in ``it.stats()`` and
+            the Ray counter ``ray_extsrc_skipped_samples``; more than ``max_error_rate`` of a
+            shard's epoch fails it (`sample_errors`).
             ``num_shards``, ``shard_id``, ``ways``, ``way`` and ``device_id`` are set per Train
             worker (and per loader actor).
     """
@@ -157,6 +163,8 @@ class Loader:
                 f"Loader: {', '.join(fixed)} are set per Train worker by the Loader (shard = rank, "
                 "ways = actors_per_worker, device = the worker's GPU); do not pass them"
             )
+        if {"on_error", "max_error_rate"} & set(pipeline_args):  # refused here, not in every actor
+            ErrorPolicy(pipeline_args.get("on_error", "raise"), pipeline_args.get("max_error_rate", 0.01))
         seed = pipeline_args.pop("seed", None)
         if seed is None or seed < 0:
             seed = _decorator_seed(pipeline_fn)

@@ -247,3 +247,31 @@ class PoolProgram:
         k = next(self._it)  # StopIteration ends the epoch
         self._maybe_crash(k)
         return self._batch(BatchInfo(k, info.epoch_idx))
+
+
+class FlakyRecords:
+    """``n`` samples (with ``__len__``): sample i is (JPEG of a flat image of value i % 200, [i]).
+    Samples in ``raise_at`` raise OSError (a source error); those in ``garbage_at`` return bytes
+    that are not an image (a decode error). The label says which image it belongs to, so a test
+    can check that a substitute's label follows its image."""
+
+    def __init__(self, n: int, raise_at=(), garbage_at=()) -> None:
+        self.n = n
+        self.raise_at = frozenset(raise_at)
+        self.garbage_at = frozenset(garbage_at)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __call__(self, info: SampleInfo):
+        import simplejpeg
+
+        i = info.idx_in_epoch
+        if i >= self.n:
+            raise StopIteration
+        if i in self.raise_at:
+            raise OSError(f"record {i}: connection reset while reading")
+        if i in self.garbage_at:
+            return np.frombuffer(b"this is not a JPEG at all" * 4, np.uint8), np.int64([i])
+        img = np.full((16 + i % 3, 20, 3), i % 200, np.uint8)
+        return np.frombuffer(simplejpeg.encode_jpeg(img, quality=95), np.uint8), np.int64([i])

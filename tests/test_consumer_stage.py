@@ -18,6 +18,7 @@ simplejpeg = pytest.importorskip("simplejpeg")
 
 import ray_extsrc.fn as fn  # noqa: E402
 from conftest import assert_no_segments_of  # noqa: E402
+import ray_extsrc  # noqa: E402
 from ray_extsrc import pipeline_def  # noqa: E402
 from ray_extsrc.host_batch import HostBatch, PackedBytes, pack_column, unpack_column  # noqa: E402
 from ray_extsrc.train import Loader, mps_daemon_running, resolve_gpu_stage  # noqa: E402
@@ -140,3 +141,48 @@ def test_consumer_stage_resumes_exactly_once_and_survives_a_killed_actor():
     rest = [x for b in one for x in b["labels"].flatten().tolist()]
     one.close()
     assert sorted(rest) == list(range(4 * B, N))
+
+
+class JpegBatchesWithGarbage(JpegBatches):
+    """JpegBatches, with sample 9's bytes not an image (a corrupt file)."""
+
+    def __call__(self, g: int):
+        jpegs, labels = super().__call__(g)
+        return [np.frombuffer(b"garbage!" * 8, np.uint8) if int(lab[0]) == 9 else x
+                for x, lab in zip(jpegs, labels)], labels
+
+
+@pipeline_def(batch_size=B, num_threads=2, py_num_workers=1, seed=7)
+def garbage_pipeline():
+    jpegs, labels = fn.external_source(source=JpegBatchesWithGarbage(), num_outputs=2, batch=True, parallel=True)
+    images = fn.decoders.image_random_crop(jpegs, device="mixed")
+    return fn.resize(images, size=(16, 16)), labels
+
+
+def test_a_corrupt_sample_is_replaced_alike_in_both_stages_and_counted_once():
+    """on_error="skip": the decoder runs in the actor or in the consumer; either way the corrupt
+    sample becomes the same copy of another sample of its batch (image and label), and stats() names it."""
+    epochs, stats = {}, {}
+    for stage in ("actor", "consumer"):
+        it = Loader(garbage_pipeline, outputs=("images", "labels"), gpu_stage=stage, on_error="skip",
+                    max_error_rate=0.1).iter_torch_batches()
+        epochs[stage] = _epoch(it)
+        stats[stage] = it.stats()
+        it.close()
+    for (ia, la), (ic, lc) in zip(epochs["actor"], epochs["consumer"]):
+        assert torch.equal(la, lc) and torch.equal(ia, ic)
+    labels = [lab.flatten().tolist() for _, lab in epochs["consumer"]]
+    assert len(labels) == N // B and 9 not in sum(labels, [])
+    twin = labels[2][1]  # slot 1 of batch 2 held sample 9; now a copy of another sample of that batch
+    k = next(k for k, x in enumerate(labels[2]) if x == twin and k != 1)
+    assert twin in (8, 10, 11) and torch.equal(epochs["consumer"][2][0][1], epochs["consumer"][2][0][k])
+    for s in stats.values():
+        assert s["skipped_samples"] == 1
+        assert s["skipped"][0]["idx_in_epoch"] == 9 and s["skipped"][0]["substitute"] == twin
+        assert s["skipped"][0]["error"].startswith("DecodeError")
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        Loader(garbage_pipeline, on_error="drop")
+    it = Loader(garbage_pipeline, outputs=("images", "labels"), gpu_stage="consumer").iter_torch_batches()
+    with pytest.raises(ray_extsrc.DecodeError, match="idx_in_epoch=9"):  # the default: raise, as DALI
+        _epoch(it)
+    it.close()

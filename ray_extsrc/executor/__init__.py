@@ -17,6 +17,8 @@
 * `gpu_stage`: `GpuStage`, GPU op evaluation, the pipeline's stream, fences. Imported lazily,
   only where a GPU op runs (CuPy loads there, inside its functions).
 * `run_ahead`: `RunAhead`, a batch start to finish, in the caller's thread or computed ahead.
+* `substitutes`: `Substitutes`, ``on_error="skip"``: which sample replaces a bad one, in the
+  host stage (another of the shard) or the main stage (another of the batch).
 
 Imports point down the data path: nothing here imports `pipeline` (or anything above it: the
 actor, the Train side, Ray); `tests/test_imports.py` checks it.

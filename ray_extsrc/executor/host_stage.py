@@ -16,11 +16,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ..errors import SourceError
 from ..external_source import is_source
 from ..host_batch import HostBatch, pack_column
 from ..plan import Plan
 from ..source import SourceKind, chunk_samples
-from ..types import BatchInfo
+from ..types import BatchInfo, SampleInfo
 from ..workers import WorkerPool
 from ..workers.messages import TASK_SAMPLES
 from ..workers.pool import Chunk
@@ -60,13 +61,20 @@ class HostStage:
         self._positions = positions
         self._submitted = iteration
 
-    def collect(self, i: int) -> tuple[Env, float]:
-        """Batch i's worker outputs (``{op id: {index: samples}}``), and the workers' compute seconds."""
+    def collect(self, i: int, infos: tuple[SampleInfo, ...] | None = None) -> tuple[Env, float]:
+        """Batch i's worker outputs (``{op id: {index: samples}}``), and the workers' compute seconds.
+
+        ``infos``: batch i again, for these SampleInfos instead of its own (after its first try
+        failed: the bad-sample policy's substitutes, `substitutes`)."""
         env: Env = {}
         if self._pool is None:
             return env, 0.0
         with self._lock:
-            self._submit_ahead(i)
+            if infos is None:
+                self._submit_ahead(i)
+            else:
+                at = self._positions
+                self._pool.submit(self._key(i), at.epoch_idx, at.global_batch(i), self._chunks(infos, ()))
             samples = self._pool.collect(self._key(i))[: self._plan.batch_size]  # minus the probe, if any
             compute_s = self._pool.last_compute_s
         for k, x in enumerate(self._plan.exports):
@@ -90,21 +98,27 @@ class HostStage:
         while self._submitted < last:
             k = self._submitted
             g = at.global_batch(k)
-            kind = self._plan.program.kind
-            if kind == TASK_SAMPLES:
-                chunks = [Chunk(kind, samples=c) for c in chunk_samples(at.sample_infos(k), self._py_num_workers)]
-                probe = at.probe(k)
-                if probe:
-                    chunks.append(Chunk(kind, samples=probe))
+            if self._plan.program.kind == TASK_SAMPLES:
+                chunks = self._chunks(at.sample_infos(k), at.probe(k))
             else:
-                chunks = [Chunk(kind, batch=BatchInfo(g, at.epoch_idx))]
+                chunks = [Chunk(self._plan.program.kind, batch=BatchInfo(g, at.epoch_idx))]
             self._pool.submit((at.epoch_idx, k), at.epoch_idx, g, chunks)
             self._submitted += 1
 
-    def run_sources(self, i: int, env: Env) -> None:
-        """Batch i of the in-process (``parallel=False``) sources, into ``env``."""
+    def _chunks(self, infos: tuple[SampleInfo, ...], probe: tuple[SampleInfo, ...]) -> list[Chunk]:
+        chunks = [Chunk(TASK_SAMPLES, samples=c) for c in chunk_samples(infos, self._py_num_workers)]
+        if probe:
+            chunks.append(Chunk(TASK_SAMPLES, samples=probe))
+        return chunks
+
+    def run_sources(
+        self, i: int, env: Env, infos: tuple[SampleInfo, ...] | None = None, *, name_failures: bool = False,
+    ) -> None:
+        """Batch i of the in-process (``parallel=False``) sources, into ``env`` (for ``infos``, if
+        given: see `collect`). ``name_failures``: a per-sample source's exception becomes a
+        `SourceError` naming the sample (the bad-sample policy needs to know which)."""
         at = self._positions
-        infos = at.sample_infos(i)
+        infos = at.sample_infos(i) if infos is None else infos
         g = at.global_batch(i)
         for node in self._plan.main_nodes:
             if is_source(node):
@@ -112,7 +126,7 @@ class HostStage:
                 if spec.kind is SourceKind.SAMPLE:
                     for info in at.probe(i):
                         spec.call_sample(info)  # raises StopIteration past the end
-                    rows = [spec.call_sample(info) for info in infos]
+                    rows = [_call_named(spec, info) if name_failures else spec.call_sample(info) for info in infos]
                 elif spec.kind is SourceKind.BATCH:
                     rows = spec.call_batch(BatchInfo(g, at.epoch_idx))
                 else:
@@ -121,7 +135,21 @@ class HostStage:
                     rows = spec.next_batch(BatchInfo(g, at.epoch_idx))
                 env[node.op_id] = {k: [r[k] for r in rows] for k in range(spec.width)}
 
-    def pack(self, i: int, env: Env) -> HostBatch:
+    def pack(self, i: int, env: Env, infos: tuple[SampleInfo, ...] | None = None) -> HostBatch:
         """Batch i after the host stage, copied out of the workers' slots (see `host_batch`)."""
         columns = {op_id: {k: pack_column(v) for k, v in outs.items()} for op_id, outs in env.items()}
-        return HostBatch(self._positions.epoch_idx, i, self._positions.sample_infos(i), columns)
+        infos = self._positions.sample_infos(i) if infos is None else infos
+        return HostBatch(self._positions.epoch_idx, i, infos, columns)
+
+
+def _call_named(spec: Any, info: SampleInfo) -> Any:
+    try:
+        return spec.call_sample(info)
+    except StopIteration:
+        raise
+    except Exception as e:  # noqa: BLE001 - named and re-raised, or replaced under on_error="skip"
+        raise SourceError(
+            f"{type(e).__name__} was raised for sample idx_in_epoch={info.idx_in_epoch}, "
+            f"iteration={info.iteration}, epoch_idx={info.epoch_idx} by an in-process source: {e}",
+            idx_in_epoch=info.idx_in_epoch, iteration=info.iteration, epoch_idx=info.epoch_idx,
+        ) from e

@@ -25,9 +25,12 @@ from typing import Any
 
 from ..errors import SourceError
 from ..plan import Plan
-from .host_stage import HostStage
+from ..sample_errors import SkippedSample
+from ..types import SampleInfo
+from .host_stage import Env, HostStage
 from .main_stage import MainStage
 from .positions import Positions
+from .substitutes import SKIPPABLE, Substitutes, with_rows
 
 __all__ = ["RunAhead", "EndOfEpoch"]
 
@@ -39,10 +42,11 @@ class EndOfEpoch(Exception):
 class RunAhead:
     """The batches of one built pipeline, in order (see the module docstring)."""
 
-    def __init__(self, plan: Plan, host: HostStage, main: MainStage | None) -> None:
+    def __init__(self, plan: Plan, host: HostStage, main: MainStage | None, substitutes: Substitutes) -> None:
         self._plan = plan
         self._host = host
         self._main = main  # None: the pipeline stops after the host stage
+        self._subs = substitutes  # on_error="skip" (`substitutes`), or raise as it is
         self._ahead: collections.deque = collections.deque()  # (local iteration, Future), in order
         self._threads: ThreadPoolExecutor | None = None
         if plan.run_ahead:
@@ -53,8 +57,9 @@ class RunAhead:
         self.drain()
         self._host.move(positions, iteration)
 
-    def run(self, i: int) -> tuple[tuple, dict[str, float]]:
-        """Batch i's outputs and its seconds by stage; raises `EndOfEpoch` past the epoch's end."""
+    def run(self, i: int) -> tuple[tuple, dict[str, float], list[SkippedSample]]:
+        """Batch i's outputs, its seconds by stage and the samples it skipped (``on_error="skip"``);
+        raises `EndOfEpoch` past the epoch's end."""
         if self._threads is None:
             return self._compute(i, None)
         self._fill(i)
@@ -72,24 +77,23 @@ class RunAhead:
             self._ahead.append((nxt, self._threads.submit(self._compute, nxt, fence)))
             nxt += 1
 
-    def _compute(self, i: int, fence: Any) -> tuple[tuple, dict[str, float]]:
+    def _compute(self, i: int, fence: Any) -> tuple[tuple, dict[str, float], list[SkippedSample]]:
         """Batch i of the epoch, start to finish (in the caller's or an ahead thread)."""
         at = self._host.positions
         if at.epoch_length is not None and i >= at.epoch_length:
             raise EndOfEpoch
         t0 = time.perf_counter()
         compute_s = 0.0
+        skipped: list[SkippedSample] = []
         try:
-            env, compute_s = self._host.collect(i)
+            env, infos, compute_s = self._host_stage(at, i, skipped)
             t1 = time.perf_counter()
             if self._main is None:
-                self._host.run_sources(i, env)
-                outputs: tuple = (self._host.pack(i, env),)
+                outputs: tuple = (self._host.pack(i, env, infos),)
             else:
                 if fence is not None:
                     self._main.wait_fence(fence)
-                self._host.run_sources(i, env)  # in-process (parallel=False) sources, then the main stage
-                outputs = self._main.run(at.sample_infos(i), env, epoch_idx=at.epoch_idx)
+                outputs = self._main_stage(at, i, infos, env, skipped)
         except StopIteration:
             if at.layout.pads and at.num_samples is not None:
                 raise _stopped_inside_epoch(at, i) from None
@@ -102,7 +106,42 @@ class RunAhead:
             "worker_compute_s": compute_s,
             "main_ops_s": t2 - t1,  # main-stage ops (GPU decode/augment) and assembling outputs
         }
-        return outputs, timings
+        return outputs, timings, skipped
+
+    def _host_stage(self, at: Positions, i: int, skipped: list) -> tuple[Env, tuple[SampleInfo, ...], float]:
+        """Batch i's host stage: the workers' share, then the in-process sources. Under
+        ``on_error="skip"`` a sample that fails there is replaced by another of the shard and the
+        host stage runs again for the new SampleInfos (`Substitutes.for_host`)."""
+        infos = at.sample_infos(i)
+        tried: dict[int, int] = {}
+        again = False
+        while True:
+            try:
+                env, compute_s = self._host.collect(i, infos if again else None)
+                self._host.run_sources(i, env, infos, name_failures=self._subs.enabled)
+                return env, infos, compute_s
+            except SKIPPABLE as e:
+                self._host.release(i)
+                infos, entries = self._subs.for_host(e, at, i, infos, tried)  # raises e if not skipped
+                skipped.extend(entries)
+                again = True
+
+    def _main_stage(self, at: Positions, i: int, infos: tuple, env: Env, skipped: list) -> tuple:
+        """Batch i's main stage. Under ``on_error="skip"`` a sample that fails here (a decoder) is
+        replaced by a copy of another sample of the batch and the stage runs again
+        (`Substitutes.for_main`, the same choice a consumer-side GPU stage makes)."""
+        if not self._subs.enabled:
+            return self._main.run(infos, env, epoch_idx=at.epoch_idx)
+        tried: dict[int, int] = {}
+        base = env
+        while True:
+            env = {op: {o: list(v) for o, v in outs.items()} for op, outs in base.items()}
+            try:
+                return self._main.run(infos, env, epoch_idx=at.epoch_idx)
+            except SKIPPABLE as e:
+                _, pairs, entries = self._subs.for_main(e, infos, tried, at, i)
+                skipped.extend(entries)
+                infos, base = with_rows(infos, base, pairs)
 
     def drain(self) -> None:
         """Let a batch computed ahead finish (its result is dropped) before the pool is touched."""

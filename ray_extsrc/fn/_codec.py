@@ -139,5 +139,7 @@ def decode_error(op_name: str, data: np.ndarray, ctx: SampleContext, reason: str
         f"sample idx_in_epoch={ctx.idx_in_epoch} (epoch {ctx.epoch_idx}): cannot decode "
         f"{data.size} bytes as {kind} in fn.{op_name} (first bytes: {head or 'none'}): {reason}. "
         "Check that the file behind this sample is complete and not corrupt, and that the source "
-        "returns the whole file's bytes (JPEG, PNG, BMP, ...)."
+        "returns the whole file's bytes (JPEG, PNG, BMP, ...).",
+        idx_in_epoch=ctx.idx_in_epoch,
+        epoch_idx=ctx.epoch_idx,
     )
