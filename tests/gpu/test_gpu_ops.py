@@ -87,13 +87,13 @@ def _jpegs(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def _build(files, device: str, kind: str, seed: int = 42):
+def _build(files, device: str, kind: str, seed: int = 42, **pipeline_kwargs):
     from ray_extsrc import fn, pipeline_def, types
 
     dec_dev = "mixed" if device == "gpu" else "cpu"
 
     @pipeline_def(batch_size=BATCH, num_threads=2, device_id=0 if device == "gpu" else None, seed=seed,
-                  py_num_workers=2, py_start_method="spawn")
+                  py_num_workers=2, py_start_method="spawn", **pipeline_kwargs)
     def pipe():
         jpegs, labels = fn.external_source(ListSource(files, BATCH), num_outputs=2, batch=False, parallel=True)
         if kind == "rrc":
@@ -116,10 +116,11 @@ def _build(files, device: str, kind: str, seed: int = 42):
     return p
 
 
-def _run_once(files, device, kind):
-    p = _build(files, device, kind)
+def _run_once(files, device, kind, **pipeline_kwargs):
+    p = _build(files, device, kind, **pipeline_kwargs)
     try:
         outs = p.run()
+        _run_once.skipped = p.skipped_samples()
         return [o.as_cpu() for o in outs], outs
     finally:
         p.close()
@@ -184,6 +185,14 @@ def test_corrupt_and_non_jpeg_samples(files):
     broken[7] = b"\xff\xd8\xff\xe0garbage" * 10
     with pytest.raises(DecodeError, match=r"idx_in_epoch=(5|7)"):
         _run_once(broken, "gpu", "rrc")
+    # on_error="skip": each broken sample becomes a copy of another of the batch, image and label
+    (img, dec, lab), _ = _run_once(broken, "gpu", "rrc", on_error="skip", max_error_rate=0.5)
+    labels = lab.as_array().ravel().tolist()
+    assert 5 not in labels and 7 not in labels and len(labels) == BATCH
+    assert _run_once.skipped["skipped_samples"] == 2
+    for j in (5, 7):
+        k = next(k for k in range(BATCH) if labels[k] == labels[j] and k not in (5, 7))
+        assert np.array_equal(dec.at(j), dec.at(k)) and np.array_equal(img.at(j), img.at(k))
 
 
 def test_torch_dlpack_is_zero_copy(files):
