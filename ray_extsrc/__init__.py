@@ -12,10 +12,12 @@ from .errors import (
     LifecycleError,
     RayExtSrcError,
     SampleError,
+    SharedMemoryError,
     SourceError,
     WorkerDiedError,
 )
 from .pipeline import NoGPUWarning, Pipeline, pipeline_def
+from .sample_errors import TooManyBadSamplesError
 from .tensors import TensorListCPU, TensorListGPU
 from .types import BatchInfo, SampleInfo
 
@@ -32,9 +34,11 @@ __all__ = [
     "RayExtSrcError",
     "SampleError",
     "SampleInfo",
+    "SharedMemoryError",
     "SourceError",
     "TensorListCPU",
     "TensorListGPU",
+    "TooManyBadSamplesError",
     "WorkerDiedError",
     "fn",
     "pipeline_def",
