@@ -253,7 +253,8 @@ def test_random_resized_crop_matches_cpu(jpegs):
 
     gpu, cpu = _gpu_vs_cpu(ops, jpegs)
     _check("random_resized_crop linear", gpu, cpu, 0, max_abs=2, mean_abs=0.25)
-    _check("random_resized_crop NN", gpu, cpu, 1, max_abs=255, max_frac=0.005)
+    # nearest runs the CPU implementation on a GPU pipeline (`_gpu.ops.random_resized_crop`): exact
+    _check("random_resized_crop NN", gpu, cpu, 1, max_abs=0)
     _check("random_resized_crop float32", gpu, cpu, 2, max_abs=0.02)
     _check("random_resized_crop antialias=False (dense)", gpu, cpu, 3, max_abs=2, mean_abs=0.6)
 
@@ -303,6 +304,10 @@ def test_cast_and_transpose_match_cpu(jpegs):
     for k, dt in ((5, np.uint8), (6, np.int16)):
         own = [(saturate_cast(s[4], np.dtype(dt)),) for s in gpu]
         _check(f"cast {np.dtype(dt)} of the GPU's input", [(s[k],) for s in gpu], own, 0)
+
+
+REGION_MAX_TOL = 4  # a region against the GPU's own whole decode (see test_region_decoders_match_cpu)
+REGION_MEAN_TOL = 0.25
 
 
 def _region_graph(enc, device):
@@ -359,11 +364,16 @@ def test_region_decoders_match_cpu(jpegs, parallel):
             mean, p999 = float(d.mean()), float(np.percentile(d, 99.9))
             if mean >= DECODE_MEAN_TOL or p999 >= DECODE_P999_TOL:
                 bad.append(f"{name}, sample {j} vs the CPU decoder: mean {mean:.3f}, p99.9 {p999:.1f}")
-            # exact: the region is the window (by the CPU op's rules) of the GPU's whole decode
+            # the region is the window (by the CPU op's rules) of the GPU's whole decode: the same
+            # pixels up to the backend nvImageCodec picks for each decoder op's batch (the hardware
+            # engine or the CUDA decoder; their IDCTs differ by a level or two: on an H200,
+            # 2026-12-02, one sample of 16 in two of the four ops, max 2, mean 0.04)
             y, x, h, w = ops[k].window(whole.shape[0], whole.shape[1], [None, g[9], g[10]], arg_rows[k](g))
             want = whole[y : y + h, x : x + w]
             if g[k].shape != want.shape:
                 bad.append(f"{name}, sample {j}: shape {g[k].shape} but the window is {(y, x, h, w)}")
-            elif not np.array_equal(g[k], want):
+                continue
+            d = np.abs(g[k].astype(np.int16) - want.astype(np.int16))
+            if d.max() > REGION_MAX_TOL or d.mean() >= REGION_MEAN_TOL:
                 bad.append(_diff_report(f"{name} vs the GPU's whole decode, window {(y, x, h, w)}", j, g[k], want)[1])
     assert not bad, "\n".join(bad)
