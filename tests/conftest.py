@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ray_extsrc.workers.shm import SHM_PREFIX, live_memfds
+from ray_extsrc.workers.shm import DEVSHM, MEMFD, SHM_PREFIX, live_memfds
 
 # How long a test's leftovers may take to go away after close(): the zygote gives workers 2 s
 # after SIGTERM before SIGKILL, so 6 s leaves room on a loaded 2-core CI machine.
@@ -88,6 +88,12 @@ def no_leaks(request):
 
 @pytest.fixture(params=["fork", "spawn"])
 def start_method(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=[MEMFD, DEVSHM])
+def backend(request) -> str:
+    """The shared-memory backends of `workers.shm`: memfd (the default) and the /dev/shm fallback."""
     return request.param
 
 

@@ -275,3 +275,20 @@ class FlakyRecords:
             return np.frombuffer(b"this is not a JPEG at all" * 4, np.uint8), np.int64([i])
         img = np.full((16 + i % 3, 20, 3), i % 200, np.uint8)
         return np.frombuffer(simplejpeg.encode_jpeg(img, quality=95), np.uint8), np.int64([i])
+
+
+class ListSource:
+    """Per-sample source over encoded files: sample i is (file i's bytes, [i])."""
+
+    def __init__(self, files: list[bytes], batch_size: int) -> None:
+        self.files = files
+        self.batch_size = batch_size
+        self.full_iterations = len(files) // batch_size
+
+    def __len__(self) -> int:
+        return self.full_iterations * self.batch_size
+
+    def __call__(self, info: SampleInfo):
+        if info.iteration >= self.full_iterations:
+            raise StopIteration
+        return np.frombuffer(self.files[info.idx_in_epoch], np.uint8), np.int32([info.idx_in_epoch])

@@ -1,9 +1,8 @@
 """`workers.WorkerPool` on its own: a small program object, real worker processes, real shared memory.
 
 No pipeline here (tests/test_worker_pool.py covers the pool through `pipeline_def`). The autouse
-`no_leaks` fixture (conftest) fails any test that leaves a process or a /dev/shm segment behind;
-`no_memfd_leaks` below does the same for memfd segments (the default backend), which have no name
-in /dev/shm but show in /proc/self/fd.
+`no_leaks` fixture (conftest) fails any test that leaves a process, a /dev/shm segment or a memfd
+segment (the default backend, which has no name in /dev/shm but shows in /proc/self/fd) behind.
 """
 
 from __future__ import annotations
@@ -26,18 +25,6 @@ from ray_extsrc.workers.shm import DEVSHM, MEMFD, live_memfds
 pytestmark = pytest.mark.timeout(60)
 
 BS = 4
-
-
-@pytest.fixture(autouse=True)
-def no_memfd_leaks():
-    before = live_memfds(creator=os.getpid())
-    yield
-    assert live_memfds(creator=os.getpid()) == before, "test leaked memfd segments"
-
-
-@pytest.fixture(params=[MEMFD, DEVSHM])
-def backend(request) -> str:
-    return request.param
 
 
 def our_segments(backend: str) -> set[str]:

@@ -1,7 +1,7 @@
 """`workers.shm` on its own: real memfds and real POSIX shared memory, real processes on the other side.
 
 Most tests run on both backends (`backend`). The autouse `no_leaks` fixture (conftest) fails a test
-that leaves a segment of this process in /dev/shm, `no_memfd_leaks` one that leaves a memfd open;
+that leaves a segment of this process in /dev/shm or a memfd open;
 segments of the child processes started here are checked by the tests themselves.
 """
 
@@ -34,18 +34,6 @@ from ray_extsrc.workers.shm import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def no_memfd_leaks():
-    before = live_memfds(creator=os.getpid())
-    yield
-    assert live_memfds(creator=os.getpid()) == before, "test leaked memfd segments"
-
-
-@pytest.fixture(params=[MEMFD, DEVSHM])
-def backend(request) -> str:
-    return request.param
 
 
 def path_of(seg: Segment) -> str:

@@ -22,7 +22,7 @@ import pytest
 import sources
 from ray_extsrc.workers import WorkerPool
 from ray_extsrc.workers.capacity import room
-from ray_extsrc.workers.shm import DEVSHM, MEMFD, SHM_DIR, SHM_ENV, live_memfds
+from ray_extsrc.workers.shm import DEVSHM, MEMFD, SHM_DIR, SHM_ENV
 
 # a namespace run starts a pipeline (numpy, the package) and moves ~0.5 GB through shared memory
 pytestmark = pytest.mark.timeout(180)
@@ -31,13 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 SMALL_SHM_MB = 64
 _MB = 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def no_memfd_leaks():
-    before = live_memfds(creator=os.getpid())
-    yield
-    assert live_memfds(creator=os.getpid()) == before, "test leaked memfd segments"
 
 
 BIG_SOURCE = textwrap.dedent(

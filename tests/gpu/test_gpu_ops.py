@@ -22,6 +22,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from sources import ListSource  # module-level: pickles for spawn
 
 from ray_extsrc.pipeline import gpu_available
 
@@ -52,23 +53,6 @@ PIPE_P999_TOL = 8
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 BATCH = 16
-
-
-class ListSource:
-    """Per-sample source over a list of encoded files (module-level: pickles for spawn)."""
-
-    def __init__(self, files: list[bytes], batch_size: int) -> None:
-        self.files = files
-        self.batch_size = batch_size
-        self.full_iterations = len(files) // batch_size
-
-    def __len__(self) -> int:
-        return self.full_iterations * self.batch_size
-
-    def __call__(self, info):
-        if info.iteration >= self.full_iterations:
-            raise StopIteration
-        return np.frombuffer(self.files[info.idx_in_epoch], np.uint8), np.int32([info.idx_in_epoch])
 
 
 def _jpegs(n: int, seed: int = 0) -> list[bytes]:

@@ -45,6 +45,7 @@ import io
 
 import numpy as np
 import pytest
+from sources import ListSource  # module-level: pickles for spawn
 
 from ray_extsrc.pipeline import gpu_available
 
@@ -73,23 +74,6 @@ SEED = 7
 # decoded pixels, GPU vs CPU decoders (as test_gpu_ops.py): mean |diff| per sample, 99.9th pct
 DECODE_MEAN_TOL = 1.5
 DECODE_P999_TOL = 24
-
-
-class ListSource:
-    """Per-sample source over encoded files and their index (module-level: pickles for spawn)."""
-
-    def __init__(self, files: list[bytes], batch_size: int) -> None:
-        self.files = files
-        self.batch_size = batch_size
-        self.full_iterations = len(files) // batch_size
-
-    def __len__(self) -> int:
-        return self.full_iterations * self.batch_size
-
-    def __call__(self, info):
-        if info.iteration >= self.full_iterations:
-            raise StopIteration
-        return np.frombuffer(self.files[info.idx_in_epoch], np.uint8), np.int32([info.idx_in_epoch])
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
