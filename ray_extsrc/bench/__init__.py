@@ -25,6 +25,8 @@ The other benchmarks of ``ray-extsrc bench`` (same code home, same helpers in `_
 
     ray-extsrc bench --train resnet50,resnet18 [...]   the training step fed by each loader (`_train`)
     ray-extsrc bench --cpu [...]                       torch DataLoader vs ray_extsrc on the CPU (`_cpu`)
+    ray-extsrc bench --probe [...]                     the consumer stage next to a training step, in one
+                                                       process without Ray, phase by phase (`_probe`)
 """
 
 from __future__ import annotations
@@ -49,13 +51,19 @@ __all__ = ["main", "r1_main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``ray-extsrc bench``: the R1 benchmark; with ``--train`` the training benchmark, with ``--cpu``
-    the CPU benchmark (each with its own flags: ``--train x --help``, ``--cpu --help``)."""
+    the CPU benchmark, with ``--probe`` the consumer-stage probe (each with its own flags:
+    ``--train x --help``, ``--cpu --help``, ``--probe --help``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--cpu" in argv:
         from ._cpu import main as cpu_main
 
         argv.remove("--cpu")
         return cpu_main(argv)
+    if "--probe" in argv:
+        from ._probe import main as probe_main
+
+        argv.remove("--probe")
+        return probe_main(argv)
     if any(a == "--train" or a.startswith("--train=") for a in argv):
         from ._train import main as train_main
 
@@ -65,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def r1_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ray-extsrc bench", description=__doc__.split("\n\n")[0],
-                                epilog="--train MODELS: the training benchmark; --cpu: the CPU benchmark")
+                                epilog="--train MODELS: the training benchmark; --cpu: the CPU benchmark; --probe: the consumer-stage probe")
     p.add_argument("--data", default="/tmp/r1", help="where the R1 set is (generated if missing)")
     p.add_argument("--images", type=int, default=8000)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per run (default 3)")
