@@ -202,15 +202,17 @@ def round_half_away(x: float) -> int:
     return int(math.copysign(math.floor(abs(x) + 0.5), x))
 
 
-def saturate(values: np.ndarray, dt: np.dtype) -> np.ndarray:
-    """Round (to nearest) and clamp float ``values`` into integer type ``dt``; pass floats through.
+def saturate(values: np.ndarray, dt: np.dtype, xp: Any = np) -> np.ndarray:
+    """Round (to nearest) and clamp float ``values`` into integer type ``dt``; pass floats through
+    (``values != 0`` for bool). ``xp``: the array module of ``values`` (NumPy, or CuPy on the GPU).
 
-    Rounds half to even (``np.rint``), as DALI's GPU kernels do; DALI's CPU kernels round halves
+    Rounds half to even (``rint``), as DALI's GPU kernels do; DALI's CPU kernels round halves
     away from zero. The difference only shows on exact .5 values.
     """
+    dt = np.dtype(dt)
     if dt.kind in "iu":
         info = np.iinfo(dt)
-        return np.clip(np.rint(values), info.min, info.max).astype(dt)
+        return xp.clip(xp.rint(values), info.min, info.max).astype(dt)
     if dt.kind == "b":
         return values != 0
     return values.astype(dt, copy=False)

@@ -27,20 +27,14 @@ from typing import Any
 import numpy as np
 
 from .. import types
+from . import _args
 
 __all__ = ["affine_warp", "affine_warp_batch", "saturate"]
 
 
 def saturate(xp: Any, values: Any, dt: np.dtype) -> Any:
-    """Round half to even and clamp float ``values`` into integer type ``dt`` (``values != 0`` for
-    bool); floats are converted (`_args.saturate`, for NumPy or CuPy arrays)."""
-    dt = np.dtype(dt)
-    if dt.kind in "iu":
-        info = np.iinfo(dt)
-        return xp.clip(xp.rint(values), info.min, info.max).astype(dt)
-    if dt.kind == "b":
-        return values != 0
-    return values.astype(dt, copy=False)
+    """`_args.saturate` with the array module first (NumPy or CuPy), as this module's callers pass it."""
+    return _args.saturate(values, dt, xp)
 
 
 def affine_warp(

@@ -40,25 +40,13 @@ hsv, rotate, cast, transpose and normalize identical; random_resized_crop linear
 
 from __future__ import annotations
 
-import importlib
 import io
 
 import numpy as np
 import pytest
 from sources import ListSource  # module-level: pickles for spawn
 
-from ray_extsrc.pipeline import gpu_available
-
-
-def _gpu_stack_ok() -> bool:
-    if not gpu_available():
-        return False
-    try:
-        importlib.import_module("cupy")
-        importlib.import_module("nvidia.nvimgcodec")
-    except Exception:
-        return False
-    return True
+from gpu.test_gpu_ops import _gpu_stack_ok
 
 
 pytestmark = [
