@@ -28,7 +28,9 @@ of a batch's samples are its own (`BatchReply.valid`), are pure functions of the
 A request past the epoch's end answers `BatchReply.end` without touching the pipeline.
 
 NOTE [orphaned shared memory]
-The pipeline's shared-memory slots (``/dev/shm/rxs_<pid>_*``) are unlinked by ``close()``. An actor
+The pipeline's shared-memory slots are memfds by default (`workers.shm`): the kernel frees them
+with the last descriptor or mapping, however the actor dies, and the janitor finds nothing. With
+the ``/dev/shm`` fallback they are files (``/dev/shm/rxs_<pid>_*``), unlinked by ``close()``. An actor
 killed by Ray (restart after a crash, ``ray.kill``, its owner's death, its node going away) never
 gets there, so ``__init__`` starts a tiny janitor process (no imports but ``os``/``glob``) holding the
 read end of a pipe whose only write end lives in this process. When the actor dies, however it
