@@ -114,3 +114,22 @@ def test_bad_policy_arguments_are_refused_at_construction():
         make(FlakyRecords(N), on_error="ignore")
     with pytest.raises(ValueError, match="max_error_rate"):
         make(FlakyRecords(N), on_error="skip", max_error_rate=2)
+
+
+class _Unsized(FlakyRecords):
+    """FlakyRecords without ``__len__``: the epoch's end is learnt from StopIteration (a probe)."""
+
+    __len__ = None
+
+
+def test_without_len_a_substitute_batch_still_ends_the_epoch_where_the_shards_agree():
+    """40 samples, 2 shards of batch 8: global batch 4 exists, 5 does not, so shard 0 stops after 2
+    batches like shard 1 (its probe of batch 5 says so). A bad sample in batch 4 must not make the
+    substitute batch lose that probe and serve a third batch."""
+    served = []
+    for r in range(2):
+        with make(_Unsized(40, raise_at={35}), num_shards=2, shard_id=r, on_error="skip", max_error_rate=0.5) as p:
+            p.build()
+            assert p.epoch_size() is None  # no length: the probe decides where the epoch ends
+            served.append(epoch(p)[0])
+    assert [len(x) for x in served] == [2, 2]  # equal steps on every rank

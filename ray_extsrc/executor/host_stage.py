@@ -74,7 +74,8 @@ class HostStage:
                 self._submit_ahead(i)
             else:
                 at = self._positions
-                self._pool.submit(self._key(i), at.epoch_idx, at.global_batch(i), self._chunks(infos, ()))
+                # the probe too: without __len__ it is what tells this batch that the epoch ended
+                self._pool.submit(self._key(i), at.epoch_idx, at.global_batch(i), self._chunks(infos, at.probe(i)))
             samples = self._pool.collect(self._key(i))[: self._plan.batch_size]  # minus the probe, if any
             compute_s = self._pool.last_compute_s
         for k, x in enumerate(self._plan.exports):
