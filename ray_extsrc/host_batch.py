@@ -15,7 +15,6 @@ labels) travel as lists. NumPy only: this module loads in any process.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,25 +78,6 @@ class HostBatch:
     @property
     def nbytes(self) -> int:
         return sum(c.data.nbytes for outs in self.columns.values() for c in outs.values() if isinstance(c, PackedBytes))
-
-    def with_row(self, j: int, k: int) -> HostBatch:
-        """This batch with sample j replaced by a copy of sample k, every column and its
-        `SampleInfo` (but j's place, ``idx_in_batch``), so the GPU stage computes for slot j exactly
-        what it computes for k: the bad-sample policy's substitute where only this batch is at
-        hand (`sample_errors`)."""
-        n = len(self.infos)
-        if not (0 <= j < n and 0 <= k < n):
-            raise IndexError(f"with_row({j}, {k}): a batch of {n} samples")
-        infos = list(self.infos)
-        infos[j] = dataclasses.replace(self.infos[k], idx_in_batch=self.infos[j].idx_in_batch)
-        columns: dict[int, dict[int, PackedBytes | list]] = {}
-        for op_id, outs in self.columns.items():
-            columns[op_id] = {}
-            for out, column in outs.items():
-                values = unpack_column(column)
-                values[j] = values[k]
-                columns[op_id][out] = pack_column(values) if isinstance(column, PackedBytes) else values
-        return dataclasses.replace(self, infos=tuple(infos), columns=columns)
 
     def env(self) -> dict[int, dict[int, list]]:
         """The columns as per-sample lists (views of the packed buffers), keyed like a pipeline's env."""

@@ -43,7 +43,7 @@ from typing import Any
 
 from .errors import LifecycleError
 from .executor import EndOfEpoch, HostStage, MainStage, Positions, RunAhead
-from .executor.substitutes import SKIPPABLE, Substitutes
+from .executor.substitutes import Substitutes
 from .external_source import ExternalSourceOp, external_source, is_source
 from .graph import DataNode, Graph, graph_scope
 from .gpu_probe import gpu_available
@@ -297,17 +297,13 @@ class Pipeline:
         if not self._device_stage_open:
             raise LifecycleError("run_device() needs open_device_stage() first")
         t0 = time.perf_counter()
-        tried: dict[int, int] = {}
         found: list[SkippedSample] = []
-        while True:
-            try:
-                outputs = self._main.run(batch.infos, batch.env(), epoch_idx=self.epoch_idx, order_consumer=order_consumer)
-                break
-            except SKIPPABLE as e:  # on_error="skip": the actor stage's choice, from the batch at hand
-                _, pairs, entries = self._substitutes.for_main(e, batch.infos, tried, None, batch.iteration)
-                found.extend(entries)
-                for j, k in pairs:
-                    batch = batch.with_row(j, k)
+
+        def run(infos: tuple, env: dict) -> tuple:
+            return self._main.run(infos, env, epoch_idx=self.epoch_idx, order_consumer=order_consumer)
+
+        # on_error="skip": the actor stage's choice, from the batch at hand
+        outputs = self._substitutes.run_main(run, batch.infos, batch.env(), None, batch.iteration, found)
         self.last_timings = {"main_ops_s": time.perf_counter() - t0}
         self.last_skipped = found
         if skipped is not None:

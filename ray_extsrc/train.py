@@ -163,8 +163,8 @@ class Loader:
                 f"Loader: {', '.join(fixed)} are set per Train worker by the Loader (shard = rank, "
                 "ways = actors_per_worker, device = the worker's GPU); do not pass them"
             )
-        if {"on_error", "max_error_rate"} & set(pipeline_args):  # refused here, not in every actor
-            ErrorPolicy(pipeline_args.get("on_error", "raise"), pipeline_args.get("max_error_rate", 0.01))
+        # a bad policy is refused here, not in every actor (ErrorPolicy's defaults fill the rest)
+        ErrorPolicy(**{k: pipeline_args[k] for k in ("on_error", "max_error_rate") if k in pipeline_args})
         seed = pipeline_args.pop("seed", None)
         if seed is None or seed < 0:
             seed = _decorator_seed(pipeline_fn)

@@ -1,11 +1,13 @@
-"""`HostBatch`: the columns a loader actor sends a consumer-side GPU stage, and the in-batch substitute."""
+"""`HostBatch` as a consumer-side GPU stage reads it, and the in-batch substitute it gets under
+``on_error="skip"`` (`executor.substitutes.with_rows` on the batch's env)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ray_extsrc.host_batch import HostBatch, PackedBytes, pack_column
+from ray_extsrc.executor.substitutes import with_rows
+from ray_extsrc.host_batch import HostBatch, pack_column
 from ray_extsrc.types import SampleInfo
 
 pytestmark = pytest.mark.timeout(30)
@@ -20,13 +22,11 @@ def _batch() -> HostBatch:
 
 def test_a_row_becomes_a_copy_of_another_in_every_column_keeping_its_place():
     b = _batch()
-    s = b.with_row(2, 0)
-    assert isinstance(s.columns[7][0], PackedBytes)
-    got = s.env()[7]
-    assert [x.tolist() for x in got[0]] == [[0] * 5, [1] * 6, [0] * 5, [3] * 8]
-    assert [int(x[0]) for x in got[1]] == [0, 10, 0, 30]  # the label follows its image
-    assert s.infos[2] == SampleInfo(idx_in_epoch=100, idx_in_batch=2, iteration=3, epoch_idx=1)
-    assert s.infos[:2] == b.infos[:2] and s.infos[3] == b.infos[3]
-    assert [x.tolist() for x in b.env()[7][0]][2] == [2] * 7  # the original is untouched
-    with pytest.raises(IndexError, match="a batch of 4 samples"):
-        b.with_row(4, 0)
+    env = b.env()
+    infos, got = with_rows(b.infos, env, [(2, 0)])
+    assert [x.tolist() for x in got[7][0]] == [[0] * 5, [1] * 6, [0] * 5, [3] * 8]
+    assert [int(x[0]) for x in got[7][1]] == [0, 10, 0, 30]  # the label follows its image
+    assert infos[2] == SampleInfo(idx_in_epoch=100, idx_in_batch=2, iteration=3, epoch_idx=1)
+    assert infos[:2] == b.infos[:2] and infos[3] == b.infos[3]
+    assert [x.tolist() for x in env[7][0]][2] == [2] * 7  # the env it was given is untouched
+    assert [x.tolist() for x in b.env()[7][0]][2] == [2] * 7

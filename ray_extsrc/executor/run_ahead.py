@@ -30,7 +30,7 @@ from ..types import SampleInfo
 from .host_stage import Env, HostStage
 from .main_stage import MainStage
 from .positions import Positions
-from .substitutes import SKIPPABLE, Substitutes, with_rows
+from .substitutes import SKIPPABLE, Substitutes
 
 __all__ = ["RunAhead", "EndOfEpoch"]
 
@@ -132,16 +132,8 @@ class RunAhead:
         (`Substitutes.for_main`, the same choice a consumer-side GPU stage makes)."""
         if not self._subs.enabled:
             return self._main.run(infos, env, epoch_idx=at.epoch_idx)
-        tried: dict[int, int] = {}
-        base = env
-        while True:
-            env = {op: {o: list(v) for o, v in outs.items()} for op, outs in base.items()}
-            try:
-                return self._main.run(infos, env, epoch_idx=at.epoch_idx)
-            except SKIPPABLE as e:
-                _, pairs, entries = self._subs.for_main(e, infos, tried, at, i)
-                skipped.extend(entries)
-                infos, base = with_rows(infos, base, pairs)
+        return self._subs.run_main(lambda inf, e: self._main.run(inf, e, epoch_idx=at.epoch_idx),
+                                   infos, env, at, i, skipped)
 
     def drain(self) -> None:
         """Let a batch computed ahead finish (its result is dropped) before the pool is touched."""

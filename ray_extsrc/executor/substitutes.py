@@ -21,7 +21,7 @@ a bad sample and is raised as it is.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import DecodeError, SampleError, SourceError
 from ..sample_errors import ErrorPolicy, SkipLog, SkippedSample, substitute_slot
@@ -55,7 +55,7 @@ class Substitutes:
             raise error
         return slots
 
-    def _attempt(self, epoch_idx: int, idx: int, tried: dict[int, int]) -> int:
+    def _attempt(self, idx: int, tried: dict[int, int]) -> int:
         n = tried.get(idx, 0)
         if n >= self.policy.max_attempts:
             return -1
@@ -79,7 +79,7 @@ class Substitutes:
 
     def _draw_host(self, error, at, i, bad, tried, length, b) -> int:
         while True:
-            attempt = self._attempt(bad.epoch_idx, bad.idx_in_epoch, tried)
+            attempt = self._attempt(bad.idx_in_epoch, tried)
             if attempt < 0:
                 raise _exhausted(error, bad, self.policy.max_attempts)
             slots = length * b if length is not None else b
@@ -89,22 +89,40 @@ class Substitutes:
             if sub != bad.idx_in_epoch:
                 return sub
 
+    def run_main(
+        self, run: Callable[[tuple[SampleInfo, ...], dict], tuple], infos: tuple[SampleInfo, ...], env: dict,
+        at: Positions | None, i: int, skipped: list[SkippedSample],
+    ) -> tuple:
+        """``run(infos, env)`` (batch i's main stage, which adds its ops' outputs to the env it is
+        given); a sample that fails there becomes a copy of another of the batch (`for_main`) and the
+        stage runs again. Adds the skips to ``skipped``; raises the error as it is when the policy
+        does not replace it. The actor's `RunAhead` and a consumer's `Pipeline.run_device` both
+        run their main stage through here, so both make the same choice."""
+        tried: dict[int, int] = {}
+        while True:
+            try:
+                return run(infos, dict(env))  # the stage adds entries only: env stays the sources'
+            except SKIPPABLE as e:
+                pairs, entries = self.for_main(e, infos, tried, at, i)
+                skipped.extend(entries)
+                infos, env = with_rows(infos, env, pairs)
+
     def for_main(
         self, error: SampleError, infos: Sequence[SampleInfo], tried: dict[int, int], at: Positions | None, i: int,
-    ) -> tuple[list[int], list[tuple[int, int]], list[SkippedSample]]:
+    ) -> tuple[list[tuple[int, int]], list[SkippedSample]]:
         """Slot pairs ``(j, k)``: slot j becomes a copy of slot k of the same batch."""
         failed = self.failed_slots(error, infos)
         others = [k for k in range(len(infos)) if k not in failed]
         pairs, entries = [], []
         for j in failed:
             bad = infos[j]
-            attempt = self._attempt(bad.epoch_idx, bad.idx_in_epoch, tried)
+            attempt = self._attempt(bad.idx_in_epoch, tried)
             if attempt < 0 or not others:
                 raise _exhausted(error, bad, self.policy.max_attempts)
             k = others[substitute_slot(self.seed, bad.epoch_idx, bad.idx_in_epoch, attempt, len(others))]
             pairs.append((j, k))
             entries.append(self._record(error, bad, infos[k].idx_in_epoch, at, i, len(infos)))
-        return failed, pairs, entries
+        return pairs, entries
 
     def _record(self, error, bad: SampleInfo, sub: int, at: Positions | None, i: int, b: int) -> SkippedSample:
         length = at.epoch_length if at is not None else None
