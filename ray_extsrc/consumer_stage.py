@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ import numpy as np
 
 from .gpu_handoff import GpuHandoff
 from .host_batch import HostBatch
+from .pinned_staging import PinnedStaging
 from .pipeline import Pipeline
 from .tensors import TensorListCPU, TensorListGPU
 
@@ -46,7 +48,7 @@ class ConsumerStage:
     """Runs host batches through the pipeline's main-stage ops in this process (see the module docstring)."""
 
     def __init__(self, pipeline_fn: Callable[..., Any], pipeline_kwargs: Mapping[str, Any], device: torch.device,
-                 label: str = "loader") -> None:
+                 label: str = "loader", *, pin_host_bytes: bool | None = None) -> None:
         self.device = device
         self.label = label
         self._gpu = device.type == "cuda"
@@ -61,6 +63,11 @@ class ConsumerStage:
         # overlaps the other's gathering and kernel launches.
         self._threads = ThreadPoolExecutor(2 if self._gpu else 1, thread_name_prefix="ray_extsrc-consumer-stage")
         self._handoff = GpuHandoff()
+        # encoded bytes copied into page-locked memory before the GPU decode (`pinned_staging`)
+        # (None: RAY_EXTSRC_PIN_HOST_BYTES=1 turns it on; off by default until a training A/B says so)
+        if pin_host_bytes is None:
+            pin_host_bytes = os.environ.get("RAY_EXTSRC_PIN_HOST_BYTES", "0") == "1"
+        self._pinned = PinnedStaging() if self._gpu and pin_host_bytes else None
         self.last_fetch_s = 0.0  # the last batch's wait in fetch() (ray.get of the host batch)
 
     def submit(self, fetch: Callable[[], Any]) -> Future:
@@ -87,10 +94,29 @@ class ConsumerStage:
             raise TypeError(f"{self.label}: the loader actor sent outputs, not a HostBatch; its gpu_stage differs")
         skipped: list = []
         with self._on_device():
-            outputs = self.pipe.run_device(batch, order_consumer=False, skipped=skipped)
+            outputs = self._run_device(batch, skipped)
         if skipped:  # decode failures replaced here (on_error="skip"), reported with the actor's
             reply = dataclasses.replace(reply, skipped=reply.skipped + tuple(e.to_dict() for e in skipped))
         return reply, outputs
+
+    def _run_device(self, batch: HostBatch, skipped: list) -> tuple:
+        if self._pinned is None:
+            return self.pipe.run_device(batch, order_consumer=False, skipped=skipped)
+        staged, held = self._pinned.stage(batch)
+        try:
+            outputs = self.pipe.run_device(staged, order_consumer=False, skipped=skipped)
+        except BaseException:
+            if held:  # the GPU may still read the buffers: wait for it before they are reused
+                import cupy
+
+                cupy.cuda.Device().synchronize()
+            self._pinned.release(held, None)
+            raise
+        # the event after the batch's last kernel follows every GPU read of the buffers (the
+        # pipeline's stream waits on the decode calls' events); no GPU output: nothing reads them
+        events = [x.ready_event for x in outputs if isinstance(x, TensorListGPU) and x.ready_event is not None]
+        self._pinned.release(held, events[0] if events else None)
+        return outputs
 
     @property
     def last_main_ops_s(self) -> float:
@@ -125,4 +151,6 @@ class ConsumerStage:
 
     def close(self) -> None:
         self._threads.shutdown(wait=True, cancel_futures=True)
+        if self._pinned is not None:
+            self._pinned.close()
         self.pipe.close()

@@ -24,7 +24,7 @@ import threading
 import time
 import types as pytypes
 
-__all__ = ["ThreadClock", "host_batches", "kernel_times", "main"]
+__all__ = ["ThreadClock", "host_batches", "kernel_times", "main", "summarize_trace"]
 
 BATCH = 256
 
@@ -84,6 +84,108 @@ def kernel_times(make_stage, fed, steps: int) -> None:
     finally:
         for n, fn in saved.items():
             setattr(kernels, n, fn)
+
+
+_SYNCING = ("Synchronize", "cudaFree", "cudaMalloc", "cudaHostAlloc", "cudaMallocHost", "cudaFreeHost",
+            "cudaHostRegister", "cudaHostUnregister", "cuMemAlloc", "cuMemFree", "cuMemHostAlloc", "cuMemFreeHost",
+            "cuStreamSynchronize", "cuEventSynchronize", "cuCtxSynchronize", "cudaMemcpy ", "cuMemcpyDtoH_v2",
+            "cuMemcpyHtoD_v2")
+
+
+def summarize_trace(trace: dict, step_stream: int | None = None) -> dict:
+    """What a torch.profiler chrome trace says about the GPU: busy milliseconds per stream (the
+    union of its kernels, copies and sets), how long the step's stream (the busiest one, unless
+    given) sat idle inside the window, the top kernels of every other stream, and the host calls
+    that can stall the device or the calling thread (synchronisations, allocations), by thread."""
+    ev = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    gpu = [e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not gpu:
+        return {"error": "no GPU activity in the trace"}
+    by_stream: dict[int, list] = collections.defaultdict(list)
+    for e in gpu:
+        by_stream[int(e.get("args", {}).get("stream", -1))].append((e["ts"], e["ts"] + e["dur"], e))
+
+    def union(iv: list) -> tuple[float, list]:
+        iv = sorted(iv, key=lambda t: t[0])
+        busy, out, cur = 0.0, [], None
+        for a, b, _ in iv:
+            if cur is None or a > cur[1]:
+                if cur is not None:
+                    out.append(cur)
+                cur = [a, b]
+            else:
+                cur[1] = max(cur[1], b)
+        if cur is not None:
+            out.append(cur)
+        busy = sum(b - a for a, b in out)
+        return busy, out
+
+    t0 = min(a for iv in by_stream.values() for a, _, _ in iv)
+    t1 = max(b for iv in by_stream.values() for _, b, _ in iv)
+    streams = {}
+    for s, iv in by_stream.items():
+        busy, _ = union(iv)
+        kinds = collections.Counter()
+        for a, b, e in iv:
+            kinds[e["cat"]] += b - a
+        streams[s] = {"busy_ms": round(busy / 1e3, 2), "events": len(iv), **{f"{k}_ms": round(v / 1e3, 2) for k, v in kinds.items()}}
+    if step_stream is None:
+        step_stream = max(streams, key=lambda s: streams[s]["busy_ms"])
+    _, spans = union(by_stream[step_stream])
+    gaps = sorted((b[0] - a[1] for a, b in zip(spans, spans[1:])), reverse=True)
+    others = {}
+    for s, iv in by_stream.items():
+        if s == step_stream:
+            continue
+        top = collections.Counter()
+        for a, b, e in iv:
+            top[e["name"][:80]] += b - a
+        others[s] = [(n, round(d / 1e3, 2)) for n, d in top.most_common(6)]
+    calls: dict[str, dict] = collections.defaultdict(lambda: {"n": 0, "ms": 0.0})
+    for e in ev:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(k in e["name"] for k in _SYNCING):
+            c = calls[f"{e['name']} @tid {e.get('tid')}"]
+            c["n"] += 1
+            c["ms"] = round(c["ms"] + e["dur"] / 1e3, 2)
+    return {"window_ms": round((t1 - t0) / 1e3, 2), "step_stream": step_stream,
+            "step_stream_idle_ms": round(((t1 - t0) - sum(b - a for a, b in spans)) / 1e3, 2),
+            "step_stream_top_gaps_ms": [round(g / 1e3, 2) for g in gaps[:10]],
+            "step_stream_gaps_over_0.2ms": sum(1 for g in gaps if g > 200),
+            "streams": streams, "other_streams_top": others,
+            "stalling_calls": dict(sorted(calls.items(), key=lambda kv: -kv[1]["ms"])[:25])}
+
+
+def thread_ticks() -> dict[int, tuple[str, int]]:
+    """Every thread of this process: ``{tid: (name, CPU clock ticks so far)}`` (/proc, user + system)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        out[int(tid)] = (name, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def cpu_by_thread(before: dict, after: dict, wall: float) -> dict:
+    """Cores used over ``wall`` seconds: the whole process, and by thread name (summed over the
+    threads of that name; how many there were, and how many used any CPU)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    groups: dict[str, list] = collections.defaultdict(lambda: [0.0, 0, 0])
+    total = 0.0
+    for tid, (name, ticks) in after.items():
+        used = (ticks - before.get(tid, (name, 0))[1]) / hz / wall
+        g = groups[name]
+        g[0] += used
+        g[1] += 1
+        g[2] += used > 0.01
+        total += used
+    top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:8]
+    return {"process_cores": round(total, 2), "threads": len(after),
+            "by_name": {n: {"cores": round(c, 2), "threads": k, "busy": b} for n, (c, k, b) in top}}
 
 
 class ThreadClock:
@@ -178,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             yield images, labels
 
     def measure(name: str, feed, train: bool = True, clock: ThreadClock | None = None, pyspy: bool = False,
-                **extra) -> dict:
+                profile: bool = False, **extra) -> dict:
         it = iter(feed)
         for _ in range(args.warm):
             x, y = next(it)
@@ -194,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                    for flags, tag in (((), ""), (("--gil",), "-gil"))]
             time.sleep(1.0)
+        ticks0 = thread_ticks()
         c0, t0 = time.thread_time(), time.perf_counter()
         for _ in range(args.steps):
             x, y = next(it)
@@ -201,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 step(x, y)
         torch.cuda.synchronize()
         wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        extra["cpu"] = cpu_by_thread(ticks0, thread_ticks(), wall)
         rec = {"phase": name, "model": args.model_now, "images_per_s": round(args.steps * BATCH / wall),
                "ms_per_step": round(1000 * wall / args.steps, 2), "main_cpu_ms_per_step": round(1000 * cpu / args.steps, 2),
                **extra}
@@ -214,21 +318,52 @@ def main(argv: list[str] | None = None) -> int:
                         rec.setdefault("pyspy_error", []).append(err.decode()[-400:])
                 except subprocess.TimeoutExpired:
                     p.kill()
+        if profile:  # after the timed steps: the profiler's own cost stays out of the figures above
+            rec["trace"] = profiled(it, name, train)
         if hasattr(it, "close"):
             it.close()
         results.append(rec)
         print(json.dumps(rec), flush=True)
         return rec
 
-    def make_stage(threads: int = 2, **decoder) -> tuple[ConsumerStage, ThreadClock]:
-        stage = ConsumerStage(r1_pipeline, {"root": root, "batch": BATCH, **decoder}, dev, "probe")
+    def profiled(it, name: str, train: bool) -> dict:
+        """torch.profiler over 12 more steps of ``it``; the chrome trace goes to out/, its summary
+        (`summarize_trace`) into the phase's record."""
+        from torch.profiler import ProfilerActivity, profile as tprofile
+
+        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(12):
+                x, y = next(it)
+                if train:
+                    step(x, y)
+            torch.cuda.synchronize()
+        path = os.path.join(os.path.dirname(args.out) or ".", f"trace-{args.model_now}-{name}.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            summary = summarize_trace(json.load(f))
+        subprocess.run(["gzip", "-f", path], check=False)
+        print(json.dumps({"phase": name, "model": args.model_now, "trace": summary}), flush=True)
+        return summary
+
+    def make_stage(threads: int = 2, cores: int = 0, pin: bool = True, **decoder) -> tuple[ConsumerStage, ThreadClock]:
+        stage = ConsumerStage(r1_pipeline, {"root": root, "batch": BATCH, **decoder}, dev, "probe", pin_host_bytes=pin)
         if threads != 2:
             stage._threads.shutdown()
             from concurrent.futures import ThreadPoolExecutor
 
             stage._threads = ThreadPoolExecutor(threads, thread_name_prefix="probe-stage")
         clock = ThreadClock()
-        stage._run = clock.wrap(stage._run)
+        run = stage._run
+        if cores:  # the stage's threads (and the decode threads and nvImageCodec's, which they
+            # start and which inherit the mask) on the last `cores` CPUs only
+            mask = set(sorted(os.sched_getaffinity(0))[-cores:])
+
+            def pinned(*a, _run=stage._run, **k):
+                if os.sched_getaffinity(0) != mask:
+                    os.sched_setaffinity(0, mask)
+                return _run(*a, **k)
+            run = pinned
+        stage._run = clock.wrap(run)
         return stage, clock
 
     from ray_extsrc.bench._pipelines import parse_decoder_options
@@ -256,17 +391,19 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         current.update(model=model, opt=opt)
         args.model_now = model_name
-        measure("synthetic", synthetic())
+        measure("synthetic", synthetic(), profile="profile" in args.phases)
         for n, spec in enumerate(configs):
             cfg, *extras = spec.split("|")
             extra = dict(e.split("=") for e in extras if "=" in e)
             threads, depth = int(extra.get("threads", 2)), int(extra.get("depth", 3))
+            cores = int(extra.get("cores", 0))
             decode.loader_stream = high_priority_stream if "hiprio" in extras else low_priority_stream
-            stage, clock = make_stage(threads, **parse_decoder_options(cfg))
+            stage, clock = make_stage(threads, cores, "nopin" not in extras, **parse_decoder_options(cfg))
             cfg = spec
             if model_name == args.model.split(",")[0] and "alone" in args.phases:
                 measure("stage_alone", fed(stage, depth), train=False, clock=clock, decoder=cfg)
-            measure("fed", fed(stage, depth), clock=clock, pyspy=args.pyspy and n == 0, decoder=cfg)
+            measure("fed", fed(stage, depth), clock=clock, pyspy=args.pyspy and n == 0, decoder=cfg,
+                    profile="profile" in args.phases and n == 0)
             if "prio" in args.phases:
                 with torch.cuda.stream(hp):
                     measure("fed_step_high_priority", fed(stage, depth), clock=clock, decoder=cfg,
