@@ -24,7 +24,7 @@ import threading
 import time
 import types as pytypes
 
-__all__ = ["ThreadClock", "host_batches", "kernel_times", "main", "summarize_trace"]
+__all__ = ["ThreadClock", "cpu_by_thread", "host_batches", "kernel_times", "main", "summarize_trace", "thread_ticks"]
 
 BATCH = 256
 
