@@ -115,3 +115,28 @@ def test_r1_pipeline_reads_the_same_samples_through_every_reader(tmp_path):
     listed = [READERS[r](root if r != "webdataset" else pattern) for r in READERS]
     encoded = [sorted(bytes(src.read_sample(i)[0]) for i in range(len(src))) for src in listed]
     assert encoded[0] == encoded[1] == encoded[2] and len(encoded[0]) == 24
+
+
+def test_summarize_trace_merges_overlaps_finds_the_step_streams_gaps_and_stalling_calls():
+    from ray_extsrc.bench._probe import summarize_trace
+
+    def gpu(ts, dur, stream, name="k", cat="kernel"):
+        return {"ph": "X", "cat": cat, "ts": ts, "dur": dur, "name": name, "args": {"stream": stream}}
+
+    trace = {"traceEvents": [
+        gpu(0, 400, 7), gpu(300, 300, 7), gpu(1000, 500, 7),  # stream 7: [0, 600] and [1000, 1500]
+        gpu(100, 50, 20, "resize"), gpu(700, 200, 20, "copy", "gpu_memcpy"),
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 10, "dur": 2000, "tid": 5},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10, "dur": 9000, "tid": 5},
+        {"ph": "i", "cat": "kernel", "ts": 0, "name": "instant"},
+    ]}
+    out = summarize_trace(trace)
+    assert out["step_stream"] == 7  # the busiest stream
+    assert out["window_ms"] == 1.5
+    assert out["streams"][7]["busy_ms"] == 1.1 and out["streams"][7]["events"] == 3
+    assert out["step_stream_idle_ms"] == 0.4 and out["step_stream_top_gaps_ms"] == [0.4]
+    assert out["step_stream_gaps_over_0.2ms"] == 1
+    assert out["streams"][20] == {"busy_ms": 0.25, "events": 2, "kernel_ms": 0.05, "gpu_memcpy_ms": 0.2}
+    assert out["other_streams_top"][20] == [("copy", 0.2), ("resize", 0.05)]
+    assert out["stalling_calls"] == {"cudaStreamSynchronize @tid 5": {"n": 1, "ms": 2.0}}  # a launch is not one
+    assert summarize_trace({"traceEvents": []}) == {"error": "no GPU activity in the trace"}

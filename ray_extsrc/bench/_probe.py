@@ -105,33 +105,29 @@ def summarize_trace(trace: dict, step_stream: int | None = None) -> dict:
     for e in gpu:
         by_stream[int(e.get("args", {}).get("stream", -1))].append((e["ts"], e["ts"] + e["dur"], e))
 
-    def union(iv: list) -> tuple[float, list]:
-        iv = sorted(iv, key=lambda t: t[0])
-        busy, out, cur = 0.0, [], None
-        for a, b, _ in iv:
-            if cur is None or a > cur[1]:
-                if cur is not None:
-                    out.append(cur)
-                cur = [a, b]
+    def union(iv: list) -> list:  # the merged [start, end] spans of the intervals
+        out: list = []
+        for a, b, _ in sorted(iv, key=lambda t: t[0]):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
             else:
-                cur[1] = max(cur[1], b)
-        if cur is not None:
-            out.append(cur)
-        busy = sum(b - a for a, b in out)
-        return busy, out
+                out.append([a, b])
+        return out
+
+    def busy(spans: list) -> float:
+        return sum(b - a for a, b in spans)
 
     t0 = min(a for iv in by_stream.values() for a, _, _ in iv)
     t1 = max(b for iv in by_stream.values() for _, b, _ in iv)
     streams = {}
     for s, iv in by_stream.items():
-        busy, _ = union(iv)
         kinds = collections.Counter()
         for a, b, e in iv:
             kinds[e["cat"]] += b - a
-        streams[s] = {"busy_ms": round(busy / 1e3, 2), "events": len(iv), **{f"{k}_ms": round(v / 1e3, 2) for k, v in kinds.items()}}
+        streams[s] = {"busy_ms": round(busy(union(iv)) / 1e3, 2), "events": len(iv), **{f"{k}_ms": round(v / 1e3, 2) for k, v in kinds.items()}}
     if step_stream is None:
         step_stream = max(streams, key=lambda s: streams[s]["busy_ms"])
-    _, spans = union(by_stream[step_stream])
+    spans = union(by_stream[step_stream])
     gaps = sorted((b[0] - a[1] for a, b in zip(spans, spans[1:])), reverse=True)
     others = {}
     for s, iv in by_stream.items():
@@ -148,7 +144,7 @@ def summarize_trace(trace: dict, step_stream: int | None = None) -> dict:
             c["n"] += 1
             c["ms"] = round(c["ms"] + e["dur"] / 1e3, 2)
     return {"window_ms": round((t1 - t0) / 1e3, 2), "step_stream": step_stream,
-            "step_stream_idle_ms": round(((t1 - t0) - sum(b - a for a, b in spans)) / 1e3, 2),
+            "step_stream_idle_ms": round(((t1 - t0) - busy(spans)) / 1e3, 2),
             "step_stream_top_gaps_ms": [round(g / 1e3, 2) for g in gaps[:10]],
             "step_stream_gaps_over_0.2ms": sum(1 for g in gaps if g > 200),
             "streams": streams, "other_streams_top": others,
