@@ -31,7 +31,7 @@ import numpy as np
 
 from .sample_rng import sample_rng
 
-__all__ = ["DataNode", "OpNode", "Operator", "SampleContext", "Graph", "add_op", "current_graph", "graph_scope"]
+__all__ = ["DataNode", "OpNode", "Operator", "SampleContext", "SampleContexts", "Graph", "add_op", "current_graph", "graph_scope"]
 
 DEVICES = ("cpu", "gpu", "mixed")
 
@@ -63,6 +63,34 @@ class SampleContext:
             idx_in_batch=info.idx_in_batch,
             iteration=info.iteration,
         )
+
+
+class SampleContexts(Sequence):
+    """The `SampleContext` of each sample of a batch for one op, each made when first asked for.
+
+    A GPU op gets one for its batch (``ctxs`` of ``run_gpu``); the vectorised ops and the
+    decoders' fast path never look at most of them, and making 256 contexts per op per batch in
+    a consumer-side GPU stage costs GIL time that the training step in the same process waits
+    for. Indexing (and iteration) gives the same contexts `SampleContext.of` would.
+    """
+
+    def __init__(self, node: OpNode, pipeline_seed: int, infos: Sequence[Any]) -> None:
+        self._node, self._seed, self._infos = node, pipeline_seed, infos
+        self._made: dict[int, SampleContext] = {}
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __getitem__(self, j: Any) -> Any:
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        if j < 0:
+            j += len(self)
+        ctx = self._made.get(j)
+        if ctx is None:
+            info = self._infos[j]  # IndexError past the end, as a list would
+            ctx = self._made[j] = SampleContext.of(self._node, self._seed, info.epoch_idx, info)
+        return ctx
 
 
 class Operator:

@@ -52,7 +52,7 @@ def test_defaults_are_the_old_environment_defaults():
     # RAY_EXTSRC_GPU_ROI unset: the workers' prep was used ("0" in decode_batch) and the host path
     # decoded regions ("1" in _decode_each); the two fields keep both
     assert o.use_worker_prep is True and o.roi is True
-    assert set(OPTION_NAMES) == {f for f, _ in OLD_ENV_DEFAULTS.values()} | {"use_worker_prep", "roi"}
+    assert set(OPTION_NAMES) == {f for f, _ in OLD_ENV_DEFAULTS.values()} | {"use_worker_prep", "roi", "reuse_images"}
 
 
 def test_options_are_frozen_hashable_and_picklable():
@@ -94,6 +94,8 @@ def test_values_are_normalized():
         ("roi", "yes", "bool"),
         ("use_worker_prep", None, "bool"),
         ("codec_options", 3, "str"),
+        ("reuse_images", -2, ">= -1"),
+        ("reuse_images", 256.0, ">= -1"),
     ],
 )
 def test_bad_values_raise_naming_argument_value_and_range(field, bad, allowed):

@@ -650,3 +650,23 @@ def test_tiny_jpegs_through_random_crop_and_downscale(tmp_path, h, w):
         for idx in range(5):
             out = run(op, data, c=ctx(idx=idx))
             assert 1 <= out.shape[0] <= h and 1 <= out.shape[1] <= w
+
+
+def test_sample_contexts_are_made_on_demand_and_equal_the_eager_ones():
+    from ray_extsrc.graph import SampleContexts
+    from ray_extsrc.types import SampleInfo
+
+    g = Graph()
+    with graph_scope(g):
+        fn.random.coin_flip(probability=0.5, seed=99)
+        fn.random.coin_flip(probability=0.5)
+    infos = [SampleInfo(10 + j, j, 3, 2) for j in range(5)]
+    for node in g.nodes:
+        lazy = SampleContexts(node, 1234, infos)
+        eager = [SampleContext.of(node, 1234, info.epoch_idx, info) for info in infos]
+        assert not lazy._made and len(lazy) == 5
+        assert lazy[3] == eager[3] and list(lazy._made) == [3]  # only what was asked for
+        assert lazy[-1] == eager[-1] and lazy[1:4] == eager[1:4] and list(lazy) == eager
+        assert lazy[3] is lazy[3]
+        with pytest.raises(IndexError):
+            lazy[5]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..fn._gpu.ptrbatch import PREP_ARG, PtrBatch
-from ..graph import DataNode, OpNode, SampleContext
+from ..graph import DataNode, OpNode, SampleContexts
 from ..tensors import TensorListGPU
 from ..types import SampleInfo
 
@@ -60,10 +60,11 @@ class GpuStage:
             self._stream = loader_stream(device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0)
         return self._stream
 
-    def _contexts(self, node: OpNode, infos: Sequence[SampleInfo]) -> list[SampleContext]:
+    def _contexts(self, node: OpNode, infos: Sequence[SampleInfo]) -> SampleContexts:
         # the epoch comes from the batch's SampleInfo: a consumer-side GPU stage runs batches made
-        # by a loader actor, whatever epoch its own (never run) pipeline object is at
-        return [SampleContext.of(node, self._seed, info.epoch_idx, info) for info in infos]
+        # by a loader actor, whatever epoch its own (never run) pipeline object is at; each context
+        # is made only if the op asks for it (`graph.SampleContexts`)
+        return SampleContexts(node, self._seed, infos)
 
     def wait_fence(self, fence: Any) -> None:
         """Make the pipeline's stream wait for ``fence`` (see `pipeline.Pipeline.consumer_fence`)."""

@@ -68,6 +68,13 @@ class MainStage:
             if node.op_id in cpu_nodes or is_source(node):
                 continue
             env[node.op_id] = self._gpu.run_op(node, infos, env)
+        if self._gpu is not None:
+            from ..fn._gpu.ptrbatch import PtrBatch
+
+            for x in self._outputs:  # every output's views first: the first output's event may free
+                data = env[x.source.op_id][x.index]  # the decoded images for reuse (`ptrbatch.Held`)
+                if isinstance(data, PtrBatch):
+                    env[x.source.op_id][x.index] = data.to_list()
         return tuple(self._assemble(x, env, order_consumer) for x in self._outputs)
 
     def _run_cpu(self, infos: Sequence[SampleInfo], env: Env, epoch_idx: int) -> None:

@@ -74,6 +74,13 @@ class DecoderOptions:
     #: asks nvJPEG for libjpeg-turbo's chroma upsampling, so the GPU and CPU paths agree within a
     #: pixel or two. An option the installed nvImageCodec rejects falls back to its defaults.
     codec_options: str = ":fancy_upsampling=1"
+    #: On the prepared path: how many decoded images (nvImageCodec ``Image`` objects and their GPU
+    #: buffers) the process keeps per device to decode the next batches into, instead of making
+    #: and freeing every image (each costs CUDA calls and GIL time that a training step in the same
+    #: process waits for); -1 = four batches' worth, 0 = off. A batch's images go back only after
+    #: the GPU has passed its last kernel, and only if no view of them left the batch. Measured on
+    #: an H200 (2026-12-02, consumer stage, one run): ResNet-50 fed 0.90x -> 0.97x of synthetic.
+    reuse_images: int = -1
 
     def __post_init__(self) -> None:
         for name, value in _checked("DecoderOptions", _as_dict(self)).items():
@@ -123,6 +130,7 @@ def _checked(where: str, values: dict[str, Any]) -> dict[str, Any]:
         "roi": _flag(where, "roi", values["roi"]),
         "chunk": _integer(where, "chunk", values["chunk"], 1),
         "codec_options": _text(where, "codec_options", values["codec_options"]),
+        "reuse_images": _integer(where, "reuse_images", values["reuse_images"], -1),
     }
 
 

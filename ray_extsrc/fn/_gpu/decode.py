@@ -38,7 +38,7 @@ import numpy as np
 from ... import types
 from ...graph import SampleContext
 from ..decoder_options import DecoderOptions
-from .ptrbatch import PREP_ARG, PtrBatch
+from .ptrbatch import PREP_ARG, Held, PtrBatch
 from .streams import loader_stream
 
 __all__ = [
@@ -103,7 +103,8 @@ class _DecodeThreads:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"ray_extsrc-nvimgcodec{device_id}")
         self.local = threading.local()
 
-    def _run(self, kind: str, options: DecoderOptions, data: list, params: Any) -> tuple[list, Any]:
+    def _run(self, kind: str, options: DecoderOptions, data: list, params: Any,
+             reuse: list | None = None) -> tuple[list, Any]:
         import cupy
 
         loc = self.local
@@ -115,23 +116,90 @@ class _DecodeThreads:
             dec = loc.decoders.get(key)
             if dec is None:
                 dec = loc.decoders[key] = make_decoder(self.device_id, kind, options)
+            kw: dict[str, Any] = {"params": params, "cuda_stream": loc.stream.ptr}
+            if reuse is not None:
+                kw["images"] = reuse  # decode into these (their buffers grow if too small)
             try:
-                images = dec.decode(data, params=params, cuda_stream=loc.stream.ptr)
-            except TypeError:  # a version that only takes code streams
+                images = dec.decode(data, **kw)
+            except TypeError:  # an older version: code streams only, no images= (nothing is pooled)
                 from nvidia import nvimgcodec
 
+                if kw.pop("images", None) is not None:
+                    _ImagePool.supported = False
                 data = [nvimgcodec.CodeStream(np.ascontiguousarray(a)) for a in data]
-                images = dec.decode(data, params=params, cuda_stream=loc.stream.ptr)
+                images = dec.decode(data, **kw)
             return images, loc.stream.record()
 
-    def submit(self, kind: str, options: DecoderOptions, data: list, params: Any) -> Any:
-        return self.pool.submit(self._run, kind, options, data, params)
+    def submit(self, kind: str, options: DecoderOptions, data: list, params: Any, reuse: list | None = None) -> Any:
+        return self.pool.submit(self._run, kind, options, data, params, reuse)
+
+
+class _ImagePool:
+    """Decoded images of one device kept to decode later batches into (`DecoderOptions.reuse_images`).
+
+    nvImageCodec allocates every output image (``cudaMallocAsync``) and frees it when the Python
+    object dies (``cudaFreeAsync``): two CUDA calls per image, 512 per batch of 256, each taking
+    the driver's locks that the training step's kernel launches in the same process need too. Its
+    ``decode(..., images=...)`` (0.9) decodes into given images instead, growing a buffer only
+    when the new image does not fit. A batch's images come back here from `_prune`, once the
+    batch's last kernel is done and if no view of them left the batch (`ptrbatch.Held`); a batch
+    takes the largest free images, largest to the largest sample, so buffers settle at the
+    largest sizes and rarely grow. Beyond ``limit`` free images the smallest are let go.
+    """
+
+    #: False once the installed nvImageCodec refused ``images=`` (then nothing is pooled)
+    supported = True
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.free: list[tuple[int, Any]] = []  # (capacity in bytes, image)
+        self.taken = self.missed = 0  # batches decoded into pooled images / with new ones
+
+    def take(self, nbytes: Sequence[int]) -> list | None:
+        """Images for samples of ``nbytes`` bytes each (same order), or None if too few are free."""
+        n = len(nbytes)
+        with self.lock:
+            if not self.supported or n == 0 or len(self.free) < n:
+                self.missed += 1
+                return None
+            self.free.sort(key=lambda t: t[0])
+            got = self.free[-n:]
+            del self.free[-n:]
+            self.taken += 1
+        out: list = [None] * n
+        for (_, img), j in zip(got, np.argsort(np.asarray(nbytes), kind="stable").tolist()):
+            out[j] = img
+        return out
+
+    def give_back(self, images: Sequence[Any]) -> None:
+        with self.lock:
+            self.free.extend((int(getattr(img, "capacity", 0) or 0), img) for img in images)
+            if len(self.free) > self.limit:
+                self.free.sort(key=lambda t: t[0])
+                del self.free[: len(self.free) - self.limit]
 
 
 _lock = threading.Lock()
 #: The process's decode thread pools, by (device_id, number of threads).
 _threads: dict[tuple[int, int], _DecodeThreads] = {}
 _params: list = []
+#: The process's image pools, by device id (`_ImagePool`).
+_pools: dict[int, _ImagePool] = {}
+
+
+def _image_pool(device_id: int, options: DecoderOptions, batch: int) -> _ImagePool | None:
+    """The device's pool of reusable images (at least ``options.reuse_images`` of them; -1: four
+    batches of ``batch``), or None when ``reuse_images`` is 0 or nvImageCodec cannot reuse."""
+    limit = 4 * batch if options.reuse_images < 0 else options.reuse_images
+    if limit <= 0 or not _ImagePool.supported:
+        return None
+    with _lock:
+        pool = _pools.get(device_id)
+        if pool is None:
+            pool = _pools[device_id] = _ImagePool(limit)
+        pool.limit = max(pool.limit, limit)
+        return pool
 
 
 def _decode_threads(device_id: int, options: DecoderOptions) -> _DecodeThreads:
@@ -167,6 +235,7 @@ def release() -> None:
             return
         stopping = list(_threads.values())
         _threads.clear()
+        _pools.clear()  # their images are freed as they go
     for t in stopping:
         t.pool.shutdown(wait=True)  # thread exit drops the thread's decoders
 
@@ -199,17 +268,19 @@ def stats_snapshot() -> dict[str, float]:
         return dict(STATS)
 
 
-def _decode_async(device_id: int, data: list, options: DecoderOptions) -> list[tuple[list[int], Any]]:
+def _decode_async(device_id: int, data: list, options: DecoderOptions,
+                  reuse: list | None = None) -> list[tuple[list[int], Any]]:
     """Start decoding ``data``; returns ``[(positions in data, future of (images, event))]``.
 
     With ``options.split_share`` > 0 the batch goes to two decoders at once: that share to a
     hardware-engine-only decoder, the rest to ``options.split_backend`` (the hardware engines and
-    the CUDA decoder are separate resources); otherwise one ``options.backend`` call."""
+    the CUDA decoder are separate resources); otherwise one ``options.backend`` call, into the
+    images ``reuse`` (one per sample) when given."""
     dt = _decode_threads(device_id, options)
     params = _decode_params()
     share = options.split_share
     if share <= 0.0 or len(data) < 2:
-        return [(list(range(len(data))), dt.submit(options.backend, options, data, params))]
+        return [(list(range(len(data))), dt.submit(options.backend, options, data, params, reuse))]
     k = max(1, min(len(data) - 1, round(share * len(data))))
     # interleaved, so both halves get a similar mix of image sizes
     hw = [j for j in range(len(data)) if (j * k) // len(data) != ((j + 1) * k) // len(data)]
@@ -279,8 +350,18 @@ def _keep(op: Any, stream: Any, owners: list) -> None:
 
 
 def _prune(keep: list) -> None:
-    """Drop the entries whose event has completed (under `_keep_lock`)."""
-    keep[:] = [e for e in keep if e[0] is None or not e[0].done]
+    """Drop the entries whose event has completed (under `_keep_lock`); a batch's pooled images
+    go back to their pool unless a view of them left the batch (`ptrbatch.Held`)."""
+    kept = []
+    for e in keep:
+        if e[0] is None or not e[0].done:
+            kept.append(e)
+            continue
+        owners = e[2]
+        pool = getattr(owners, "pool", None)
+        if pool is not None and not owners.escaped:
+            pool.give_back(owners.images)
+    keep[:] = kept
 
 
 def batch_enqueued(event: Any) -> None:
@@ -310,12 +391,18 @@ def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[Sampl
     t0 = time.perf_counter()
     n = len(inputs)
     ok = np.flatnonzero(prep[:, 6] == 1)
-    images = _collect(_decode_async(cupy.cuda.Device().id, [inputs[j] for j in ok], options), stream)
+    device_id = cupy.cuda.Device().id
+    pool = _image_pool(device_id, options, n) if options.split_share <= 0.0 else None
+    reuse = pool.take((prep[ok, 4] * prep[ok, 5] * 3).tolist()) if pool is not None else None
+    images = _collect(_decode_async(device_id, [inputs[j] for j in ok], options, reuse), stream)
     t1 = time.perf_counter()
     ptrs = np.zeros(n, np.uint64)
     dims = np.zeros((n, 3), np.int32)
     done = np.zeros(n, bool)
-    owners: list = []
+    owners = Held()
+    if pool is not None:  # these images go back to the pool after the batch (`_prune`)
+        owners.pool = pool
+        owners.images = [img for img in images if img is not None]
     for j, img in zip(ok.tolist(), images):
         if img is None:
             continue

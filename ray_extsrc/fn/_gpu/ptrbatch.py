@@ -17,6 +17,14 @@ import numpy as np
 PREP_ARG = "__prep__"
 
 
+class Held(list):
+    """A batch's owners of decoded memory (nvImageCodec images, fallback arrays). ``escaped`` is set
+    once a view of the memory left the batch kernels (`PtrBatch.to_list`): such memory may still be
+    read after the batch, so its images are never given back for reuse (`decode._ImagePool`)."""
+
+    escaped = False
+
+
 class PtrBatch:
     """``ptrs[j]`` (device address of row 0, column 0), ``dims[j] = (h, w, row pitch in bytes)``,
     uint8 HWC with ``channels`` channels; ``owners`` keep the memory alive."""
@@ -31,6 +39,8 @@ class PtrBatch:
         return len(self.ptrs)
 
     def to_list(self) -> list:
+        if isinstance(self.owners, Held):
+            self.owners.escaped = True  # the views below outlive the batch: no reuse of this memory
         import cupy
 
         out = []

@@ -1,0 +1,104 @@
+"""Decoding into reused nvImageCodec images (`DecoderOptions.reuse_images`): the batches are the same
+as with fresh images, images are really reused, and memory a view of which left the pipeline (the
+decoder's own output) is never decoded into again."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from ray_extsrc.pipeline import gpu_available
+
+
+def _gpu_stack_ok() -> bool:
+    if not gpu_available():
+        return False
+    try:
+        import cupy
+        from nvidia import nvimgcodec  # noqa: F401
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not _gpu_stack_ok(), reason="needs a GPU with CuPy and nvImageCodec"),
+]
+
+BATCH = 16
+BATCHES = 8  # one epoch of 128 images: from the third batch on, decodes go into reused images
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    from ray_extsrc.synthetic import R1, make_jpeg_dataset
+
+    return str(make_jpeg_dataset(tmp_path_factory.mktemp("r1"), dataclasses.replace(R1, num_images=BATCH * BATCHES), progress=False))
+
+
+def _host(out) -> np.ndarray:
+    """A batch output on the host: the dense array, or the samples flattened end to end."""
+    cpu = out.as_cpu()
+    if cpu.is_dense_tensor():
+        return np.array(cpu.as_array())
+    return np.concatenate([np.asarray(a).ravel() for a in cpu])
+
+
+def _run(root: str, with_decoded: bool, **decoder) -> list[list[np.ndarray]]:
+    """``BATCHES`` batches of an R1 pipeline (worker prep on: the prepared decode path), copied to
+    the host as each arrives; with ``with_decoded`` the decoder's output is an output too, and the
+    GPU outputs of every batch are kept and copied again at the end."""
+    from ray_extsrc import fn, pipeline_def, types
+    from ray_extsrc.bench._pipelines import IMAGENET_MEAN, IMAGENET_STD, READERS
+    from ray_extsrc.fn._gpu import decode
+
+    # spawned workers: earlier tests of the session initialised CUDA in this process
+    @pipeline_def(batch_size=BATCH, num_threads=2, device_id=0, seed=7, py_num_workers=2, py_start_method="spawn",
+                  prefetch_queue_depth=2)
+    def pipe():
+        jpegs, labels = fn.external_source(source=READERS["file_list"](root, BATCH, None), num_outputs=2,
+                                           batch=False, parallel=True, dtype=[types.UINT8, types.INT32])
+        dec = fn.decoders.image_random_crop(jpegs, device="mixed", **decoder)
+        img = fn.resize(dec, resize_x=96, resize_y=96)
+        img = fn.crop_mirror_normalize(img, mirror=fn.random.coin_flip(probability=0.5), mean=IMAGENET_MEAN,
+                                       std=IMAGENET_STD, dtype=types.FLOAT, output_layout="CHW")
+        return (img, labels, dec) if with_decoded else (img, labels)
+
+    p = pipe()
+    try:
+        p.start_py_workers()
+        p.build()
+        first, kept = [], []
+        for _ in range(BATCHES):
+            outs = p.run()
+            first.append([_host(o) for o in outs])
+            if with_decoded:
+                kept.append(outs)
+        _run.pool = decode._pools.get(0)
+        _run.taken = _run.pool.taken if _run.pool is not None else 0
+        if with_decoded:  # the kept outputs, read again after every later batch decoded
+            _run.again = [[_host(o) for o in outs] for outs in kept]
+        return first
+    finally:
+        p.close()
+
+
+def test_reused_images_give_the_same_batches(root):
+    fresh = _run(root, False, reuse_images=0)
+    reused = _run(root, False, reuse_images=4 * BATCH)
+    assert _run.taken >= BATCHES - 3, f"only {_run.taken} of {BATCHES} batches decoded into reused images"
+    for k, (a, b) in enumerate(zip(fresh, reused)):
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y), f"batch {k} differs with reused images"
+
+
+def test_memory_seen_outside_the_pipeline_is_not_reused(root):
+    batches = _run(root, True, reuse_images=4 * BATCH)
+    assert _run.taken == 0  # every batch's decoded images left the pipeline as an output
+    for k, (now, later) in enumerate(zip(batches, _run.again)):
+        assert np.array_equal(now[2], later[2]), f"batch {k}'s decoded images changed after later batches"
