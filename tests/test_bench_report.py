@@ -140,3 +140,20 @@ def test_summarize_trace_merges_overlaps_finds_the_step_streams_gaps_and_stallin
     assert out["other_streams_top"][20] == [("copy", 0.2), ("resize", 0.05)]
     assert out["stalling_calls"] == {"cudaStreamSynchronize @tid 5": {"n": 1, "ms": 2.0}}  # a launch is not one
     assert summarize_trace({"traceEvents": []}) == {"error": "no GPU activity in the trace"}
+
+
+def test_probe_disturbance_runs_its_work_in_threads_until_stopped_and_reports_a_rate():
+    from ray_extsrc.bench._probe import Disturbance, disturbance_work
+
+    work, cleanup = disturbance_work("python", [], None)
+    assert cleanup is None
+    with Disturbance("python", work, threads=2) as d:
+        time.sleep(0.3)
+    assert d.count > 0 and d.rate > 0
+    assert not any(t.is_alive() for t in d.threads)
+    n = d.count
+    time.sleep(0.1)
+    assert d.count == n  # stopped: nothing runs after the block
+    with pytest.raises(ValueError, match="one of"):
+        disturbance_work("nonsense", [], None)
+

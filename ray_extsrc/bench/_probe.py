@@ -24,7 +24,7 @@ import threading
 import time
 import types as pytypes
 
-__all__ = ["ThreadClock", "cpu_by_thread", "host_batches", "kernel_times", "main", "summarize_trace", "thread_ticks"]
+__all__ = ["DISTURBANCES", "Disturbance", "ThreadClock", "cpu_by_thread", "disturbance_work", "host_batches", "kernel_times", "main", "summarize_trace", "thread_ticks"]
 
 BATCH = 256
 
@@ -204,6 +204,104 @@ class ThreadClock:
         return run
 
 
+#: `interfere` phase: what runs beside the synthetic step, in two threads (see `Disturbance`).
+DISTURBANCES = ("numpy", "python", "cuda_api", "decode", "decode_reuse", "stage")
+
+
+class Disturbance:
+    """Work run in ``threads`` background threads beside the training step, to tell apart what
+    slows the step's host side: memory bandwidth and cores (``numpy``: large copies, no GIL), the
+    GIL (``python``: a pure-Python loop), the CUDA driver (``cuda_api``: stream-ordered
+    malloc/free and event waits, as nvImageCodec makes per image), nvImageCodec alone
+    (``decode``: one batch decoded over and over; ``decode_reuse``: into the same images each
+    time), or the whole consumer stage without the hand-over (``stage``). ``rate`` is the work's
+    iterations per second while it ran."""
+
+    def __init__(self, kind: str, work, threads: int = 2) -> None:
+        self.kind, self.work, self.stop = kind, work, threading.Event()
+        self.count = 0
+        self.lock = threading.Lock()
+        self.warm = threading.Barrier(threads + 1)
+        self.threads = [threading.Thread(target=self._loop, name=f"probe-{kind}", daemon=True) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        state: dict = {}
+        self.work(state)  # the first iteration builds what the work needs (decoders, streams): untimed
+        self.warm.wait()
+        try:
+            while not self.stop.is_set():
+                self.work(state)
+                with self.lock:
+                    self.count += 1
+        finally:  # newest first: images before the stream they were decoded on, before their decoder
+            for k in reversed(list(state)):
+                del state[k]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        self.warm.wait(timeout=120)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+        self.rate = round(self.count / (time.perf_counter() - self.t0), 1)
+
+
+def disturbance_work(kind: str, hbs: list, make_stage) -> tuple:
+    """``(work(state), cleanup)`` for `Disturbance` ``kind`` (one of `DISTURBANCES`)."""
+    import numpy as np
+
+    if kind not in DISTURBANCES:
+        raise ValueError(f"disturbance {kind!r}: one of {DISTURBANCES}")
+    if kind == "numpy":
+        a, b = np.ones(1 << 25, np.uint8), np.zeros(1 << 25, np.uint8)
+        return (lambda st: np.copyto(b, a)), None
+    if kind == "python":
+        return (lambda st: sum(range(20000))), None
+    import cupy
+
+    if kind == "cuda_api":
+        def api(st):
+            if "s" not in st:
+                st["s"] = cupy.cuda.Stream(non_blocking=True)
+            s, rt = st["s"], cupy.cuda.runtime
+            for _ in range(64):  # one image's worth of nvImageCodec's stream-ordered calls
+                rt.freeAsync(rt.mallocAsync(1 << 19, s.ptr), s.ptr)
+            s.record().synchronize()
+        return api, None
+    if kind in ("decode", "decode_reuse"):
+        from ray_extsrc.fn._gpu.decode import _decode_params, make_decoder
+        from ray_extsrc.host_batch import PackedBytes
+
+        col = next(c for outs in hbs[0].columns.values() for c in outs.values() if isinstance(c, PackedBytes))
+        data = col.samples()
+
+        def dec(st):
+            if "d" not in st:
+                st["d"], st["s"] = make_decoder(0, "default"), cupy.cuda.Stream(non_blocking=True)
+            kw = {"params": _decode_params(), "cuda_stream": st["s"].ptr}
+            if kind == "decode_reuse" and st.get("imgs"):
+                kw["images"] = st["imgs"]
+            imgs = st["d"].decode(data, **kw)
+            st["s"].synchronize()  # the images may be decoded into again (or freed) now
+            st["imgs"] = imgs if kind == "decode_reuse" and all(i is not None for i in imgs) else None
+        return dec, None
+    if kind == "stage":
+        stage, _ = make_stage(2)
+        k = [0]
+
+        def run(st):
+            reply = pytypes.SimpleNamespace(end=False, outputs=(hbs[k[0] % len(hbs)],), skipped=())
+            k[0] += 1
+            stage.submit(lambda r=reply: r).result()
+        return run, stage.close
+    raise AssertionError(kind)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ray-extsrc bench --probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="/tmp/r1-probe")
@@ -213,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm", type=int, default=15)
     ap.add_argument("--phases", default="alone,prio")
     ap.add_argument("--configs", default="", help="decoder options per stage, ';'-separated (see --decoder)")
+    ap.add_argument("--disturb", default=",".join(DISTURBANCES),
+                    help="with --phases interfere: what runs beside the synthetic step (see Disturbance)")
     ap.add_argument("--pyspy", action="store_true")
     ap.add_argument("--out", default="out/probe.json")
     args = ap.parse_args(argv)
@@ -341,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"phase": name, "model": args.model_now, "trace": summary}), flush=True)
         return summary
 
+    from ray_extsrc.executor import gpu_stage as _gpu_stage
+
+    lazy_contexts = _gpu_stage.GpuStage._contexts
+
+    def eager_contexts(self, node, infos):  # the "eagerctx" setting: every context made up front
+        return list(lazy_contexts(self, node, infos))
+
     def make_stage(threads: int = 2, cores: int = 0, pin: bool = True, **decoder) -> tuple[ConsumerStage, ThreadClock]:
         stage = ConsumerStage(r1_pipeline, {"root": root, "batch": BATCH, **decoder}, dev, "probe", pin_host_bytes=pin)
         if threads != 2:
@@ -379,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     keep: list = []
 
     configs = [c for c in args.configs.split(";")]
+    default_switch = sys.getswitchinterval()
     hp = torch.cuda.Stream(device=dev, priority=torch.cuda.Stream.priority_range()[1])
     if "kernels" in args.phases:
         kernel_times(make_stage, fed, args.steps)
@@ -388,18 +496,36 @@ def main(argv: list[str] | None = None) -> int:
         current.update(model=model, opt=opt)
         args.model_now = model_name
         measure("synthetic", synthetic(), profile="profile" in args.phases)
+        if "interfere" in args.phases and model_name == args.model.split(",")[0]:
+            for kind in filter(None, args.disturb.split(",")):
+                work, cleanup = disturbance_work(kind, hbs, make_stage)
+                with Disturbance(kind, work) as d:
+                    rec = measure(f"synthetic_beside_{kind}", synthetic())
+                rec["disturbance_per_s"] = d.rate
+                print(json.dumps({"phase": rec["phase"], "disturbance_per_s": d.rate}), flush=True)
+                if cleanup is not None:
+                    cleanup()
         for n, spec in enumerate(configs):
             cfg, *extras = spec.split("|")
             extra = dict(e.split("=") for e in extras if "=" in e)
             threads, depth = int(extra.get("threads", 2)), int(extra.get("depth", 3))
             cores = int(extra.get("cores", 0))
             decode.loader_stream = high_priority_stream if "hiprio" in extras else low_priority_stream
+            sys.setswitchinterval(float(extra.get("si", default_switch)))
+            _gpu_stage.GpuStage._contexts = eager_contexts if "eagerctx" in extras else lazy_contexts
             stage, clock = make_stage(threads, cores, "nopin" not in extras, **parse_decoder_options(cfg))
             cfg = spec
             if model_name == args.model.split(",")[0] and "alone" in args.phases:
                 measure("stage_alone", fed(stage, depth), train=False, clock=clock, decoder=cfg)
-            measure("fed", fed(stage, depth), clock=clock, pyspy=args.pyspy and n == 0, decoder=cfg,
-                    profile="profile" in args.phases and n == 0)
+            rec = measure("fed", fed(stage, depth), clock=clock, pyspy=args.pyspy and n == 0, decoder=cfg,
+                          profile="profile" in args.phases and n == 0)
+            free, total = torch.cuda.mem_get_info(dev)
+            pool = decode._pools.get(dev.index or 0)
+            rec["device_used_mb"] = round((total - free) / 2**20)
+            if pool is not None:  # batches decoded into reused images / into new ones, free images
+                rec["image_pool"] = {"taken": pool.taken, "missed": pool.missed, "free": len(pool.free)}
+            print(json.dumps({k: rec[k] for k in ("phase", "decoder", "device_used_mb", "image_pool") if k in rec}),
+                  flush=True)
             if "prio" in args.phases:
                 with torch.cuda.stream(hp):
                     measure("fed_step_high_priority", fed(stage, depth), clock=clock, decoder=cfg,
