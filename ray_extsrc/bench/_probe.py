@@ -9,7 +9,10 @@ made first (before CUDA, with the pipeline's forked workers), then replayed into
 Each phase prints one JSON line: images/s of the step (or of the stage alone), the main thread's
 CPU time per step (a step whose CPU time nears its wall time is bound by Python), and the stage
 threads' CPU time per batch. ``--pyspy`` also samples the process with py-spy (``--gil``: only
-the thread holding the GIL) during the first fed phase, as collapsed stacks.
+the thread holding the GIL) during the first fed phase, as collapsed stacks (py-spy pauses the
+process to sample: that phase's speed is not comparable). ``--phases interfere`` times the synthetic
+step beside each of `DISTURBANCES` (``--disturb``) instead of beside the stage, to tell which kind
+of work in the same process slows it.
 """
 
 from __future__ import annotations
