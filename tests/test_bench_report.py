@@ -55,6 +55,28 @@ def test_tree_rss_counts_a_process_and_its_descendants():
         child.communicate(b"", timeout=30)
 
 
+def test_tree_pss_counts_pages_a_forked_child_shares_once():
+    from ray_extsrc.bench._common import pss_mb, tree_pss_mb
+
+    if pss_mb(os.getpid()) == 0:
+        pytest.skip("this kernel gives no /proc/PID/smaps_rollup")
+    code = ("import os, sys\n"
+            "b = bytearray(os.urandom(1 << 20) * 96)\n"  # 96 MB of touched pages, then a fork shares them
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    sys.stdin.read(); os._exit(0)\n"
+            "print('ready', flush=True); sys.stdin.read(); os.waitpid(pid, 0)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout.readline().strip() == b"ready"
+        time.sleep(0.2)
+        rss, pss = _tree_rss_mb(parent.pid), tree_pss_mb(parent.pid)
+        assert rss >= 2 * 96  # the shared 96 MB in both processes
+        assert 96 <= pss < rss - 80  # ... once
+    finally:
+        parent.communicate(b"", timeout=30)
+
+
 def test_table_counts_the_loader_actors_memory_for_train_systems():
     row = {**_row("ray_extsrc_in_train", 24000), "tree_rss_mb": 800.0, "loader_tree_rss_mb": 1500.0}
     line = [ln for ln in table({"b": row}).splitlines() if ln.startswith("ray_extsrc_in_train ")][0]

@@ -62,9 +62,30 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def tree_rss_mb(root: int | None = None) -> float:
+def pss_mb(pid: int) -> float:
+    """Proportional set size: each page the process maps, divided by how many processes map it
+    (``/proc/PID/smaps_rollup``); 0 where the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def tree_pss_mb(root: int | None = None) -> float:
+    """PSS of process ``root`` (default: this one) and all its descendants: pages shared between
+    them (a zygote's, forked workers' copy-on-write pages) are counted once in all, unlike
+    `tree_rss_mb`. Pages shared with processes outside the tree count only in part."""
+    return tree_rss_mb(root, pss_mb)
+
+
+def tree_rss_mb(root: int | None = None, of: Any = None) -> float:
     """RSS of process ``root`` (default: this one) and all its descendants (shared pages are
-    counted in each)."""
+    counted in each); ``of`` another per-process figure (`pss_mb`)."""
+    of = rss_mb if of is None else of
     me = os.getpid() if root is None else root
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -78,7 +99,7 @@ def tree_rss_mb(root: int | None = None) -> float:
     total, todo = 0.0, [me]
     while todo:
         p = todo.pop()
-        total += rss_mb(p)
+        total += of(p)
         todo.extend(kids.get(p, []))
     return total
 
@@ -87,6 +108,12 @@ def loader_tree_rss_mb(it: Any) -> float:
     """Host RSS of a `LoaderIterator`'s loader actors and their trees (zygote, Python workers):
     Ray workers, not the caller's children, so they are found by pid (on the caller's node)."""
     return sum(tree_rss_mb(it.describe(w)["pid"]) for w in range(it.ways))
+
+
+def loader_tree_pss_mb(it: Any) -> float:
+    """`loader_tree_rss_mb` as PSS (`tree_pss_mb`): the loader actors' trees without their shared
+    pages counted once per process."""
+    return sum(tree_pss_mb(it.describe(w)["pid"]) for w in range(it.ways))
 
 
 def pipeline_epoch(pipe: Any) -> Iterator[tuple]:
@@ -175,7 +202,7 @@ def timed(
             raise RuntimeError(f"epoch {e} produced no batches (fewer images than one batch of {batch}?)")
         rec = {"epoch": e, "warmup": e < warmup, "batches": n, "images": n * batch, "seconds": round(secs, 4),
                "first_batch_s": round(first or 0.0, 4), "images_per_s": round(n * batch / secs, 1),
-               "tree_rss_mb": round(tree_rss_mb(), 1)}
+               "tree_rss_mb": round(tree_rss_mb(), 1), "tree_pss_mb": round(tree_pss_mb(), 1)}
         records.append(rec)
         print(f"  epoch {e}{' (warm-up)' if e < warmup else ''}: {n * batch} img in {secs:.3f} s = "
               f"{n * batch / secs:.0f} img/s (first batch {first or 0.0:.3f} s)", file=sys.stderr, flush=True)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (
-    GpuMemory, cpu_model, device_name, emit, loadavg, parse_result, result_stem, timed, timed_rates, loader_tree_rss_mb,
+    GpuMemory, cpu_model, device_name, emit, loadavg, parse_result, result_stem, timed, timed_rates, loader_tree_pss_mb, loader_tree_rss_mb,
     versions,
 )
 
@@ -110,6 +110,7 @@ def _feed(config: dict, dev: Any, gpu: GpuMemory) -> tuple[Any, Any, dict]:
         out: dict[str, Any] = {"gpu_stage": getattr(it, "gpu_stage", None), "ways": it.ways}
         try:  # the loader actors are Ray workers, not this process's children: measured by pid
             out["loader_tree_rss_mb"] = round(loader_tree_rss_mb(it), 1)
+            out["loader_tree_pss_mb"] = round(loader_tree_pss_mb(it), 1)
         except Exception as e:  # noqa: BLE001 - a figure, not the result
             out["loader_tree_rss_error"] = repr(e)
         try:
@@ -159,7 +160,8 @@ def train_worker(config: dict) -> None:
     finally:
         close()
     out = {"records": recs, **gpu.report(), "warmup_epochs": warmup, "steps_per_epoch": steps,
-           "train_worker_tree_rss_mb": max(r.get("tree_rss_mb", 0) for r in recs), **info}
+           "train_worker_tree_rss_mb": max(r.get("tree_rss_mb", 0) for r in recs),
+           "train_worker_tree_pss_mb": max(r.get("tree_pss_mb", 0) for r in recs), **info}
     if gpu_on:
         out["torch_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     import ray.train
@@ -270,7 +272,8 @@ def _summary(runs: list[dict]) -> dict:
         s = summary.setdefault(f"{res['model']}/{res['feed']}", {
             "model": res["model"], "feed": res["feed"], "epochs": [], "per_round_median": [], "first_batch_s": [],
             "gpu_peak_used_mb": None, "gpu_added_peak_mb": None, "train_worker_tree_rss_mb": 0.0,
-            "loader_tree_rss_mb": 0.0, "gpu_stage": res.get("gpu_stage")})
+            "loader_tree_rss_mb": 0.0, "train_worker_tree_pss_mb": 0.0, "loader_tree_pss_mb": 0.0,
+            "gpu_stage": res.get("gpu_stage")})
         rates = timed_rates(res)
         s["epochs"] += rates
         s["per_round_median"].append(statistics.median(rates) if rates else None)
@@ -278,12 +281,14 @@ def _summary(runs: list[dict]) -> dict:
         for k in ("gpu_peak_used_mb", "gpu_added_peak_mb"):
             if res.get(k) is not None:
                 s[k] = max(s[k] or 0, res[k])
-        s["train_worker_tree_rss_mb"] = max(s["train_worker_tree_rss_mb"], res.get("train_worker_tree_rss_mb", 0))
-        s["loader_tree_rss_mb"] = max(s["loader_tree_rss_mb"], res.get("loader_tree_rss_mb", 0))
+        for k in ("train_worker_tree_rss_mb", "loader_tree_rss_mb", "train_worker_tree_pss_mb", "loader_tree_pss_mb"):
+            s[k] = max(s[k], res.get(k, 0))
     for s in summary.values():
         s["median_images_per_s"] = statistics.median(s["epochs"]) if s["epochs"] else None
         s["startup_to_first_batch_s"] = statistics.median(s["first_batch_s"]) if s["first_batch_s"] else None
         s["host_rss_mb"] = round(s["train_worker_tree_rss_mb"] + s["loader_tree_rss_mb"], 1)
+        # the same processes with shared pages counted once (0 where the kernel gives no PSS)
+        s["host_pss_mb"] = round(s["train_worker_tree_pss_mb"] + s["loader_tree_pss_mb"], 1)
     for s in summary.values():
         syn = summary.get(f"{s['model']}/synthetic")
         if syn and syn["median_images_per_s"] and s["median_images_per_s"] is not None:
@@ -300,7 +305,7 @@ def _summary(runs: list[dict]) -> dict:
 
 def table(summary: dict) -> str:
     head = (f"{'model/feed':<28}{'img/s':>9}{'vs syn':>8}{'epochs (img/s)':>26}{'1st batch s':>12}"
-            f"{'GPU peak MB':>12}{'+vs syn':>9}{'host RSS MB':>12}{'stage':>10}")
+            f"{'GPU peak MB':>12}{'+vs syn':>9}{'host RSS MB':>12}{'host PSS MB':>12}{'stage':>10}")
     rows = [head]
     for k, s in summary.items():
         eps = " ".join(f"{v:.0f}" for v in s["epochs"])
@@ -310,7 +315,7 @@ def table(summary: dict) -> str:
         peak = s["gpu_peak_used_mb"] if s["gpu_peak_used_mb"] is not None else "-"
         above = s.get("gpu_peak_above_synthetic_mb", "-")
         rows.append(f"{k:<28}{med:>9}{ratio:>8}{eps[:24]:>26}{first:>12}{peak!s:>12}{above!s:>9}"
-                    f"{s['host_rss_mb']:>12.0f}{s.get('gpu_stage') or '-':>10}")
+                    f"{s['host_rss_mb']:>12.0f}{s.get('host_pss_mb', 0):>12.0f}{s.get('gpu_stage') or '-':>10}")
     return "\n".join(rows)
 
 
