@@ -9,25 +9,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ray_extsrc.pipeline import gpu_available
-
-
-def _gpu_stack_ok() -> bool:
-    if not gpu_available():
-        return False
-    try:
-        import cupy
-        from nvidia import nvimgcodec  # noqa: F401
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+from . import gpu_ready
 
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.timeout(300),
-    pytest.mark.skipif(not _gpu_stack_ok(), reason="needs a GPU with CuPy and nvImageCodec"),
+    pytest.mark.skipif(not gpu_ready(nvimgcodec=True), reason="needs a GPU with CuPy and nvImageCodec"),
 ]
 
 BATCH = 16

@@ -7,25 +7,15 @@ import numpy as np
 import pytest
 
 from ray_extsrc.host_batch import HostBatch, pack_column
-from ray_extsrc.pipeline import gpu_available
 from ray_extsrc.types import SampleInfo
 
-
-def _cupy_ok() -> bool:
-    if not gpu_available():
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+from . import gpu_ready
 
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(not _cupy_ok(), reason="needs a GPU with CuPy"),
+    pytest.mark.skipif(not gpu_ready(), reason="needs a GPU with CuPy"),
 ]
 
 
@@ -90,6 +80,7 @@ def test_a_buffer_is_reused_only_after_its_event():
         staging.close()
 
 
+@pytest.mark.skipif(not gpu_ready(nvimgcodec=True, torch=True), reason="needs nvImageCodec and CUDA-enabled torch too")
 def test_consumer_stage_gives_the_same_batch_with_and_without_pinned_bytes(tmp_path):
     import torch
 

@@ -15,25 +15,13 @@ import sys
 import numpy as np
 import pytest
 
-from ray_extsrc.pipeline import gpu_available
-
-
-def _cuda_ok() -> bool:
-    if not gpu_available():
-        return False
-    try:
-        import cupy
-        import torch
-
-        return cupy.cuda.runtime.getDeviceCount() > 0 and torch.cuda.is_available()
-    except Exception:
-        return False
+from . import gpu_ready
 
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(not _cuda_ok(), reason="needs a GPU with CuPy and CUDA-enabled torch"),
+    pytest.mark.skipif(not gpu_ready(torch=True), reason="needs a GPU with CuPy and CUDA-enabled torch"),
 ]
 
 _REPLY_TIMEOUT_S = 60  # the exporter process imports CuPy and creates a CUDA context first
