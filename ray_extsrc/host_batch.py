@@ -9,13 +9,17 @@ from the counter-based generator, labels) and the outputs of in-process sources 
 A column of 1-D ``uint8`` arrays (encoded images) is packed into one contiguous buffer with offsets
 (`PackedBytes`): the actor copies the samples out of its workers' shared-memory slots once (the
 slots are reused for the next batch), and Ray places the buffer in the node's object store, which
-the consumer on the same node maps read-only without another copy. Other columns (small arrays,
-labels) travel as lists. NumPy only: this module loads in any process.
+the consumer on the same node maps read-only without another copy. A column of same-shape,
+same-dtype arrays or NumPy scalars (labels, the workers' crop boxes) travels as one array
+(`StackedArrays`), and the batch's `SampleInfo`s as one array too (`SampleInfos`): the consumer
+unpickles a few buffers, not hundreds of small objects, in the thread whose GIL time the training
+step waits for (on this project's CPU machine, 256 SampleInfos took 0.72 ms to unpickle and 256
+crop-box rows 0.45 ms). Other columns travel as lists. NumPy only: this module loads in any process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +27,7 @@ import numpy as np
 
 from .types import SampleInfo
 
-__all__ = ["HostBatch", "PackedBytes", "pack_column", "unpack_column"]
+__all__ = ["HostBatch", "PackedBytes", "SampleInfos", "StackedArrays", "pack_column", "unpack_column"]
 
 
 @dataclass(frozen=True)
@@ -41,13 +45,44 @@ class PackedBytes:
         return [self.data[o[j] : o[j + 1]] for j in range(len(self))]
 
 
+@dataclass(frozen=True)
+class StackedArrays:
+    """Samples of one shape and dtype as one array: sample j is ``data[j]`` (a view), or a NumPy
+    scalar where the samples were NumPy scalars (``scalars``)."""
+
+    data: np.ndarray  # (samples, *sample shape)
+    scalars: bool = False
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def samples(self) -> list:
+        d = self.data
+        return list(d) if self.scalars else [d[j, ...] for j in range(len(d))]
+
+
+def _stackable(values: Sequence[Any]) -> bool:
+    """Every value a NumPy array (or every one a NumPy scalar) of the first one's shape and dtype."""
+    first = values[0]
+    if isinstance(first, np.ndarray):
+        kind = np.ndarray
+    elif isinstance(first, np.generic):
+        kind = np.generic
+    else:
+        return False
+    if first.dtype.hasobject:
+        return False
+    return all(isinstance(a, kind) and a.shape == first.shape and a.dtype == first.dtype for a in values)
+
+
 def _is_bytes_sample(a: Any) -> bool:
     return isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 1
 
 
-def pack_column(values: Sequence[Any]) -> PackedBytes | list:
-    """A column as it travels: packed bytes when every sample is a 1-D uint8 array, else a list of
-    private copies (the values may be views of shared memory that is about to be reused)."""
+def pack_column(values: Sequence[Any]) -> PackedBytes | StackedArrays | list:
+    """A column as it travels: packed bytes when every sample is a 1-D uint8 array, one array when
+    all have one shape and dtype (`StackedArrays`), else a list of private copies (the values may be
+    views of shared memory that is about to be reused; the other two forms are copies too)."""
     if values and all(_is_bytes_sample(a) for a in values):
         sizes = np.fromiter((a.size for a in values), np.int64, len(values))
         offsets = np.zeros(len(values) + 1, np.int64)
@@ -56,11 +91,52 @@ def pack_column(values: Sequence[Any]) -> PackedBytes | list:
         for j, a in enumerate(values):
             data[offsets[j] : offsets[j + 1]] = a
         return PackedBytes(data, offsets)
+    if values and _stackable(values):
+        return StackedArrays(np.stack(values), scalars=isinstance(values[0], np.generic))
     return [np.array(a) if isinstance(a, np.ndarray) else a for a in values]
 
 
-def unpack_column(column: PackedBytes | list) -> list:
-    return column.samples() if isinstance(column, PackedBytes) else list(column)
+def unpack_column(column: PackedBytes | StackedArrays | list) -> list:
+    return column.samples() if isinstance(column, (PackedBytes, StackedArrays)) else list(column)
+
+
+class SampleInfos(Sequence):
+    """A batch's `SampleInfo`s as one ``(samples, 4)`` int64 array (idx_in_epoch, idx_in_batch,
+    iteration, epoch_idx); each `SampleInfo` is made when asked for. Equal to any sequence of the
+    same `SampleInfo`s."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, infos: Sequence[SampleInfo] | np.ndarray) -> None:
+        if isinstance(infos, np.ndarray):
+            self.rows = infos
+        else:
+            self.rows = np.array([(i.idx_in_epoch, i.idx_in_batch, i.iteration, i.epoch_idx) for i in infos],
+                                 np.int64).reshape(-1, 4)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: Any) -> Any:
+        if isinstance(j, slice):
+            return tuple(SampleInfo(*r) for r in self.rows[j].tolist())
+        return SampleInfo(*self.rows[j].tolist())
+
+    def __iter__(self) -> Iterator[SampleInfo]:
+        return (SampleInfo(*r) for r in self.rows.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SampleInfos):
+            return np.array_equal(self.rows, other.rows)
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        return SampleInfos, (self.rows,)
+
+    def __repr__(self) -> str:
+        return f"SampleInfos({list(self)!r})"
 
 
 @dataclass(frozen=True)
@@ -69,8 +145,12 @@ class HostBatch:
 
     epoch_idx: int
     iteration: int
-    infos: tuple[SampleInfo, ...]
-    columns: dict[int, dict[int, PackedBytes | list]] = field(default_factory=dict)  # op id -> output -> column
+    infos: Sequence[SampleInfo]  # made a `SampleInfos` (one array) on construction
+    columns: dict[int, dict[int, PackedBytes | StackedArrays | list]] = field(default_factory=dict)  # op id -> output -> column
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.infos, SampleInfos):
+            object.__setattr__(self, "infos", SampleInfos(self.infos))
 
     def __len__(self) -> int:
         return len(self.infos)
