@@ -51,28 +51,26 @@ def timed_rates(result: dict) -> list[float]:
     return [x["images_per_s"] for x in result["records"] if "epoch" in x and not x["warmup"]]
 
 
-def rss_mb(pid: int) -> float:
+def _proc_mb(path: str, key: str) -> float:
+    """The kB figure of line ``key`` in a /proc file, in MB; 0 where the file or line is missing."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    return _proc_mb(f"/proc/{pid}/status", "VmRSS:")
 
 
 def pss_mb(pid: int) -> float:
     """Proportional set size: each page the process maps, divided by how many processes map it
     (``/proc/PID/smaps_rollup``); 0 where the kernel does not say."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_mb(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def tree_pss_mb(root: int | None = None) -> float:
