@@ -76,10 +76,11 @@ class DecoderOptions:
     codec_options: str = ":fancy_upsampling=1"
     #: On the prepared path: how many decoded images (nvImageCodec ``Image`` objects and their GPU
     #: buffers) the process keeps per device to decode the next batches into, instead of making
-    #: and freeing every image (each costs CUDA calls and GIL time that a training step in the same
-    #: process waits for); -1 = four batches' worth, 0 = off. A batch's images go back only after
-    #: the GPU has passed its last kernel, and only if no view of them left the batch. Measured on
-    #: an H200 (2026-12-02, consumer stage, one run): ResNet-50 fed 0.90x -> 0.97x of synthetic.
+    #: and freeing every image (Python objects made with the GIL held, which a training step in the
+    #: same process waits for); -1 = four batches' worth, 0 = off. A batch's images go back only
+    #: after the GPU has passed its last kernel, and only if no view of them left the batch.
+    #: Measured on an H200 (2026-12-02, the consumer-stage probe: one process, no Ray, one run):
+    #: ResNet-50 fed 0.90x -> 0.97x of synthetic, ResNet-18 0.67x -> 0.73x.
     reuse_images: int = -1
 
     def __post_init__(self) -> None:

@@ -137,11 +137,11 @@ class _DecodeThreads:
 class _ImagePool:
     """Decoded images of one device kept to decode later batches into (`DecoderOptions.reuse_images`).
 
-    nvImageCodec allocates every output image (``cudaMallocAsync``) and frees it when the Python
-    object dies (``cudaFreeAsync``): two CUDA calls per image, 512 per batch of 256, each taking
-    the driver's locks that the training step's kernel launches in the same process need too. Its
-    ``decode(..., images=...)`` (0.9) decodes into given images instead, growing a buffer only
-    when the new image does not fit. A batch's images come back here from `_prune`, once the
+    nvImageCodec makes a Python ``Image`` and allocates its buffer for every output image, and frees
+    both when the object dies: 256 objects made and destroyed per batch, with the GIL held, which
+    a training step in the same process waits for (the CUDA calls themselves were measured not to
+    slow the step: see the probe's interference phase). Its ``decode(..., images=...)`` (0.9)
+    decodes into given images instead, growing a buffer only when the new image does not fit. A batch's images come back here from `_prune`, once the
     batch's last kernel is done and if no view of them left the batch (`ptrbatch.Held`); a batch
     takes the largest free images, largest to the largest sample, so buffers settle at the
     largest sizes and rarely grow. Beyond ``limit`` free images the smallest are let go.
