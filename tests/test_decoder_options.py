@@ -240,6 +240,7 @@ class Recorder:
         self.decoders: list[dict] = []  # construction arguments
         self.calls: list[tuple[tuple, int, int, str]] = []  # (backends, n, stream ptr, thread)
         self.streams: list[FakeStream] = []
+        self.reused: list[bool] = []  # per decode call: given images to decode into
 
 
 def fake_modules(rec: Recorder):
@@ -253,17 +254,23 @@ def fake_modules(rec: Recorder):
                 rec.decoders.append(kw)
             self.kinds = tuple((b.kind, b.load_hint) for b in kw["backends"]) if "backends" in kw else None
 
-        def decode(self, data, params, cuda_stream):
+        def decode(self, data, params, cuda_stream, images=None):
             with rec.lock:
                 rec.calls.append((self.kinds, len(data), cuda_stream, threading.current_thread().name))
+                rec.reused.append(images is not None)
+            assert images is None or len(images) == len(data)
             out = []
-            for d in data:
+            for j, d in enumerate(data):
                 cs = d if isinstance(d, FakeCodeStream) else FakeCodeStream(d)
                 img = simplejpeg.decode_jpeg(cs.data.tobytes(), colorspace="RGB", strict=True)
                 if cs.region is not None:
                     y0, x0, y1, x1 = cs.region
                     img = np.ascontiguousarray(img[y0:y1, x0:x1])
-                out.append(FakeImage(img))
+                if images is None:
+                    out.append(FakeImage(img))
+                else:  # nvImageCodec 0.9: the same Image object, its buffer holding the new image
+                    images[j].__init__(img)
+                    out.append(images[j])
             return out
 
     nvimgcodec = pytypes.ModuleType("nvidia.nvimgcodec")
@@ -304,6 +311,8 @@ def gpu(monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(decode, "_threads", {})
     monkeypatch.setattr(decode, "_params", [])
+    monkeypatch.setattr(decode, "_pools", {})
+    monkeypatch.setattr(decode._ImagePool, "supported", True)
     monkeypatch.setattr(streams, "_immortal_streams", [])
     for name, value in {
         "RAY_EXTSRC_DECODER": "cuda", "RAY_EXTSRC_HW_LOAD": "0.1", "RAY_EXTSRC_HW_SHARE": "0.5",
@@ -355,6 +364,37 @@ def test_default_op_ignores_the_environment_and_uses_the_prepared_path(gpu):
         assert np.array_equal(img.array[y : y + h, x : x + w], op.run_cpu([data[j]], {}, ctxs[j]))
     after = gpu.decode.stats_snapshot()
     assert after["batches"] == before["batches"] + 1 and after["decode_wait_s"] >= before["decode_wait_s"]
+
+
+def test_the_prepared_path_decodes_into_the_images_of_a_finished_batch_unless_they_escaped(gpu):
+    op = ImageRandomCropDecoder("mixed")
+    data, ctxs, prep = batch(op)
+    first = gpu.decode.decode_batch(op, data, ctxs, FakeStream(), random_crop=True, prep=prep)
+    first_images = list(first.owners)
+    gpu.decode.batch_enqueued(FakeEvent())  # its kernels are done (FakeEvent.done): images go back
+    pool = gpu.decode._pools[0]
+    assert len(pool.free) == 6 and pool.limit == 4 * 6  # the default: four batches' worth
+    second = gpu.decode.decode_batch(op, data, ctxs, FakeStream(), random_crop=True, prep=prep)
+    assert gpu.rec.reused == [False, True] and pool.taken == 1 and not pool.free
+    assert {id(x) for x in second.owners} == {id(x) for x in first_images}  # the same images, decoded again
+    for j, row in enumerate(prep):  # ... and every crop is right in them
+        y, x, h, w, H, W, ok = row.tolist()
+        img = next(i for i in second.owners if i.array.ctypes.data <= int(second.ptrs[j]) < i.array.ctypes.data + i.array.nbytes)
+        assert np.array_equal(img.array[y : y + h, x : x + w], op.run_cpu([data[j]], {}, ctxs[j]))
+    second.owners.escaped = True  # as PtrBatch.to_list marks it: a view left the batch
+    gpu.decode.batch_enqueued(FakeEvent())
+    assert not pool.free  # never decoded into again
+    gpu.decode.decode_batch(op, data, ctxs, FakeStream(), random_crop=True, prep=prep)
+    assert gpu.rec.reused == [False, True, False] and pool.missed == 2
+
+
+def test_no_image_reuse_with_reuse_images_0(gpu):
+    op = ImageRandomCropDecoder("mixed", reuse_images=0)
+    data, ctxs, prep = batch(op, 3)
+    for _ in range(3):
+        gpu.decode.decode_batch(op, data, ctxs, FakeStream(), random_crop=True, prep=prep)
+        gpu.decode.batch_enqueued(FakeEvent())
+    assert gpu.rec.reused == [False] * 3 and not gpu.decode._pools
 
 
 def test_decode_streams_come_from_loader_stream_at_lowest_priority(gpu):

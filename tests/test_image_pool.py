@@ -12,6 +12,13 @@ from ray_extsrc.fn._gpu.ptrbatch import Held, PtrBatch
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    """No pool and no verdict on nvImageCodec left by an earlier test of the session."""
+    monkeypatch.setattr(decode, "_pools", {})
+    monkeypatch.setattr(decode._ImagePool, "supported", True)
+
+
 class Img:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -82,7 +89,6 @@ def test_a_view_of_a_ptr_batch_marks_its_owners_escaped():
 def test_the_pool_is_sized_from_the_option_or_four_batches_and_off_at_zero(monkeypatch):
     from ray_extsrc.fn.decoder_options import DecoderOptions
 
-    monkeypatch.setattr(decode, "_pools", {})
     assert decode._image_pool(0, DecoderOptions(reuse_images=0), 256) is None
     assert decode._image_pool(0, DecoderOptions(), 256).limit == 1024  # the default: four batches
     assert decode._image_pool(0, DecoderOptions(reuse_images=100), 256).limit == 1024  # never shrinks
