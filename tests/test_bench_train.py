@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 
@@ -55,6 +56,11 @@ def test_cpu_training_benchmark_end_to_end(tmp_path):
         assert s["ratio_to_synthetic"] > 0
     assert doc["summary"]["tiny/synthetic"]["ratio_to_synthetic"] == 1.0
     assert doc["summary"]["tiny/extsrc-auto"]["loader_tree_rss_mb"] > 0
+    from ray_extsrc.bench._common import pss_mb
+
+    if pss_mb(os.getpid()) > 0:  # a kernel with smaps_rollup: PSS beside RSS, shared pages split
+        s = doc["summary"]["tiny/extsrc-auto"]
+        assert 0 < s["loader_tree_pss_mb"] <= s["loader_tree_rss_mb"] and 0 < s["host_pss_mb"] <= s["host_rss_mb"]
     assert doc["summary"]["tiny/extsrc-auto"]["gpu_stage"] == "actor"  # a CPU Train worker: the actors' stage
     run = [r for r in doc["runs"] if r["feed"] == "extsrc-auto"][0]
     assert run["warmup_epochs"] == 1 and run["steps_per_epoch"] == 4
