@@ -73,17 +73,21 @@ def pss_mb(pid: int) -> float:
     return _proc_mb(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
+def tree_rss_mb(root: int | None = None) -> float:
+    """RSS of process ``root`` (default: this one) and all its descendants (shared pages are
+    counted in each)."""
+    return _tree_mb(root, rss_mb)
+
+
 def tree_pss_mb(root: int | None = None) -> float:
     """PSS of process ``root`` (default: this one) and all its descendants: pages shared between
     them (a zygote's, forked workers' copy-on-write pages) are counted once in all, unlike
     `tree_rss_mb`. Pages shared with processes outside the tree count only in part."""
-    return tree_rss_mb(root, pss_mb)
+    return _tree_mb(root, pss_mb)
 
 
-def tree_rss_mb(root: int | None = None, of: Any = None) -> float:
-    """RSS of process ``root`` (default: this one) and all its descendants (shared pages are
-    counted in each); ``of`` another per-process figure (`pss_mb`)."""
-    of = rss_mb if of is None else of
+def _tree_mb(root: int | None, of: Any) -> float:
+    """``of(pid)`` summed over process ``root`` (default: this one) and all its descendants."""
     me = os.getpid() if root is None else root
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -102,16 +106,15 @@ def tree_rss_mb(root: int | None = None, of: Any = None) -> float:
     return total
 
 
+def loader_pids(it: Any) -> list[int]:
+    """The pids of a `LoaderIterator`'s loader actors: Ray workers, not the caller's children, so
+    their trees (zygote, Python workers) are measured by pid (on the caller's node)."""
+    return [it.describe(w)["pid"] for w in range(it.ways)]
+
+
 def loader_tree_rss_mb(it: Any) -> float:
-    """Host RSS of a `LoaderIterator`'s loader actors and their trees (zygote, Python workers):
-    Ray workers, not the caller's children, so they are found by pid (on the caller's node)."""
-    return sum(tree_rss_mb(it.describe(w)["pid"]) for w in range(it.ways))
-
-
-def loader_tree_pss_mb(it: Any) -> float:
-    """`loader_tree_rss_mb` as PSS (`tree_pss_mb`): the loader actors' trees without their shared
-    pages counted once per process."""
-    return sum(tree_pss_mb(it.describe(w)["pid"]) for w in range(it.ways))
+    """Host RSS of a `LoaderIterator`'s loader actors and their trees (see `loader_pids`)."""
+    return sum(tree_rss_mb(pid) for pid in loader_pids(it))
 
 
 def pipeline_epoch(pipe: Any) -> Iterator[tuple]:

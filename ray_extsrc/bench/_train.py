@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (
-    GpuMemory, cpu_model, device_name, emit, loadavg, parse_result, result_stem, timed, timed_rates, loader_tree_pss_mb, loader_tree_rss_mb,
-    versions,
+    GpuMemory, cpu_model, device_name, emit, loadavg, loader_pids, parse_result, result_stem, timed, timed_rates,
+    tree_pss_mb, tree_rss_mb, versions,
 )
 
 FEEDS = ("synthetic", "extsrc-consumer", "extsrc-actor", "extsrc-auto", "torch")
@@ -109,8 +109,9 @@ def _feed(config: dict, dev: Any, gpu: GpuMemory) -> tuple[Any, Any, dict]:
     def describe() -> dict:
         out: dict[str, Any] = {"gpu_stage": getattr(it, "gpu_stage", None), "ways": it.ways}
         try:  # the loader actors are Ray workers, not this process's children: measured by pid
-            out["loader_tree_rss_mb"] = round(loader_tree_rss_mb(it), 1)
-            out["loader_tree_pss_mb"] = round(loader_tree_pss_mb(it), 1)
+            pids = loader_pids(it)
+            out["loader_tree_rss_mb"] = round(sum(tree_rss_mb(pid) for pid in pids), 1)
+            out["loader_tree_pss_mb"] = round(sum(tree_pss_mb(pid) for pid in pids), 1)
         except Exception as e:  # noqa: BLE001 - a figure, not the result
             out["loader_tree_rss_error"] = repr(e)
         try:
