@@ -1,14 +1,13 @@
 """`PinnedStaging`: a consumer-side GPU stage's encoded bytes copied into page-locked host memory.
 
-A `host_batch.HostBatch` reaches the Train worker in Ray's object store: pageable memory. The
-hardware JPEG decoder copies each sample's bytes to the GPU, and a copy from pageable memory is
-staged by the CUDA driver itself, one sample at a time, inside the driver while the training
-step's threads wait to launch their kernels in the same CUDA context (a profile of ResNet-18 fed
-by the consumer stage on an H200, 2026-12-02: 256 pageable copies per batch from nvImageCodec's
-threads, each ~21 us; the step's host ops ran 1.6x slower than on synthetic data while the
-process used 2.2 of 16 cores). So each `PackedBytes` column is copied once, by NumPy in the
-stage's thread (the GIL released), into a reused page-locked buffer, and the decoder's copies
-become plain DMA.
+A `host_batch.HostBatch` reaches the Train worker in Ray's object store: pageable memory, from which
+the hardware JPEG decoder's copies to the GPU are staged by the CUDA driver, one sample at a time
+(a profile on an H200, 2026-12-02: 256 pageable copies per batch, each ~21 us). With this staging
+each `PackedBytes` column is copied once, by NumPy in the stage's thread (the GIL released), into a
+reused page-locked buffer, and the decoder's copies become plain DMA. Measured there: the stage
+alone ~15% faster, the training step it feeds not faster (ResNet-50 0.89x of synthetic with it,
+0.886x without; ResNet-18 0.63x vs 0.72x, one Train run each), so `ConsumerStage` leaves it off
+unless asked (``RAY_EXTSRC_PIN_HOST_BYTES=1``).
 
 A buffer is reused only once the GPU has passed the event recorded after the batch that read
 it (`PinnedStaging.release`); the host never waits for that, except when `MAX_BUFFERS` are all
@@ -34,14 +33,16 @@ _ROUND = 1 << 20
 
 
 class _Buffer:
-    __slots__ = ("mem", "array", "event")
+    __slots__ = ("mem", "array", "event", "busy")
 
     def __init__(self, nbytes: int) -> None:
         import cupy
 
+        nbytes = -(-int(nbytes * 1.25) // _ROUND) * _ROUND  # room to grow, in whole MiB
         self.mem = cupy.cuda.alloc_pinned_memory(nbytes)
         self.array = np.frombuffer(self.mem, np.uint8, nbytes)
         self.event: Any = None  # the GPU passes it once the batch that read this buffer is done
+        self.busy = True  # handed out (by `PinnedStaging._acquire`) and not yet released
 
     def free(self) -> bool:
         return self.event is None or self.event.done
@@ -53,7 +54,6 @@ class PinnedStaging:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buffers: list[_Buffer] = []
-        self._busy: set[int] = set()  # ids of buffers handed out and not yet released
 
     def stage(self, batch: HostBatch) -> tuple[HostBatch, list[_Buffer]]:
         """``batch`` with every `PackedBytes` column read from page-locked memory, and the buffers
@@ -79,26 +79,26 @@ class PinnedStaging:
         with self._lock:
             for buf in held:
                 buf.event = event
-                self._busy.discard(id(buf))
+                buf.busy = False
 
     def _acquire(self, nbytes: int) -> _Buffer:
         with self._lock:
-            idle = [b for b in self._buffers if id(b) not in self._busy]
+            idle = [b for b in self._buffers if not b.busy]
             fits = [b for b in idle if b.array.nbytes >= nbytes and b.free()]
             if fits:
                 buf = min(fits, key=lambda b: b.array.nbytes)
             elif len(self._buffers) < MAX_BUFFERS or not idle:
-                buf = _Buffer(-(-int(nbytes * 1.25) // _ROUND) * _ROUND)
+                buf = _Buffer(nbytes)
                 self._buffers.append(buf)
             else:  # all kept buffers are in flight or too small: reuse the oldest idle one
                 old = idle[0]
                 self._buffers.remove(old)
                 if old.event is not None:
                     old.event.synchronize()
-                buf = old if old.array.nbytes >= nbytes else _Buffer(-(-int(nbytes * 1.25) // _ROUND) * _ROUND)
+                buf = old if old.array.nbytes >= nbytes else _Buffer(nbytes)
                 buf.event = None
                 self._buffers.append(buf)
-            self._busy.add(id(buf))
+            buf.busy = True
             return buf
 
     def close(self) -> None:
@@ -107,4 +107,3 @@ class PinnedStaging:
                 if buf.event is not None:
                     buf.event.synchronize()
             self._buffers.clear()
-            self._busy.clear()
