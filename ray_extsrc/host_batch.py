@@ -27,7 +27,7 @@ import numpy as np
 
 from .types import SampleInfo
 
-__all__ = ["HostBatch", "PackedBytes", "SampleInfos", "StackedArrays", "pack_column", "unpack_column"]
+__all__ = ["HostBatch", "PackedBytes", "PackedSamples", "Rows", "SampleInfos", "StackedArrays", "pack_column", "unpack_column"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,31 @@ class PackedBytes:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def samples(self) -> list[np.ndarray]:
-        o = self.offsets
-        return [self.data[o[j] : o[j + 1]] for j in range(len(self))]
+    def samples(self) -> PackedSamples:
+        # Python-int bounds: slicing with the offsets' NumPy scalars took 73 us per 256 samples,
+        # these 45 us (the consumer's GPU stage pays it holding the GIL; see `Rows`)
+        o = self.offsets.tolist()
+        d = self.data
+        return PackedSamples((d[a:b] for a, b in zip(o, o[1:])), self)
+
+
+class PackedSamples(list):
+    """The samples of a `PackedBytes` (views), a list that also names the buffer they view
+    (``packed``), so that the GPU decoder takes the addresses of all of them from its offsets
+    (`fn._gpu.decode`) instead of one sample at a time."""
+
+    def __init__(self, samples: Iterator[np.ndarray], packed: PackedBytes) -> None:
+        super().__init__(samples)
+        self.packed = packed
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("PackedSamples are read-only (they must stay the views of `packed`): copy with list() first")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
+    append = extend = insert = pop = remove = clear = sort = reverse = _read_only
+
+    def __reduce__(self) -> tuple:
+        return list, (list(self),)  # elsewhere the views are plain samples
 
 
 @dataclass(frozen=True)
@@ -56,9 +78,42 @@ class StackedArrays:
     def __len__(self) -> int:
         return len(self.data)
 
-    def samples(self) -> list:
-        d = self.data
-        return list(d) if self.scalars else [d[j, ...] for j in range(len(d))]
+    def samples(self) -> Rows:
+        return Rows(self.data, self.scalars)
+
+
+class Rows(Sequence):
+    """The samples of a `StackedArrays`, read-only: item j is ``array[j, ...]`` (a view), or a NumPy
+    scalar where ``scalars``, made only when asked for. The consumer's GPU stage runs in a thread
+    of the training process, whose step waits for the GIL that per-sample objects hold: code that
+    reads a whole column takes ``array`` at once (`tensors.assemble_cpu`, the GPU ops' argument
+    tables). Code that changes a column makes a list of it first (`executor.substitutes.with_rows`)."""
+
+    __slots__ = ("array", "scalars")
+
+    def __init__(self, array: np.ndarray, scalars: bool = False) -> None:
+        self.array = array
+        self.scalars = scalars
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, j: Any) -> Any:
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        return self.array[j] if self.scalars else self.array[j, ...]
+
+    def __iter__(self) -> Iterator[Any]:
+        a = self.array
+        if self.scalars or a.ndim > 1:  # NumPy's own iteration gives these very items
+            return iter(a)
+        return (a[j, ...] for j in range(len(a)))  # 0-d arrays, not NumPy scalars
+
+    def __reduce__(self) -> tuple:
+        return Rows, (self.array, self.scalars)
+
+    def __repr__(self) -> str:
+        return f"Rows({self.array!r}, scalars={self.scalars})"
 
 
 def _stackable(values: Sequence[Any]) -> bool:
@@ -96,7 +151,8 @@ def pack_column(values: Sequence[Any]) -> PackedBytes | StackedArrays | list:
     return [np.array(a) if isinstance(a, np.ndarray) else a for a in values]
 
 
-def unpack_column(column: PackedBytes | StackedArrays | list) -> list:
+def unpack_column(column: PackedBytes | StackedArrays | list) -> Sequence:
+    """A column as a per-sample sequence: a list, or `Rows` (read-only) for `StackedArrays`."""
     return column.samples() if isinstance(column, (PackedBytes, StackedArrays)) else list(column)
 
 
@@ -159,6 +215,7 @@ class HostBatch:
     def nbytes(self) -> int:
         return sum(c.data.nbytes for outs in self.columns.values() for c in outs.values() if isinstance(c, PackedBytes))
 
-    def env(self) -> dict[int, dict[int, list]]:
-        """The columns as per-sample lists (views of the packed buffers), keyed like a pipeline's env."""
+    def env(self) -> dict[int, dict[int, Sequence]]:
+        """The columns as per-sample sequences (views of the packed buffers: lists, `Rows` for the
+        stacked ones), keyed like a pipeline's env."""
         return {op_id: {k: unpack_column(c) for k, c in outs.items()} for op_id, outs in self.columns.items()}

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .host_batch import Rows
+
 __all__ = ["TensorListCPU", "TensorListGPU", "assemble_cpu"]
 
 
@@ -98,7 +100,10 @@ class TensorListGPU(_TensorList):
 
 
 def assemble_cpu(samples: Sequence[np.ndarray], layout: str = "") -> TensorListCPU:
-    """Own copies of ``samples`` (which may be views into a reusable slot) as one batch output."""
+    """Own copies of ``samples`` (which may be views into a reusable slot) as one batch output; a
+    `Rows` column is one copy of its array (what stacking its samples gives, without them)."""
+    if isinstance(samples, Rows) and len(samples):
+        return TensorListCPU(np.array(samples.array, order="C"), layout)  # as np.stack gives
     if samples and all(a.shape == samples[0].shape for a in samples):
         return TensorListCPU(np.stack(samples), layout)
     return TensorListCPU([np.array(a) for a in samples], layout)

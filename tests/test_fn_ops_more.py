@@ -819,3 +819,152 @@ def test_gpu_glue_region_decoder_windows(monkeypatch):
         _assert_same([np.ascontiguousarray(g) for g in got], want)
     with pytest.raises(ValueError, match="does not fit"):
         crop.window(8, 30, [None], {"crop_pos_x": np.float32(0.5)})
+
+
+# --- the GPU stage's whole-column shortcuts for `Rows` columns, and the kernels' one table upload ----
+
+
+_MIRRORS = {  # a column of per-sample ``mirror`` values -> the flags (first element != 0)
+    "coin_flip": ([np.array(v, np.int32) for v in (1, 0, 1, 1, 0)], [1, 0, 1, 1, 0]),  # 0-d arrays
+    "scalars": ([np.int32(v) for v in (0, 3, 0, -1, 0)], [0, 1, 0, 1, 0]),
+    "bool": ([np.array([v], bool) for v in (True, False, False, True, True)], [1, 0, 0, 1, 1]),
+    "first_of_2d": ([np.array([[v, 1.0]]) for v in (0.0, np.nan, -0.0, 2.5, 0.0)], [0, 1, 0, 1, 0]),
+    "uint8": ([np.array([[v, 0]], np.uint8) for v in (0, 255, 1, 0, 0)], [0, 1, 1, 0, 0]),  # 1-D: bytes
+}
+
+
+@pytest.mark.parametrize("name", list(_MIRRORS))
+def test_gpu_glue_mirror_flags_of_rows_equal_the_lists(name):
+    from ray_extsrc.fn._gpu import ops
+    from ray_extsrc.host_batch import Rows, pack_column, unpack_column
+
+    values, want = _MIRRORS[name]
+    rows = unpack_column(pack_column(values))
+    assert isinstance(rows, Rows)
+    got = ops._mirror_flags(None, {"mirror": rows}, len(values))
+    old = ops._mirror_flags(None, {"mirror": list(rows)}, len(values))
+    assert got.dtype == old.dtype == np.int32 and got.tolist() == old.tolist() == want
+
+
+def test_gpu_stage_passes_rows_argument_columns_as_they_are(monkeypatch):
+    _numpy_as_cupy(monkeypatch)
+    from ray_extsrc.executor.gpu_stage import _host_values
+    from ray_extsrc.host_batch import pack_column, unpack_column
+
+    rows = unpack_column(pack_column([np.float32(v) for v in (1, 2, 3)]))
+    assert _host_values(rows) is rows
+    assert [float(v) for v in _host_values([np.float32(4), 5.0])] == [4.0, 5.0]  # other columns: a list
+
+
+class _Launches:
+    """A stand-in for `kernels._kernel`: records each launch's arguments instead of running it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, name, dtype):
+        return lambda grid, block, args: self.calls.append((name, args))
+
+
+def _table_checks(tables, keep, want):
+    """``tables`` are flat views of the one buffer in ``keep``, 16-byte aligned in it, equal to ``want``."""
+    assert len(keep) == 1
+    buf = keep[0]
+    base = buf.__array_interface__["data"][0]
+    ends = []
+    for t, w in zip(tables, want, strict=True):
+        assert t.dtype == w.dtype and t.shape == (w.size,) and np.array_equal(t, w.reshape(-1)), (t, w)
+        if not t.size:
+            continue  # NumPy gives an empty view another address
+        assert np.shares_memory(t, buf)
+        start = t.__array_interface__["data"][0] - base
+        assert start % 16 == 0 and start + t.nbytes <= buf.nbytes
+        ends.append((start, start + t.nbytes))
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # in order, no overlap
+
+
+def test_gpu_glue_upload_tables_packs_every_table_into_one_buffer(monkeypatch):
+    import sys
+
+    from ray_extsrc.fn._gpu import kernels
+
+    _numpy_as_cupy(monkeypatch)
+    uploads = []
+    sys.modules["cupy"].asarray = lambda a: (uploads.append(a), np.array(a))[1]  # a device copy
+    want = [np.arange(3, dtype=np.uint64) << np.uint64(40), np.arange(15, dtype=np.int32).reshape(5, 3) - 7,
+            np.array([0.5, -1, 3], np.float32), np.zeros(0, np.int64), np.arange(3, dtype=np.uint8),
+            np.arange(8, dtype=np.float64)[::2]]  # a strided one is packed as its values
+    keep = ["earlier"]
+    tables = kernels._upload_tables([w.copy() for w in want], keep)
+    assert len(uploads) == 1 and keep[0] == "earlier"
+    _table_checks(tables, keep[1:], want)
+    assert keep[1].nbytes % 16 == 0 and keep[1].dtype == np.uint8
+
+
+def test_gpu_glue_resize_and_cmn_upload_their_tables_once(monkeypatch):
+    import sys
+
+    from ray_extsrc.fn._gpu import kernels
+    from ray_extsrc.fn._gpu.ptrbatch import PtrBatch
+
+    _numpy_as_cupy(monkeypatch)
+    uploads = []
+    sys.modules["cupy"].asarray = lambda a: (uploads.append(a), np.array(a))[1]
+    launches = _Launches()
+    monkeypatch.setattr(kernels, "_kernel", launches)
+    n = 3
+    ptrs = np.uint64(1 << 36) + np.arange(n, dtype=np.uint64) * np.uint64(4096)
+    dims = np.array([[20, 24, 72], [13, 31, 96], [40, 8, 24]], np.int32)
+    batch = PtrBatch(ptrs, dims, 3, [])
+    boxes = np.array([[0, 0, 24, 20], [1.5, 2, 30, 13], [0, 0.25, 8, 40]], np.float64)  # cast to float32
+    keep = []
+    out = kernels.resize(batch, boxes, 5, 7, 2, np.dtype(np.uint8), keep)
+    assert out.shape == (n, 5, 7, 3) and len(uploads) == 1
+    (name, args), = launches.calls
+    assert name == "resize_batch" and args[3] is out
+    assert [a.dtype for a in args[5:]] == [np.int32] * 4 and [int(a) for a in args[5:]] == [5, 7, 3, 2]
+    _table_checks([args[0], args[1], args[2], args[4]], keep,
+                  [ptrs, dims, boxes.astype(np.float32), np.arange(n, dtype=np.int64) * (5 * 7 * 3)])
+
+    uploads.clear()
+    launches.calls.clear()
+    keep = []
+    windows = np.array([[1, 2], [0, 0], [3, 1]], np.int64)
+    mirror = np.array([1, 0, 1], np.int32)
+    a, b = np.array([1 / 64] * 3, np.float64), np.array([-2.0, -1.5, -1.0], np.float64)
+    fill = np.array([0, 128, 255], np.uint8)
+    out = kernels.crop_mirror_normalize(batch, windows, mirror, a, b, fill, 6, 4, 4, True, np.dtype(np.float16), keep)
+    assert out.shape == (n, 4, 6, 4) and out.dtype == np.float16 and len(uploads) == 1
+    (name, args), = launches.calls
+    assert name == "cmn_batch" and args[5] is out
+    assert [a.dtype for a in args[6:]] == [np.int32] * 5 and [int(v) for v in args[6:]] == [6, 4, 3, 4, 1]
+    params = np.array([[1, 2, 1], [0, 0, 0], [3, 1, 1]], np.int32)
+    coef = np.concatenate([a, b]).astype(np.float32)
+    _table_checks(args[:5], keep, [ptrs, dims, params, coef, fill.astype(np.float32)])
+
+
+def test_gpu_glue_cmn_dense_path_takes_rows_mirror_flags_like_a_list(monkeypatch):
+    from ray_extsrc.fn._gpu import kernels
+    from ray_extsrc.host_batch import Rows, pack_column, unpack_column
+
+    ops = _numpy_as_cupy(monkeypatch)
+    launches = _Launches()
+    monkeypatch.setattr(kernels, "_kernel", launches)
+    monkeypatch.setattr(kernels, "hwc_table", lambda images: (  # NumPy arrays have no device pointer
+        np.arange(len(images), dtype=np.uint64) * np.uint64(4096),
+        np.tile(np.array(images.shape[1:3] + (images.strides[1],), np.int32), (len(images), 1)), images.shape[3]))
+    op = build(lambda x: fn.crop_mirror_normalize(x, crop=(8, 10), mirror=x, mean=[1.0, 2, 3], std=[4.0, 5, 6])).op
+    dense = np.stack([picture(20, 24, k) for k in range(3)])
+    flags = [np.array(v, np.int32) for v in (1, 0, 1)]  # what fn.random.coin_flip gives
+    rows = unpack_column(pack_column(flags))
+    assert isinstance(rows, Rows)
+    got = []
+    for mirror in (rows, flags):
+        ops.crop_mirror_normalize(op, [dense], {"mirror": mirror}, [None] * 3, None)
+        (_, args), = launches.calls
+        got.append(args)
+        launches.calls.clear()
+    assert got[0][2].reshape(3, 3)[:, 2].tolist() == [1, 0, 1]  # params: crop y, crop x, mirror
+    rows_args, list_args = got
+    for x, y in zip(rows_args[:5] + rows_args[6:], list_args[:5] + list_args[6:], strict=True):  # [5]: out
+        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..fn._gpu.ptrbatch import PREP_ARG, PtrBatch
 from ..graph import DataNode, OpNode, SampleContexts
+from ..host_batch import PackedSamples, Rows
 from ..tensors import TensorListGPU
 from ..types import SampleInfo
 
@@ -78,8 +79,9 @@ class GpuStage:
         stream = self.stream
         _local.stream = stream
         with stream:
-            if op.device == "mixed":  # decoders: encoded bytes stay on the host
-                inputs = [list(env[x.source.op_id][x.index]) for x in node.inputs]
+            if op.device == "mixed":  # decoders: encoded bytes stay on the host (packed samples as
+                # they are: the decoder reads their buffer's offsets, `host_batch.PackedSamples`)
+                inputs = [_as_list(env[x.source.op_id][x.index]) for x in node.inputs]
             else:
                 inputs = [_to_gpu(env[x.source.op_id][x.index], stream) for x in node.inputs]
             args = {k: _host_values(env[x.source.op_id][x.index]) for k, x in node.arg_inputs.items()}
@@ -128,8 +130,15 @@ def _to_gpu(data: Any, stream: Any) -> Any:
     return out
 
 
-def _host_values(data: Any) -> list:
-    """Per-sample argument values as host scalars/arrays (they come from CPU random ops)."""
+def _as_list(data: Any) -> list:
+    return data if isinstance(data, PackedSamples) else list(data)
+
+
+def _host_values(data: Any) -> Sequence:
+    """Per-sample argument values as host scalars/arrays (they come from CPU random ops); a
+    `Rows` column (one host array) as it is, without a per-sample list."""
+    if isinstance(data, Rows):
+        return data
     import cupy
 
     if isinstance(data, cupy.ndarray):

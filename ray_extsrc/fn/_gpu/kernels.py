@@ -178,10 +178,24 @@ def _grid(out_h: int, out_w: int, n: int) -> tuple[tuple[int, int, int], tuple[i
     return ((out_w + 31) // 32, (out_h + 7) // 8, n), block
 
 
-def _upload(host: np.ndarray) -> Any:
+def _upload_tables(tables: Sequence[np.ndarray], keep: list) -> list:
+    """A kernel's small host tables on the device in one upload: packed into one host buffer, each
+    at an offset aligned to 16 bytes, and returned as flat views of the one device buffer (each
+    table's dtype; the kernels read them flat), which goes into ``keep``. One ``cupy.asarray`` per
+    table cost a host->device copy and its Python each, under the GIL the training step waits for."""
     import cupy
 
-    return cupy.asarray(np.ascontiguousarray(host))
+    flat = [t.reshape(-1) for t in tables]  # a copy only where a table is not contiguous
+    offsets, end = [], 0
+    for t in flat:
+        offsets.append(end)
+        end += -(-t.nbytes // 16) * 16
+    host = np.zeros(end, np.uint8)
+    for t, off in zip(flat, offsets):
+        host[off : off + t.nbytes] = t.view(np.uint8)
+    dev = cupy.asarray(host)
+    keep.append(dev)  # the views below hold it too; kept as the separate tables were
+    return [dev[off : off + t.nbytes].view(t.dtype) for t, off in zip(flat, offsets)]
 
 
 def resize(
@@ -200,9 +214,7 @@ def resize(
     n = len(ptrs)
     out = cupy.empty((n, out_h, out_w, c), out_dtype)
     offsets = np.arange(n, dtype=np.int64) * (out_h * out_w * c)
-    tables = [_upload(np.array(ptrs, np.uint64)), _upload(dims), _upload(boxes.astype(np.float32)),
-              _upload(offsets)]
-    keep.extend(tables)
+    tables = _upload_tables([np.asarray(ptrs, np.uint64), dims, np.asarray(boxes, np.float32), offsets], keep)
     grid, block = _grid(out_h, out_w, n)
     _kernel("resize_batch", out_dtype)(
         grid, block,
@@ -225,9 +237,7 @@ def crop_mirror_normalize(
     out = cupy.empty(shape, out_dtype)
     params = np.concatenate([windows.reshape(n, 2).astype(np.int32), mirror.reshape(n, 1).astype(np.int32)], 1)
     coef = np.concatenate([a.astype(np.float32), b.astype(np.float32)])
-    tables = [_upload(np.array(ptrs, np.uint64)), _upload(dims), _upload(params), _upload(coef),
-              _upload(fill.astype(np.float32))]
-    keep.extend(tables)
+    tables = _upload_tables([np.asarray(ptrs, np.uint64), dims, params, coef, np.asarray(fill, np.float32)], keep)
     grid, block = _grid(out_h, out_w, n)
     _kernel("cmn_batch", out_dtype)(
         grid, block,

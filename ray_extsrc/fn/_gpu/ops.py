@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ...host_batch import Rows
 from .. import _args, _normalize
 from . import kernels
 from .ptrbatch import PtrBatch
@@ -95,8 +96,14 @@ def resize(op: Any, inputs: Sequence[Any], arg_inputs: Mapping, ctxs: Sequence, 
 
 
 def _mirror_flags(op: Any, arg_inputs: Mapping, n: int) -> np.ndarray:
+    """Each sample's ``mirror`` (the first element of its value) != 0, as int32; a `Rows` column
+    from its one array, without per-sample objects."""
     if "mirror" in arg_inputs:
-        return (np.asarray([np.asarray(v).reshape(-1)[0] for v in arg_inputs["mirror"]], np.float64) != 0).astype(np.int32)
+        values = arg_inputs["mirror"]
+        if isinstance(values, Rows) and len(values):
+            a = values.array
+            return (a.reshape(len(a), -1)[:, 0].astype(np.float64) != 0).astype(np.int32)
+        return (np.asarray([np.asarray(v).reshape(-1)[0] for v in values], np.float64) != 0).astype(np.int32)
     return np.full(n, int(_args.sample_scalar(op.name, "mirror", op.mirror, {}) != 0), np.int32)
 
 
