@@ -52,7 +52,7 @@ def test_defaults_are_the_old_environment_defaults():
     # RAY_EXTSRC_GPU_ROI unset: the workers' prep was used ("0" in decode_batch) and the host path
     # decoded regions ("1" in _decode_each); the two fields keep both
     assert o.use_worker_prep is True and o.roi is True
-    assert set(OPTION_NAMES) == {f for f, _ in OLD_ENV_DEFAULTS.values()} | {"use_worker_prep", "roi", "reuse_images"}
+    assert set(OPTION_NAMES) == {f for f, _ in OLD_ENV_DEFAULTS.values()} | {"use_worker_prep", "roi", "reuse_images", "native_batch"}
 
 
 def test_options_are_frozen_hashable_and_picklable():
@@ -304,9 +304,11 @@ def fake_modules(rec: Recorder):
 def gpu(monkeypatch):
     """Stand-in CuPy/nvImageCodec, fresh decode-thread pools and stream list; the old environment
     variables set to values that would each change the routing, were they still read."""
-    from ray_extsrc.fn._gpu import decode, streams
+    from ray_extsrc.fn._gpu import decode, native_decode, streams
 
     rec = Recorder()
+    # the Python-API path: the one-call C decoder needs the real nvImageCodec (tests/test_native_decode.py)
+    monkeypatch.setattr(native_decode, "_state", {"error": "the stand-in nvImageCodec of these tests"})
     for name, module in fake_modules(rec).items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(decode, "_threads", {})
@@ -444,7 +446,7 @@ def test_hw_decoder_load_reaches_the_hwload_backend(gpu):
     gpu.decode.decode_batch(op, data, ctxs, FakeStream(), random_crop=False, prep=prep)
     (kw,) = gpu.rec.decoders
     assert kw["max_num_cpu_threads"] == 3 and kw["options"] == ""
-    assert [(b.kind, b.load_hint) for b in kw["backends"]] == [("hw", 0.8), ("cuda", None), ("hybrid", None)]
+    assert [(b.kind, b.load_hint) for b in kw["backends"]] == [("hw", 0.8), ("cuda", 1.0), ("hybrid", 1.0)]  # 1.0: nvImageCodec's own default hint
 
 
 def test_make_decoder_is_the_one_backend_table(gpu):
@@ -464,7 +466,7 @@ def test_split_share_splits_between_two_decoders_with_twice_the_threads(gpu):
     gpu.decode.decode_batch(op, data, ctxs, FakeStream(), random_crop=True, prep=prep)
     assert list(gpu.decode._threads) == [(0, 2)]
     calls = sorted((c[0], c[1]) for c in gpu.rec.calls)
-    assert calls == [((("cuda", None),), 3), ((("hw", None),), 3)]
+    assert calls == [((("cuda", 1.0),), 3), ((("hw", 1.0),), 3)]
     # a pipeline with other options gets its own pool, keyed by device and thread count
     other = ImageDecoder("mixed", decode_threads=3)
     gpu.decode.decode_batch(other, data, ctxs, FakeStream(), random_crop=False, prep=batch(other, 6)[2])

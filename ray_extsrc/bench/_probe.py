@@ -9,8 +9,9 @@ made first (before CUDA, with the pipeline's forked workers), then replayed into
 Each phase prints one JSON line: images/s of the step (or of the stage alone), the main thread's
 CPU time per step (a step whose CPU time nears its wall time is bound by Python), and the stage
 threads' CPU time per batch. ``--pyspy`` also samples the process with py-spy (``--gil``: only
-the thread holding the GIL) during the first fed phase, as collapsed stacks (py-spy pauses the
-process to sample: that phase's speed is not comparable). ``--phases interfere`` times the synthetic
+the thread holding the GIL) during the first fed phase, as collapsed stacks (``--nonblocking``: the
+process is not paused, so the phase's speed stays near comparable and a sample can be torn; give
+that phase ``--steps`` enough to outlast py-spy's 6 s). ``--phases interfere`` times the synthetic
 step beside each of `DISTURBANCES` (``--disturb``) instead of beside the stage, to tell which kind
 of work in the same process slows it.
 """
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             clock.cpu, clock.batches = 0.0, 0
         spy = None
         if pyspy:
-            spy = [subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--duration", "6", "--rate", "250",
+            spy = [subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--duration", "6", "--rate", "500", "--nonblocking",
                                      "--format", "raw", "--threads", *flags, "-o", f"out/pyspy-{name}{tag}.txt"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                    for flags, tag in (((), ""), (("--gil",), "-gil"))]

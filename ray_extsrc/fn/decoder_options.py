@@ -82,6 +82,14 @@ class DecoderOptions:
     #: Measured on an H200 (2026-12-02, the consumer-stage probe: one process, no Ray, one run):
     #: ResNet-50 fed 0.90x -> 0.97x of synthetic, ResNet-18 0.67x -> 0.73x.
     reuse_images: int = -1
+    #: On the prepared path with one decoder per batch (no `split_share`): decode the batch in one
+    #: call into a small C helper over nvImageCodec's C API (`fn._gpu.native_decode`, compiled on
+    #: first use with the system C compiler), which parses, describes and decodes every sample
+    #: without the GIL and without a Python object per sample; the output goes to one buffer per
+    #: batch and the crops' pointer table is computed with NumPy. Where the helper cannot be built
+    #: (no compiler), a warning says so and nvImageCodec's Python API is used. False = always the
+    #: Python API (with `reuse_images`).
+    native_batch: bool = True
 
     def __post_init__(self) -> None:
         for name, value in _checked("DecoderOptions", _as_dict(self)).items():
@@ -132,6 +140,7 @@ def _checked(where: str, values: dict[str, Any]) -> dict[str, Any]:
         "chunk": _integer(where, "chunk", values["chunk"], 1),
         "codec_options": _text(where, "codec_options", values["codec_options"]),
         "reuse_images": _integer(where, "reuse_images", values["reuse_images"], -1),
+        "native_batch": _flag(where, "native_batch", values["native_batch"]),
     }
 
 

@@ -1,6 +1,10 @@
-"""Decoding into reused nvImageCodec images (`DecoderOptions.reuse_images`): the batches are the same
-as with fresh images, images are really reused, and memory a view of which left the pipeline (the
-decoder's own output) is never decoded into again."""
+"""The prepared decode path's two ways to nvImageCodec, on a GPU.
+
+Its Python API decoding into reused images (`DecoderOptions.reuse_images`, with
+``native_batch=False``): the batches are the same as with fresh images, images are really reused,
+and memory a view of which left the pipeline (the decoder's own output) is never decoded into again.
+The one-call C batch decoder (`native_decode`, ``native_batch=True``, the default): really used,
+the same batches as the Python API, and a decoder output the user holds stays intact."""
 
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ def _run(root: str, with_decoded: bool, **decoder) -> list[list[np.ndarray]]:
         return (img, labels, dec) if with_decoded else (img, labels)
 
     p = pipe()
+    native0 = decode.stats_snapshot().get("native_batches", 0)
     try:
         p.start_py_workers()
         p.build()
@@ -67,6 +72,7 @@ def _run(root: str, with_decoded: bool, **decoder) -> list[list[np.ndarray]]:
             first.append([_host(o) for o in outs])
             if with_decoded:
                 kept.append(outs)
+        _run.native = decode.stats_snapshot().get("native_batches", 0) - native0
         _run.pool = decode._pools.get(0)
         _run.taken = _run.pool.taken if _run.pool is not None else 0
         if with_decoded:  # the kept outputs, read again after every later batch decoded
@@ -77,8 +83,8 @@ def _run(root: str, with_decoded: bool, **decoder) -> list[list[np.ndarray]]:
 
 
 def test_reused_images_give_the_same_batches(root):
-    fresh = _run(root, False, reuse_images=0)
-    reused = _run(root, False, reuse_images=4 * BATCH)
+    fresh = _run(root, False, reuse_images=0, native_batch=False)
+    reused = _run(root, False, reuse_images=4 * BATCH, native_batch=False)
     assert _run.taken >= BATCHES - 3, f"only {_run.taken} of {BATCHES} batches decoded into reused images"
     for k, (a, b) in enumerate(zip(fresh, reused)):
         for x, y in zip(a, b):
@@ -86,7 +92,27 @@ def test_reused_images_give_the_same_batches(root):
 
 
 def test_memory_seen_outside_the_pipeline_is_not_reused(root):
-    batches = _run(root, True, reuse_images=4 * BATCH)
+    batches = _run(root, True, reuse_images=4 * BATCH, native_batch=False)
     assert _run.taken == 0  # every batch's decoded images left the pipeline as an output
+    for k, (now, later) in enumerate(zip(batches, _run.again)):
+        assert np.array_equal(now[2], later[2]), f"batch {k}'s decoded images changed after later batches"
+
+
+def test_native_batch_decoder_is_used_and_gives_the_python_api_batches(root):
+    from ray_extsrc.fn._gpu import native_decode
+
+    python_api = _run(root, False, reuse_images=0, native_batch=False)
+    assert _run.native == 0
+    native = _run(root, False)  # the defaults
+    assert native_decode.unavailable() is None
+    assert _run.native >= BATCHES, f"{_run.native} of {BATCHES} batches went through the native decoder"
+    for k, (a, b) in enumerate(zip(python_api, native)):
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y), f"batch {k} differs between the native and the Python API decoder"
+
+
+def test_native_decoder_output_held_by_the_user_stays_intact(root):
+    batches = _run(root, True)
+    assert _run.native >= BATCHES
     for k, (now, later) in enumerate(zip(batches, _run.again)):
         assert np.array_equal(now[2], later[2]), f"batch {k}'s decoded images changed after later batches"

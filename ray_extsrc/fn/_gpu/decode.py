@@ -61,25 +61,32 @@ def _decoder_key(kind: str, options: DecoderOptions) -> tuple:
     return kind, load, options.cpu_threads, options.codec_options
 
 
-def make_decoder(device_id: int, kind: str, options: DecoderOptions = _DEFAULT_OPTIONS) -> Any:
-    """A new nvImageCodec decoder (the one table of backend sets; the benchmark's decode-only runs
-    use it too). ``kind``: one of `decoder_options.BACKENDS` (see `DecoderOptions.backend`);
+def backend_set(kind: str, options: DecoderOptions = _DEFAULT_OPTIONS) -> list[tuple[str, float]] | None:
+    """The one table of backend sets: ``kind`` (one of `decoder_options.BACKENDS`) as
+    ``[(backend, load hint)]`` ("hw", "cuda", "hybrid"), or None for nvImageCodec's defaults;
     "hwload" gives the hardware engine ``options.hw_decoder_load`` of each batch, the CUDA decoder
-    the rest. ``options`` also gives ``cpu_threads`` and ``codec_options``."""
+    the rest."""
+    return {
+        "default": None,
+        "hw": [("hw", 1.0)],
+        "cuda": [("cuda", 1.0)],
+        "hybrid": [("hybrid", 1.0)],
+        "hwload": [("hw", options.hw_decoder_load), ("cuda", 1.0), ("hybrid", 1.0)],
+    }[kind]
+
+
+def make_decoder(device_id: int, kind: str, options: DecoderOptions = _DEFAULT_OPTIONS) -> Any:
+    """A new nvImageCodec (Python API) decoder with the backends `backend_set` gives for ``kind``
+    (the benchmark's decode-only runs use it too); ``options`` also gives ``cpu_threads`` and
+    ``codec_options``."""
     from nvidia import nvimgcodec
 
     K = nvimgcodec.BackendKind
-    backends = {
-        "default": None,
-        "hw": [nvimgcodec.Backend(K.HW_GPU_ONLY)],
-        "cuda": [nvimgcodec.Backend(K.GPU_ONLY)],
-        "hybrid": [nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
-        "hwload": [nvimgcodec.Backend(K.HW_GPU_ONLY, load_hint=options.hw_decoder_load),
-                   nvimgcodec.Backend(K.GPU_ONLY), nvimgcodec.Backend(K.HYBRID_CPU_GPU)],
-    }[kind]
+    kinds = {"hw": K.HW_GPU_ONLY, "cuda": K.GPU_ONLY, "hybrid": K.HYBRID_CPU_GPU}
+    backends = backend_set(kind, options)
     kw: dict[str, Any] = {"device_id": device_id, "max_num_cpu_threads": options.cpu_threads}
     if backends is not None:
-        kw["backends"] = backends
+        kw["backends"] = [nvimgcodec.Backend(kinds[k], load_hint=h) for k, h in backends]
     try:
         return nvimgcodec.Decoder(**kw, options=options.codec_options)
     except Exception:  # an option this version does not know: keep the defaults
@@ -103,15 +110,20 @@ class _DecodeThreads:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"ray_extsrc-nvimgcodec{device_id}")
         self.local = threading.local()
 
+    def _local(self) -> Any:
+        """This decode thread's stream and decoders (made on its first call; call on the device)."""
+        loc = self.local
+        if not hasattr(loc, "stream"):
+            loc.stream = loader_stream(self.device_id)  # immortal: images may be freed on it later
+            loc.decoders = {}
+        return loc
+
     def _run(self, kind: str, options: DecoderOptions, data: list, params: Any,
              reuse: list | None = None) -> tuple[list, Any]:
         import cupy
 
-        loc = self.local
         with cupy.cuda.Device(self.device_id):
-            if not hasattr(loc, "stream"):
-                loc.stream = loader_stream(self.device_id)  # immortal: images may be freed on it later
-                loc.decoders = {}
+            loc = self._local()
             key = _decoder_key(kind, options)
             dec = loc.decoders.get(key)
             if dec is None:
@@ -132,6 +144,36 @@ class _DecodeThreads:
 
     def submit(self, kind: str, options: DecoderOptions, data: list, params: Any, reuse: list | None = None) -> Any:
         return self.pool.submit(self._run, kind, options, data, params, reuse)
+
+    def _run_native(self, kind: str, options: DecoderOptions, src: np.ndarray, lengths: np.ndarray,
+                    hw: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, Any]:
+        """`native_decode`: the batch decoded into one new buffer (allocated on this thread's
+        stream, so it is reused only after the GPU is past what was queued there); returns the
+        buffer, each image's address in it, the per-sample results and an event after the decode."""
+        import cupy
+
+        from .native_decode import NativeDecoder
+
+        with cupy.cuda.Device(self.device_id):
+            loc = self._local()
+            key = ("native", *_decoder_key(kind, options))
+            dec = loc.decoders.get(key)
+            if dec is None:
+                dec = loc.decoders[key] = NativeDecoder(self.device_id, backend_set(kind, options) or [],
+                                                        options.cpu_threads, options.codec_options)
+            sizes = hw[:, 0].astype(np.int64) * hw[:, 1] * 3
+            aligned = (sizes + 255) // 256 * 256  # each image on a 256-byte boundary, as cudaMalloc's
+            starts = np.zeros(len(sizes), np.int64)
+            np.cumsum(aligned[:-1], out=starts[1:])
+            with loc.stream:
+                buf = cupy.empty(max(1, int(aligned.sum())), np.uint8)
+            dst = np.uint64(buf.data.ptr) + starts.astype(np.uint64)
+            result = dec.decode(src, lengths, dst, hw, loc.stream.ptr)  # GIL released in the call
+            return buf, dst, result, loc.stream.record()
+
+    def submit_native(self, kind: str, options: DecoderOptions, src: np.ndarray, lengths: np.ndarray,
+                      hw: np.ndarray) -> Any:
+        return self.pool.submit(self._run_native, kind, options, src, lengths, hw)
 
 
 class _ImagePool:
@@ -250,7 +292,8 @@ def _decode_params() -> Any:
 
 #: Host-side time of the batches so far, by stage (seconds, cumulative), and their count. Updated
 #: under `_stats_lock` (several pipeline threads decode at once); read it with `stats_snapshot`.
-STATS: dict[str, float] = {"prepare_s": 0.0, "decode_wait_s": 0.0, "fallback_s": 0.0, "batches": 0}
+STATS: dict[str, float] = {"prepare_s": 0.0, "decode_wait_s": 0.0, "fallback_s": 0.0, "batches": 0,
+                           "native_batches": 0}
 _stats_lock = threading.Lock()
 
 
@@ -302,7 +345,8 @@ def decode_batch(
     through `_decode_prepared` (fast path), else on the host path `_decode_each`."""
     options = options_of(op)
     if prep is not None and options.use_worker_prep:
-        return _decode_prepared(op, inputs, ctxs, stream, np.stack(prep), options)
+        rows = getattr(prep, "array", None)  # a stacked column (`host_batch.Rows`): no per-row stack
+        return _decode_prepared(op, inputs, ctxs, stream, np.stack(prep) if rows is None else rows, options)
     return _decode_each(op, inputs, ctxs, stream, random_crop, options)
 
 
@@ -381,10 +425,12 @@ def batch_enqueued(event: Any) -> None:
 def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[SampleContext], stream: Any,
                      prep: np.ndarray, options: DecoderOptions) -> PtrBatch:
     """The fast path: the workers already parsed headers and drew crop boxes (``prep`` rows
-    ``[y, x, h, w, H, W, ok]``), so the host does no per-sample work beyond one list: whole
-    images are decoded (measured faster than region decode with nvImageCodec 0.9 on an H100: the
-    hardware engine decodes whole images anyway), and each crop is a pointer into its image
-    (`PtrBatch`) that the next kernel reads with the image's row pitch.
+    ``[y, x, h, w, H, W, ok]``), so the host does no per-sample work: whole images are decoded
+    (measured faster than region decode with nvImageCodec 0.9 on an H100: the hardware engine
+    decodes whole images anyway), and each crop is a pointer into its image (`PtrBatch`) that the
+    next kernel reads with the image's row pitch. With `DecoderOptions.native_batch` (and one
+    decoder per batch) the batch goes to nvImageCodec in one C call (`native_decode`) and the
+    pointer table is computed with NumPy; else through nvImageCodec's Python API.
     """
     import cupy
 
@@ -392,38 +438,93 @@ def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[Sampl
     n = len(inputs)
     ok = np.flatnonzero(prep[:, 6] == 1)
     device_id = cupy.cuda.Device().id
-    pool = _image_pool(device_id, options, n) if options.split_share <= 0.0 else None
-    reuse = pool.take((prep[ok, 4] * prep[ok, 5] * 3).tolist()) if pool is not None else None
-    images = _collect(_decode_async(device_id, [inputs[j] for j in ok], options, reuse), stream)
-    t1 = time.perf_counter()
     ptrs = np.zeros(n, np.uint64)
     dims = np.zeros((n, 3), np.int32)
     done = np.zeros(n, bool)
     owners = Held()
-    if pool is not None:  # these images go back to the pool after the batch (`_prune`)
-        owners.pool = pool
-        owners.images = [img for img in images if img is not None]
-    for j, img in zip(ok.tolist(), images):
-        if img is None:
-            continue
-        cai = img.__cuda_array_interface__
-        shape = cai["shape"]
-        if len(shape) != 3 or shape[2] != 3 or shape[0] != prep[j, 4] or shape[1] != prep[j, 5]:
-            continue  # not what the header promised: the CPU decoder judges it
-        pitch = cai["strides"][0] if cai.get("strides") else shape[1] * 3
-        y, x, h, w = prep[j, :4].tolist()
-        ptrs[j] = cai["data"][0] + y * pitch + x * 3
-        dims[j] = (h, w, pitch)
-        done[j] = True
-        owners.append(img)
+    native = _native_ready(options)
+    if native:
+        src, lengths, keep = _host_addresses(inputs, ok)
+        hw = prep[ok][:, 4:6].astype(np.int32)
+        fut = _decode_threads(device_id, options).submit_native(options.backend, options, src, lengths, hw)
+        buf, dst, result, ev = fut.result()
+        stream.wait_event(ev)
+        del keep  # the call has read the bytes
+        t1 = time.perf_counter()
+        sel = result == 1
+        good = ok[sel]
+        rows = prep[good].astype(np.uint64)
+        pitch = rows[:, 5] * np.uint64(3)
+        ptrs[good] = dst[sel] + rows[:, 0] * pitch + rows[:, 1] * np.uint64(3)
+        dims[good] = np.stack([rows[:, 2], rows[:, 3], pitch], 1).astype(np.int32)
+        done[good] = True
+        owners.append(buf)
+    else:
+        pool = _image_pool(device_id, options, n) if options.split_share <= 0.0 else None
+        reuse = pool.take((prep[ok, 4] * prep[ok, 5] * 3).tolist()) if pool is not None else None
+        images = _collect(_decode_async(device_id, [inputs[j] for j in ok], options, reuse), stream)
+        t1 = time.perf_counter()
+        if pool is not None:  # these images go back to the pool after the batch (`_prune`)
+            owners.pool = pool
+            owners.images = [img for img in images if img is not None]
+        for j, img in zip(ok.tolist(), images):
+            if img is None:
+                continue
+            cai = img.__cuda_array_interface__
+            shape = cai["shape"]
+            if len(shape) != 3 or shape[2] != 3 or shape[0] != prep[j, 4] or shape[1] != prep[j, 5]:
+                continue  # not what the header promised: the CPU decoder judges it
+            pitch = cai["strides"][0] if cai.get("strides") else shape[1] * 3
+            y, x, h, w = prep[j, :4].tolist()
+            ptrs[j] = cai["data"][0] + y * pitch + x * 3
+            dims[j] = (h, w, pitch)
+            done[j] = True
+            owners.append(img)
     for j in np.flatnonzero(~done).tolist():  # see "Fallbacks" in the module docstring
         arr = cupy.ascontiguousarray(cupy.asarray(op.run_cpu([inputs[j]], {}, ctxs[j])))
         ptrs[j] = arr.data.ptr
         dims[j] = (arr.shape[0], arr.shape[1], arr.strides[0])
         owners.append(arr)
     _keep(op, stream, owners)
-    _add_stats(decode_wait_s=t1 - t0, fallback_s=time.perf_counter() - t1)
+    _add_stats(decode_wait_s=t1 - t0, fallback_s=time.perf_counter() - t1, native_batches=float(native))
     return PtrBatch(ptrs, dims, 3, owners)
+
+
+_native_warned: list = []
+
+
+def _native_ready(options: DecoderOptions) -> bool:
+    """Whether this batch goes through `native_decode`: asked for, one decoder per batch, and the
+    library built here (else a warning, once per process, says why not)."""
+    if not options.native_batch or options.split_share > 0.0:
+        return False
+    from . import native_decode
+
+    if native_decode.library() is not None:
+        return True
+    if not _native_warned:
+        _native_warned.append(True)
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "ray_extsrc: the one-call batch decoder could not be built, so decoding goes through "
+            "nvImageCodec's Python API (slower beside a training step): %s", native_decode.unavailable())
+    return False
+
+
+def _host_addresses(inputs: Sequence[Any], ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Host address and length of the encoded bytes of samples ``ok``, and what keeps them alive:
+    computed from the offsets when the samples are views of one packed buffer
+    (`host_batch.PackedSamples`), else per sample."""
+    packed = getattr(inputs, "packed", None)
+    if packed is not None and packed.data.flags.c_contiguous:
+        offsets = packed.offsets
+        src = np.uint64(packed.data.ctypes.data) + offsets[:-1][ok].astype(np.uint64)
+        return src, (offsets[1:] - offsets[:-1])[ok].astype(np.uint64), packed
+    arrays = [np.ascontiguousarray(np.frombuffer(a, np.uint8) if isinstance(a, (bytes, bytearray, memoryview))
+                                   else a).reshape(-1).view(np.uint8) for a in (inputs[j] for j in ok.tolist())]
+    src = np.array([a.ctypes.data for a in arrays], np.uint64)
+    return src, np.array([a.nbytes for a in arrays], np.uint64), arrays
 
 
 def _decode_each(
