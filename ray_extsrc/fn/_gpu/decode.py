@@ -42,7 +42,7 @@ from .ptrbatch import PREP_ARG, Held, PtrBatch
 from .streams import loader_stream
 
 __all__ = [
-    "decode_batch", "batch_enqueued", "retain", "release", "make_decoder", "options_of", "stats_snapshot",
+    "decode_batch", "batch_enqueued", "retain", "release", "backend_set", "make_decoder", "options_of", "stats_snapshot",
     "STATS", "PREP_ARG",
 ]
 
