@@ -74,7 +74,8 @@ class DecoderOptions:
     #: asks nvJPEG for libjpeg-turbo's chroma upsampling, so the GPU and CPU paths agree within a
     #: pixel or two. An option the installed nvImageCodec rejects falls back to its defaults.
     codec_options: str = ":fancy_upsampling=1"
-    #: On the prepared path: how many decoded images (nvImageCodec ``Image`` objects and their GPU
+    #: On the prepared path through nvImageCodec's Python API (`native_batch` False or unavailable,
+    #: or a `split_share`): how many decoded images (nvImageCodec ``Image`` objects and their GPU
     #: buffers) the process keeps per device to decode the next batches into, instead of making
     #: and freeing every image (Python objects made with the GIL held, which a training step in the
     #: same process waits for); -1 = four batches' worth, 0 = off. A batch's images go back only
