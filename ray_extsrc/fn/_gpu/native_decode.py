@@ -149,7 +149,8 @@ class NativeDecoder:
         self._handle = self._lib.rx_decoder_create(instance, device_id, cpu_threads, len(backends), kinds.ctypes.data,
                                                    hints.ctypes.data, options.encode(), err, _ERRLEN)
         if not self._handle:
-            raise RuntimeError(err.value.decode(errors="replace"))
+            raise RuntimeError(f"could not create an nvImageCodec decoder on device {device_id} with backends "
+                               f"{backends or 'default'}: {err.value.decode(errors='replace')}")
         self._err = err
 
     def decode(self, src: np.ndarray, lengths: np.ndarray, dst: np.ndarray, hw: np.ndarray, stream: int = 0,
@@ -170,7 +171,8 @@ class NativeDecoder:
         rc = self._lib.rx_decode(self._handle, n, src.ctypes.data, lengths.ctypes.data, dst.ctypes.data,
                                  hw.ctypes.data, int(host_buffers), stream, result.ctypes.data, self._err, _ERRLEN)
         if rc != 0:
-            raise RuntimeError(f"nvImageCodec batch decode failed: {self._err.value.decode(errors='replace')}")
+            raise RuntimeError(f"nvImageCodec batch decode of {n} samples failed: {self._err.value.decode(errors='replace')}"
+                               " (the decoder option native_batch=False decodes through nvImageCodec's Python API instead)")
         return result
 
     def close(self) -> None:
