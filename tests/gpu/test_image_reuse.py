@@ -101,6 +101,8 @@ def test_memory_seen_outside_the_pipeline_is_not_reused(root):
 def test_native_batch_decoder_is_used_and_gives_the_python_api_batches(root):
     from ray_extsrc.fn._gpu import native_decode
 
+    if native_decode.library() is None and "compiler" in (native_decode.unavailable() or ""):
+        pytest.skip(f"the C batch decoder cannot be built here: {native_decode.unavailable()}")
     python_api = _run(root, False, reuse_images=0, native_batch=False)
     assert _run.native == 0
     native = _run(root, False)  # the defaults
@@ -112,6 +114,10 @@ def test_native_batch_decoder_is_used_and_gives_the_python_api_batches(root):
 
 
 def test_native_decoder_output_held_by_the_user_stays_intact(root):
+    from ray_extsrc.fn._gpu import native_decode
+
+    if native_decode.library() is None:
+        pytest.skip(f"the C batch decoder is unavailable: {native_decode.unavailable()}")
     batches = _run(root, True)
     assert _run.native >= BATCHES
     for k, (now, later) in enumerate(zip(batches, _run.again)):
