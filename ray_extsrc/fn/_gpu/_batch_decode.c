@@ -30,7 +30,12 @@ static void set_error(char* err, int errlen, const char* what, int code) {
     if (err && errlen > 0) snprintf(err, (size_t)errlen, "%s (nvImageCodec status %d)", what, code);
 }
 
-/* A process-wide instance: extensions (nvJPEG, ...) are loaded once. Returns NULL on failure. */
+static void set_message(char* err, int errlen, const char* what) {
+    if (err && errlen > 0) snprintf(err, (size_t)errlen, "%s", what);
+}
+
+/* A process-wide instance: extensions (nvJPEG, ...) are loaded once, and it lives as long as the
+ * process (native_decode.library). Returns NULL on failure. */
 void* rx_instance_create(char* err, int errlen) {
     nvimgcodecInstance_t instance = NULL;
     nvimgcodecInstanceCreateInfo_t info;
@@ -47,17 +52,13 @@ void* rx_instance_create(char* err, int errlen) {
     return instance;
 }
 
-void rx_instance_destroy(void* instance) {
-    if (instance) nvimgcodecInstanceDestroy((nvimgcodecInstance_t)instance);
-}
-
 /* A decoder on device_id with the given backends (kinds: nvimgcodecBackendKind_t values, with
  * their load hints; none = nvImageCodec's defaults) and options string. NULL on failure. */
 void* rx_decoder_create(void* instance, int device_id, int max_cpu_threads, int num_backends, const int* kinds,
                         const float* load_hints, const char* options, char* err, int errlen) {
     nvimgcodecBackend_t backends[8];
     if (num_backends < 0 || num_backends > 8) {
-        set_error(err, errlen, "too many backends", num_backends);
+        set_message(err, errlen, "too many backends (at most 8)");
         return NULL;
     }
     memset(backends, 0, sizeof(backends));
@@ -91,7 +92,7 @@ void* rx_decoder_create(void* instance, int device_id, int max_cpu_threads, int 
     rx_decoder* d = (rx_decoder*)calloc(1, sizeof(rx_decoder));
     if (!d) {
         nvimgcodecDecoderDestroy(decoder);
-        set_error(err, errlen, "out of host memory", 0);
+        set_message(err, errlen, "out of host memory");
         return NULL;
     }
     d->instance = (nvimgcodecInstance_t)instance;
@@ -154,7 +155,7 @@ int rx_decode(void* handle, int n, const uint64_t* src, const uint64_t* lengths,
               const int32_t* hw, int host_buffers, void* cuda_stream, int32_t* result, char* err, int errlen) {
     rx_decoder* d = (rx_decoder*)handle;
     if (reserve(d, n) != 0) {
-        set_error(err, errlen, "out of host memory", 0);
+        set_message(err, errlen, "out of host memory");
         return -1;
     }
     int m = 0;

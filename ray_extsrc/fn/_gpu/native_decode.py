@@ -97,7 +97,6 @@ def _build(pkg: Path) -> Path:
 def _bind(lib: ctypes.CDLL) -> None:
     lib.rx_instance_create.restype = _P
     lib.rx_instance_create.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    lib.rx_instance_destroy.argtypes = [_P]
     lib.rx_decoder_create.restype = _P
     lib.rx_decoder_create.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_char_p,
                                       ctypes.c_char_p, ctypes.c_int]
