@@ -1,11 +1,12 @@
 """`LoaderIterator`: one Ray Train worker's batches from its loader actors, as torch tensors.
 
 Made by `train.Loader.iter_torch_batches` (the same object on every call in one process). It
-creates — lazily, on first use — the worker's loader actors (`actor.LoaderActor`) on its own node,
-pinned to its GPU, serving shard ``rank`` of ``world_size``; asks them for batches by exact
-position, ``prefetch_batches`` requests in flight; and turns their replies into torch tensors on
-the worker's device (through the consumer-side GPU stage, `consumer_stage`, when ``gpu_stage`` is
-``"consumer"``; by CUDA IPC or host memory, `transport`, when it is ``"actor"``).
+creates the worker's loader actors (`actor.LoaderActor`; in `start`, which ``iter_torch_batches``
+calls at once) on its own node, pinned to its GPU, serving shard ``rank`` of ``world_size``; asks
+them for batches by exact position, ``prefetch_batches`` requests in flight; and turns their
+replies into torch tensors on the worker's device (through the consumer-side GPU stage,
+`consumer_stage`, when ``gpu_stage`` is ``"consumer"``; by CUDA IPC or host memory, `transport`,
+when it is ``"actor"``).
 
 Exactly-once across failures: ``it.state_dict()`` (``{"epoch_idx", "consumed_batches", "seed"}``) is
 what a checkpoint saves; ``iter_torch_batches(state=...)`` resumes the epoch at the next unconsumed
@@ -168,6 +169,10 @@ class LoaderIterator:
         # batch served again after a restart reports its skips again); the latest listed in stats()
         self._skipped_keys: set[tuple[int, int]] = set()
         self._skipped: collections.deque[dict] = collections.deque(maxlen=100)
+        #: seconds from the start of the actors (`start`) to: their creation being requested, the
+        #: consumer-side GPU stage built, the first batch handed over (see `stats`)
+        self._startup: dict[str, float] = {}
+        self._t_start: float | None = None
 
     # -- position ---------------------------------------------------------------------------------
 
@@ -221,12 +226,39 @@ class LoaderIterator:
             self._start_actors()
         return self._actors
 
+    def start(self) -> None:
+        """Create the loader actors (and the consumer-side GPU stage) now, if not yet, and ask for
+        the first batches of the current position; idempotent.
+
+        `Loader.iter_torch_batches` calls it, so the actors boot, fork their workers and make
+        the first batches — and the consumer-side GPU stage creates its decoders and decodes them
+        — while the Train worker goes on building its model. The next ``for`` takes those
+        requests over (as it takes over the next epoch's, see `_epoch`); a new position
+        (`load_state_dict`) or `close` drops them."""
+        if not self._actors:
+            self._start_actors()
+        if self._carry is None and self._iteration == 0:
+            depth = max(self.loader.prefetch_batches, self.ways)
+            first = collections.deque((pos, self._request(self.epoch_idx, self._base, pos, ())) for pos in range(depth))
+            self._carry = ((self.epoch_idx, self._base), first)
+
+    def _request(self, epoch: int, at: int, pos: int, release: tuple[int, ...]) -> Any:
+        """Ask the actor of batch ``pos`` for it (releasing its leases ``release``): a Ray
+        reference, or with the consumer-side GPU stage the future of that stage's output."""
+        way = pos % self.ways
+        ref = self._actors[way].next_batch.remote(epoch, at, pos // self.ways, release)
+        if self._stage is not None:  # fetched and run through the GPU stage in its threads
+            ref = self._stage.submit(functools.partial(self._get, ref, way))
+        return ref
+
     def _start_actors(self) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if self.closed:
             raise RuntimeError(f"{self._label()}: the iterator is closed")
+        self._t_start = time.perf_counter()
+        self._startup = {}
         node_id = ray.get_runtime_context().get_node_id()
         names, actors = [], []
         for way in range(self.ways):
@@ -265,12 +297,14 @@ class LoaderIterator:
             names.append(name)
             actors.append(_remote_actor_class().options(**options).remote(spec))
         self._actor_names, self._actors = names, actors
+        self._startup["actors_requested_s"] = time.perf_counter() - self._t_start
         if self.gpu_stage == "consumer":
             if self._stage is None:
                 from .consumer_stage import ConsumerStage
 
                 kwargs = dict(self.loader.pipeline_args, num_shards=self.world_size, shard_id=self.rank, seed=self.seed)
                 self._stage = ConsumerStage(self.loader.pipeline_fn, kwargs, self.device, self._label())
+            self._startup["stage_built_s"] = time.perf_counter() - self._t_start
         elif self._gpu_id is not None and self.loader.zero_copy and not self._importers:
             from .transport import IpcImporter
 
@@ -357,11 +391,8 @@ class LoaderIterator:
 
         def request(epoch: int, at: int, pos: int) -> Any:
             way = pos % ways
-            ref = actors[way].next_batch.remote(epoch, at, pos // ways, tuple(to_release[way]))
-            to_release[way] = []
-            if stage is not None:  # fetched and run through the GPU stage in its threads
-                ref = stage.submit(functools.partial(self._get, ref, way))
-            return ref
+            release, to_release[way] = tuple(to_release[way]), []
+            return self._request(epoch, at, pos, release)
 
         try:
             while True:
@@ -391,6 +422,8 @@ class LoaderIterator:
                 else:
                     batch = self._to_torch(reply, way)
                 now = time.perf_counter()
+                if "first_batch_s" not in self._startup and self._t_start is not None:
+                    self._startup["first_batch_s"] = now - self._t_start
                 self._record(reply, delivery, now - t_prev, way)
                 t_prev = now
                 self._iteration = pos + 1
@@ -546,7 +579,11 @@ class LoaderIterator:
         another to fill the epoch's last round (``last_batch_policy`` ``"pad"``/``"exact"``).
         ``skipped_samples`` counts the samples replaced by a substitute (``on_error="skip"``; also
         the Ray counter ``ray_extsrc_skipped_samples``), and ``skipped`` lists the latest 100 with
-        their ``epoch_idx``, ``idx_in_epoch``, error and substitute.
+        their ``epoch_idx``, ``idx_in_epoch``, error and substitute. ``startup_*_s``: seconds from
+        the latest start of the actors (`start`) to their creation being requested
+        (``startup_actors_requested_s``), the consumer-side GPU stage built
+        (``startup_stage_built_s``) and the first batch handed to this worker
+        (``startup_first_batch_s``).
         """
         b = max(self._batches, 1)
         out: dict[str, Any] = {
@@ -568,6 +605,7 @@ class LoaderIterator:
             "gpu_stage": self.gpu_stage,
         }
         out.update({k: self._totals[k] / b for k in _STAGES})
+        out.update({f"startup_{k}": v for k, v in self._startup.items()})
         if self._stage is not None:
             out.update({f"decode_{k}": v for k, v in self._stage.decode_stats().items()})
         return out

@@ -1,9 +1,8 @@
 """What a Ray Train ``train_loop_per_worker`` calls to get its batches: `Loader` and its iterator.
 
 `Loader` is a small, picklable description (a ``@pipeline_def`` function and its arguments) that
-travels in ``train_loop_config``. In each Train worker, ``loader.iter_torch_batches()`` creates —
-lazily, on first use — loader actors (`actor.LoaderActor`) on the worker's node, pinned to the
-worker's GPU, serving shard ``rank`` of ``world_size``, and yields their batches as torch tensors::
+travels in ``train_loop_config``. In each Train worker, ``loader.iter_torch_batches()`` starts
+loader actors (`actor.LoaderActor`) on the worker's node at once, pinned to the worker's GPU, serving shard ``rank`` of ``world_size``, and yields their batches as torch tensors::
 
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -199,7 +198,9 @@ class Loader:
 
         ``state`` (from `LoaderIterator.state_dict`) moves it to a saved position. ``rank`` and
         ``world_size`` default to the Train context's (rank 0 of 1 outside Ray Train); ``device`` to
-        this worker's GPU when it has one, else the CPU.
+        this worker's GPU when it has one, else the CPU. The loader actors start here (not at the
+        first batch): call it before building the model, and they boot, fork their workers and
+        read their first batches meanwhile.
         """
         import ray
 
@@ -219,6 +220,7 @@ class Loader:
             it = _ITERATORS[key] = LoaderIterator(self, rank, world_size, device)
         if state is not None:
             it.load_state_dict(state)
+        it.start()
         return it
 
 

@@ -13,7 +13,10 @@ the thread holding the GIL) during the first fed phase, as collapsed stacks (``-
 process is not paused, so the phase's speed stays near comparable and a sample can be torn; give
 that phase ``--steps`` enough to outlast py-spy's 6 s). ``--phases interfere`` times the synthetic
 step beside each of `DISTURBANCES` (``--disturb``) instead of beside the stage, to tell which kind
-of work in the same process slows it.
+of work in the same process slows it. ``--phases ownstream`` also runs the step on a torch stream of
+its own (not the legacy default stream, which every blocking stream in the process syncs with);
+``profile`` records a torch.profiler trace of the first fed phases and says why the step's stream
+sat idle (`gap_causes`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import threading
 import time
 import types as pytypes
 
-__all__ = ["DISTURBANCES", "Disturbance", "ThreadClock", "cpu_by_thread", "disturbance_work", "host_batches", "kernel_times", "main", "summarize_trace", "thread_ticks"]
+__all__ = ["DISTURBANCES", "Disturbance", "ThreadClock", "cpu_by_thread", "disturbance_work", "gap_causes", "host_batches", "kernel_times", "main", "summarize_trace", "thread_ticks"]
 
 BATCH = 256
 
@@ -149,10 +152,66 @@ def summarize_trace(trace: dict, step_stream: int | None = None) -> dict:
             c["ms"] = round(c["ms"] + e["dur"] / 1e3, 2)
     return {"window_ms": round((t1 - t0) / 1e3, 2), "step_stream": step_stream,
             "step_stream_idle_ms": round(((t1 - t0) - busy(spans)) / 1e3, 2),
+            "step_stream_gap_causes": gap_causes(ev, by_stream, step_stream, spans),
             "step_stream_top_gaps_ms": [round(g / 1e3, 2) for g in gaps[:10]],
             "step_stream_gaps_over_0.2ms": sum(1 for g in gaps if g > 200),
             "streams": streams, "other_streams_top": others,
             "stalling_calls": dict(sorted(calls.items(), key=lambda kv: -kv[1]["ms"])[:25])}
+
+
+def gap_causes(ev: list, by_stream: dict, step_stream: int, spans: list, min_us: float = 200.0) -> dict:
+    """Why the step's stream sat idle, gap by gap (gaps over ``min_us``), from the launch that
+    ended each gap (matched to the GPU op by the trace's ``correlation`` id):
+
+    * ``host_late``: that launch returned after the stream had gone idle — the GPU waited for the
+      host thread to queue work (the GIL, a lock, a wait for the batch, Python time);
+    * ``device_wait``: the work was queued before the gap began and still did not start — a
+      dependency on the device (an event wait, an implicit sync with the legacy default stream,
+      another stream's work holding the resources it needs);
+    * ``unmatched``: no launch found for it.
+
+    For each cause: the gaps' count and milliseconds; for ``host_late``, the launching thread's
+    lateness by the CPU op it ran in (what the host was doing); for ``device_wait``, the other
+    streams' ops that ended within 20 us before the step's stream resumed.
+    """
+    launches = {}
+    for e in ev:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):
+            launches[e["args"]["correlation"]] = e
+    ops = [e for e in ev if e.get("cat") in ("cpu_op", "user_annotation", "python_function")]
+    first_after = {}  # span start -> the earliest GPU op on the step's stream starting there
+    for a, _, e in by_stream[step_stream]:
+        if a not in first_after or e["ts"] < first_after[a]["ts"]:
+            first_after[a] = e
+    out: dict[str, dict] = {k: {"n": 0, "ms": 0.0} for k in ("host_late", "device_wait", "unmatched")}
+    late_in: collections.Counter = collections.Counter()
+    ended_before: collections.Counter = collections.Counter()
+    for prev, nxt in zip(spans, spans[1:]):
+        gap = nxt[0] - prev[1]
+        if gap <= min_us:
+            continue
+        op = first_after.get(nxt[0])
+        launch = launches.get(op.get("args", {}).get("correlation")) if op else None
+        if launch is None:
+            kind = "unmatched"
+        elif launch["ts"] + launch["dur"] > prev[1]:
+            kind = "host_late"
+            tid = launch.get("tid")
+            inside = [o for o in ops if o.get("tid") == tid and o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
+            name = min(inside, key=lambda o: o["dur"])["name"][:60] if inside else "(no CPU op)"
+            late_in[name] += min(gap, launch["ts"] + launch["dur"] - prev[1])
+        else:
+            kind = "device_wait"
+            for s, iv in by_stream.items():
+                if s != step_stream:
+                    for _, b, e in iv:
+                        if nxt[0] - 20 <= b <= nxt[0]:
+                            ended_before[f"{s}: {e['name'][:60]}"] += 1
+        out[kind]["n"] += 1
+        out[kind]["ms"] = round(out[kind]["ms"] + gap / 1e3, 2)
+    out["host_late"]["late_by_cpu_op_ms"] = {k: round(v / 1e3, 2) for k, v in late_in.most_common(8)}
+    out["device_wait"]["other_streams_ended_just_before"] = dict(ended_before.most_common(8))
+    return out
 
 
 def thread_ticks() -> dict[int, tuple[str, int]]:
@@ -492,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c in args.configs.split(";")]
     default_switch = sys.getswitchinterval()
     hp = torch.cuda.Stream(device=dev, priority=torch.cuda.Stream.priority_range()[1])
+    own = torch.cuda.Stream(device=dev)  # the "ownstream" phase: the step on a stream of its own
     if "kernels" in args.phases:
         kernel_times(make_stage, fed, args.steps)
     for model_name in args.model.split(","):
@@ -534,10 +594,18 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.cuda.stream(hp):
                     measure("fed_step_high_priority", fed(stage, depth), clock=clock, decoder=cfg,
                             priority=hp.priority)
+            if "ownstream" in args.phases:  # off the legacy default stream: no implicit syncs with
+                # the blocking streams of any library in the process
+                with torch.cuda.stream(own):
+                    measure("fed_step_own_stream", fed(stage, depth), clock=clock, decoder=cfg,
+                            profile="profile" in args.phases and n == 0)
             stage.close()
         if "prio" in args.phases:
             with torch.cuda.stream(hp):
                 measure("synthetic_high_priority", synthetic())
+        if "ownstream" in args.phases:
+            with torch.cuda.stream(own):
+                measure("synthetic_own_stream", synthetic())
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "results": results}, f,

@@ -18,10 +18,12 @@ model and round by round:
     extsrc-auto        the Loader's default gpu_stage ("auto")
     torch              torch DataLoader + Pillow + torchvision v2 (`_torchvision`), pin_memory
 
-Per run: every epoch's img/s; GPU memory in use on the device (all processes) before the loader
-started, its peak, and the peak above synthetic's for the same model; host RSS of the Train
-worker's process tree and of the loader actors' trees; seconds from ``trainer.fit()`` to the first
-batch. Writes ``benchmarks/results/train-<date>-<device>.json`` and ``.png`` and prints a table.
+The Train worker makes its feed (for ray_extsrc: ``iter_torch_batches()``, which starts the loader
+actors) before it builds the model, as the Loader's docs advise. Per run: every epoch's img/s; GPU
+memory in use on the device (all processes) before the feed and the model, its peak, and the peak
+above synthetic's for the same model (the loader's share); host RSS and PSS of the Train worker's
+process tree and of the loader actors' trees; seconds from ``trainer.fit()`` to the first batch,
+from making the feed to its first batch, and above synthetic's. Writes ``benchmarks/results/train-<date>-<device>.json`` and ``.png`` and prints a table.
 
     ray-extsrc bench --train resnet50,resnet18 --images 8000 --epochs 2 --warmup 1 --rounds 1
     ray-extsrc bench --train tiny --device cpu --feeds synthetic,extsrc-auto ...   (the CPU smoke test)
@@ -78,7 +80,6 @@ def _feed(config: dict, dev: Any, gpu: GpuMemory) -> tuple[Any, Any, dict]:
     import torch
 
     feed, batch, size, steps = config["feed"], config["batch"], config["size"], config["steps_per_epoch"]
-    gpu.mark()  # before the loader starts: what the model and the step's context already hold
     if feed == "synthetic":
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(batch, 3, size, size, generator=g).to(dev, torch.float16)
@@ -131,11 +132,14 @@ def train_worker(config: dict) -> None:
     gpu_on = config["device"] == "gpu"
     dev = torch.device("cuda", torch.cuda.current_device()) if gpu_on else torch.device("cpu")
     torch.manual_seed(0)
+    gpu = GpuMemory()
+    gpu.mark()  # before the feed and the model: the loader's share is the peak above synthetic's
+    # the feed first, as the Loader's docs say: its actors start while the model is built
+    made_after_fit = time.time() - config["fit_t0"]
+    epoch_fn, close, describe = _feed(config, dev, gpu)
     model = build_model(config["model"]).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
-    gpu = GpuMemory()
-    epoch_fn, close, describe = _feed(config, dev, gpu)
 
     def step(x: Any, y: Any) -> None:
         x = x.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
@@ -161,6 +165,7 @@ def train_worker(config: dict) -> None:
     finally:
         close()
     out = {"records": recs, **gpu.report(), "warmup_epochs": warmup, "steps_per_epoch": steps,
+           "feed_made_after_fit_s": round(made_after_fit, 3),
            "train_worker_tree_rss_mb": max(r.get("tree_rss_mb", 0) for r in recs),
            "train_worker_tree_pss_mb": max(r.get("tree_pss_mb", 0) for r in recs), **info}
     if gpu_on:
@@ -278,7 +283,10 @@ def _summary(runs: list[dict]) -> dict:
         rates = timed_rates(res)
         s["epochs"] += rates
         s["per_round_median"].append(statistics.median(rates) if rates else None)
-        s["first_batch_s"] += [x["startup_to_first_batch_s"] for x in res["records"] if "startup_to_first_batch_s" in x]
+        firsts = [x["startup_to_first_batch_s"] for x in res["records"] if "startup_to_first_batch_s" in x]
+        s["first_batch_s"] += firsts
+        if "feed_made_after_fit_s" in res:  # from making the feed (the Loader's iterator) to its first batch
+            s.setdefault("feed_to_first_batch_s", []).extend(round(f - res["feed_made_after_fit_s"], 3) for f in firsts)
         for k in ("gpu_peak_used_mb", "gpu_added_peak_mb"):
             if res.get(k) is not None:
                 s[k] = max(s[k] or 0, res[k])
@@ -287,6 +295,8 @@ def _summary(runs: list[dict]) -> dict:
     for s in summary.values():
         s["median_images_per_s"] = statistics.median(s["epochs"]) if s["epochs"] else None
         s["startup_to_first_batch_s"] = statistics.median(s["first_batch_s"]) if s["first_batch_s"] else None
+        if s.get("feed_to_first_batch_s"):
+            s["feed_to_first_batch_median_s"] = statistics.median(s["feed_to_first_batch_s"])
         s["host_rss_mb"] = round(s["train_worker_tree_rss_mb"] + s["loader_tree_rss_mb"], 1)
         # the same processes with shared pages counted once (0 where the kernel gives no PSS)
         s["host_pss_mb"] = round(s["train_worker_tree_pss_mb"] + s["loader_tree_pss_mb"], 1)
@@ -299,13 +309,16 @@ def _summary(runs: list[dict]) -> dict:
             if s["gpu_peak_used_mb"] is not None and syn["gpu_peak_used_mb"] is not None:
                 s["gpu_peak_above_synthetic_mb"] = s["gpu_peak_used_mb"] - syn["gpu_peak_used_mb"]
             s["host_rss_above_synthetic_mb"] = round(s["host_rss_mb"] - syn["host_rss_mb"], 1)
+            s["host_pss_above_synthetic_mb"] = round(s["host_pss_mb"] - syn["host_pss_mb"], 1)
+            if s["startup_to_first_batch_s"] is not None and syn["startup_to_first_batch_s"] is not None:
+                s["first_batch_above_synthetic_s"] = round(s["startup_to_first_batch_s"] - syn["startup_to_first_batch_s"], 3)
         else:
             s["ratio_to_synthetic"] = None
     return summary
 
 
 def table(summary: dict) -> str:
-    head = (f"{'model/feed':<28}{'img/s':>9}{'vs syn':>8}{'epochs (img/s)':>26}{'1st batch s':>12}"
+    head = (f"{'model/feed':<28}{'img/s':>9}{'vs syn':>8}{'epochs (img/s)':>26}{'1st batch s':>12}{'feed->1st':>10}"
             f"{'GPU peak MB':>12}{'+vs syn':>9}{'host RSS MB':>12}{'host PSS MB':>12}{'stage':>10}")
     rows = [head]
     for k, s in summary.items():
@@ -315,7 +328,8 @@ def table(summary: dict) -> str:
         first = f"{s['startup_to_first_batch_s']:.1f}" if s["startup_to_first_batch_s"] is not None else "-"
         peak = s["gpu_peak_used_mb"] if s["gpu_peak_used_mb"] is not None else "-"
         above = s.get("gpu_peak_above_synthetic_mb", "-")
-        rows.append(f"{k:<28}{med:>9}{ratio:>8}{eps[:24]:>26}{first:>12}{peak!s:>12}{above!s:>9}"
+        feed1 = f"{s['feed_to_first_batch_median_s']:.1f}" if s.get("feed_to_first_batch_median_s") is not None else "-"
+        rows.append(f"{k:<28}{med:>9}{ratio:>8}{eps[:24]:>26}{first:>12}{feed1:>10}{peak!s:>12}{above!s:>9}"
                     f"{s['host_rss_mb']:>12.0f}{s.get('host_pss_mb', 0):>12.0f}{s.get('gpu_stage') or '-':>10}")
     return "\n".join(rows)
 
