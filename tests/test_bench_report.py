@@ -181,15 +181,16 @@ def test_gap_causes_tells_a_late_launch_from_work_that_waited_on_the_device():
         gpu(1000, 500, 7, 2), launch(900, 2), {"ph": "X", "cat": "cpu_op", "name": "aten::conv", "ts": 850, "dur": 100, "tid": 5},
         # gap 2 (1500 -> 2000): launched at 100, long before; a decode copy ended at 1990
         gpu(2000, 500, 7, 3), launch(100, 3), gpu(1700, 290, 30, 9, "nvjpeg copy"),
-        gpu(2600, 100, 7, 4),  # gap 3 (100 us): under the threshold, not counted
-        gpu(2800, 100, 7, 5),  # gap 4 (100 us) and no launch for it
+        gpu(2600, 100, 7, 4),  # gap 3 (100 us) and no launch for it
+        gpu(2710, 100, 7, 5),  # gap 4 (10 us): under the threshold, not counted
     ]}
     causes = summarize_trace(trace)["step_stream_gap_causes"]
     assert causes["host_late"]["n"] == 1 and causes["host_late"]["ms"] == 0.4
     assert causes["host_late"]["late_by_cpu_op_ms"] == {"aten::conv": 0.31}  # returned at 910: 310 us late
+    assert causes["host_late"]["late_by_thread_and_outer_op_ms"] == {"tid 5: aten::conv": 0.31}
     assert causes["device_wait"]["n"] == 1 and causes["device_wait"]["ms"] == 0.5
     assert causes["device_wait"]["other_streams_ended_just_before"] == {"30: nvjpeg copy": 1}
-    assert causes["unmatched"]["n"] == 0
+    assert causes["unmatched"] == {"n": 1, "ms": 0.1}
 
 
 def test_probe_disturbance_runs_its_work_in_threads_until_stopped_and_reports_a_rate():

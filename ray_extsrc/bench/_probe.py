@@ -16,7 +16,7 @@ step beside each of `DISTURBANCES` (``--disturb``) instead of beside the stage, 
 of work in the same process slows it. ``--phases ownstream`` also runs the step on a torch stream of
 its own (not the legacy default stream, which every blocking stream in the process syncs with);
 ``profile`` records a torch.profiler trace of the first fed phases and says why the step's stream
-sat idle (`gap_causes`).
+sat idle (`gap_causes`); ``--summarize TRACE...`` prints that summary for saved traces.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def summarize_trace(trace: dict, step_stream: int | None = None) -> dict:
             "stalling_calls": dict(sorted(calls.items(), key=lambda kv: -kv[1]["ms"])[:25])}
 
 
-def gap_causes(ev: list, by_stream: dict, step_stream: int, spans: list, min_us: float = 200.0) -> dict:
+def gap_causes(ev: list, by_stream: dict, step_stream: int, spans: list, min_us: float = 20.0) -> dict:
     """Why the step's stream sat idle, gap by gap (gaps over ``min_us``), from the launch that
     ended each gap (matched to the GPU op by the trace's ``correlation`` id):
 
@@ -185,6 +185,7 @@ def gap_causes(ev: list, by_stream: dict, step_stream: int, spans: list, min_us:
             first_after[a] = e
     out: dict[str, dict] = {k: {"n": 0, "ms": 0.0} for k in ("host_late", "device_wait", "unmatched")}
     late_in: collections.Counter = collections.Counter()
+    late_outer: collections.Counter = collections.Counter()  # by (thread, outermost CPU op)
     ended_before: collections.Counter = collections.Counter()
     for prev, nxt in zip(spans, spans[1:]):
         gap = nxt[0] - prev[1]
@@ -199,7 +200,10 @@ def gap_causes(ev: list, by_stream: dict, step_stream: int, spans: list, min_us:
             tid = launch.get("tid")
             inside = [o for o in ops if o.get("tid") == tid and o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
             name = min(inside, key=lambda o: o["dur"])["name"][:60] if inside else "(no CPU op)"
-            late_in[name] += min(gap, launch["ts"] + launch["dur"] - prev[1])
+            outer = max(inside, key=lambda o: o["dur"])["name"][:60] if inside else "(no CPU op)"
+            late = min(gap, launch["ts"] + launch["dur"] - prev[1])
+            late_in[name] += late
+            late_outer[f"tid {tid}: {outer}"] += late
         else:
             kind = "device_wait"
             for s, iv in by_stream.items():
@@ -210,6 +214,8 @@ def gap_causes(ev: list, by_stream: dict, step_stream: int, spans: list, min_us:
         out[kind]["n"] += 1
         out[kind]["ms"] = round(out[kind]["ms"] + gap / 1e3, 2)
     out["host_late"]["late_by_cpu_op_ms"] = {k: round(v / 1e3, 2) for k, v in late_in.most_common(8)}
+    # the autograd engine's device thread runs the backward ops ("autograd::engine::evaluate_function")
+    out["host_late"]["late_by_thread_and_outer_op_ms"] = {k: round(v / 1e3, 2) for k, v in late_outer.most_common(10)}
     out["device_wait"]["other_streams_ended_just_before"] = dict(ended_before.most_common(8))
     return out
 
@@ -378,7 +384,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --phases interfere: what runs beside the synthetic step (see Disturbance)")
     ap.add_argument("--pyspy", action="store_true")
     ap.add_argument("--out", default="out/probe.json")
+    ap.add_argument("--summarize", nargs="+", metavar="TRACE",
+                    help="only print `summarize_trace` of these saved chrome traces (.json or .json.gz)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        import gzip
+
+        for path in args.summarize:
+            with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+                print(json.dumps({"trace": os.path.basename(path), **summarize_trace(json.load(f))}))
+        return 0
 
     from ray_extsrc.synthetic import R1, make_jpeg_dataset
     import dataclasses
