@@ -64,6 +64,12 @@ def test_cpu_training_benchmark_end_to_end(tmp_path):
     assert doc["summary"]["tiny/extsrc-auto"]["gpu_stage"] == "actor"  # a CPU Train worker: the actors' stage
     run = [r for r in doc["runs"] if r["feed"] == "extsrc-auto"][0]
     assert run["warmup_epochs"] == 1 and run["steps_per_epoch"] == 4
+    # the feed is made before the model: its first batch is timed from there too, and against synthetic's
+    for key in ("tiny/synthetic", "tiny/extsrc-auto"):
+        assert 0 < doc["summary"][key]["feed_to_first_batch_median_s"] < doc["summary"][key]["startup_to_first_batch_s"]
+    assert "first_batch_above_synthetic_s" in doc["summary"]["tiny/extsrc-auto"]
+    stats = run["loader_stats"]
+    assert 0 <= stats["startup_actors_requested_s"] < stats["startup_first_batch_s"]
     assert "tiny/synthetic" in p.stdout and "vs syn" in p.stdout
 
 

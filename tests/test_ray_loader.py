@@ -194,6 +194,30 @@ def test_backpressure_keeps_at_most_prefetch_batches_requested():
         it.close()
 
 
+def test_iter_torch_batches_asks_for_the_first_batches_before_the_first_next():
+    loader = make_loader(prefetch_batches=2)
+    it = loader.iter_torch_batches(rank=0, world_size=1)
+    try:
+        # describe() runs after every call already sent: batches 0 and 1 were asked for at once
+        assert it.describe()["cursor"] == (0, 0, 2)
+        # the first `for` takes those requests over: the whole epoch, from its first batch, once
+        assert [labels(b) for b in it] == [batch_of(g, "pad") for g in range(26)]
+        st = it.stats()
+        assert 0 <= st["startup_actors_requested_s"] < st["startup_first_batch_s"]
+        # a position given with the iterator: the requests made at once are that position's
+        other = make_loader(prefetch_batches=2, seed=loader.seed)
+        resumed = other.iter_torch_batches(state={"epoch_idx": 0, "consumed_batches": 5, "seed": loader.seed},
+                                           rank=0, world_size=1)
+        try:
+            assert resumed.describe()["cursor"] == (0, 5, 2)
+            assert [labels(b) for b in resumed] == [batch_of(g, "pad") for g in range(5, 26)]
+        finally:
+            resumed.close()
+    finally:
+        it.close()
+    assert_no_shm_left([it])
+
+
 def test_the_next_epoch_is_requested_while_one_ends_and_dropped_on_a_new_position():
     loader = make_loader(n=24, shuffle=True, prefetch_batches=2)  # 6 batches; the order changes per epoch
     it = loader.iter_torch_batches(rank=0, world_size=1)
