@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -191,6 +192,19 @@ def test_gap_causes_tells_a_late_launch_from_work_that_waited_on_the_device():
     assert causes["device_wait"]["n"] == 1 and causes["device_wait"]["ms"] == 0.5
     assert causes["device_wait"]["other_streams_ended_just_before"] == {"30: nvjpeg copy": 1}
     assert causes["unmatched"] == {"n": 1, "ms": 0.1}
+
+
+def test_backward_gil_times_eager_and_torchscript_backward_alone_and_beside_a_python_thread():
+    pytest.importorskip("torch")
+    from ray_extsrc.bench._probe import backward_gil
+
+    recs = backward_gil("cpu", steps=3, size=8)
+    assert [r["model"] for r in recs] == ["eager", "torchscript"]
+    for r in recs:
+        assert r["backward_ms_alone"] > 0 and r["backward_ms_beside_python_thread"] > 0
+        assert r["gil_takes_per_backward"] == round((r["backward_ms_beside_python_thread"] - r["backward_ms_alone"])
+                                                    / r["switch_interval_ms"], 1)
+    assert not any(t.name == "probe-spin" for t in threading.enumerate())  # the spinning thread stopped
 
 
 def test_probe_disturbance_runs_its_work_in_threads_until_stopped_and_reports_a_rate():

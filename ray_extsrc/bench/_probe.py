@@ -16,7 +16,8 @@ step beside each of `DISTURBANCES` (``--disturb``) instead of beside the stage, 
 of work in the same process slows it. ``--phases ownstream`` also runs the step on a torch stream of
 its own (not the legacy default stream, which every blocking stream in the process syncs with);
 ``profile`` records a torch.profiler trace of the first fed phases and says why the step's stream
-sat idle (`gap_causes`); ``--summarize TRACE...`` prints that summary for saved traces.
+sat idle (`gap_causes`); ``--summarize TRACE...`` prints that summary for saved traces;
+``--backward-gil DEVICE`` counts how often a backward pass takes the GIL (`backward_gil`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import sys
 import threading
 import time
 import types as pytypes
+import warnings
+from typing import Any
 
-__all__ = ["DISTURBANCES", "Disturbance", "ThreadClock", "cpu_by_thread", "disturbance_work", "gap_causes", "host_batches", "kernel_times", "main", "summarize_trace", "thread_ticks"]
+__all__ = ["DISTURBANCES", "Disturbance", "ThreadClock", "cpu_by_thread", "disturbance_work", "backward_gil", "gap_causes", "host_batches", "kernel_times", "main", "summarize_trace", "thread_ticks"]
 
 BATCH = 256
 
@@ -371,6 +374,83 @@ def disturbance_work(kind: str, hbs: list, make_stage) -> tuple:
     raise AssertionError(kind)
 
 
+def backward_gil(device: str = "cpu", steps: int = 20, size: int = 32) -> list[dict]:
+    """How often a backward pass waits for the GIL: the median backward time of a small residual
+    conv net (Python ``forward``, as torchvision's), eager and TorchScript, alone and beside a
+    pure-Python thread that never blocks. Such a thread gives the GIL up only when the switch
+    interval forces it, so each time the backward takes the GIL it waits about one interval: the
+    difference, over the interval, counts those takes. On a GPU the backward runs in torch's
+    autograd device thread (the thread the consumer stage's GIL holds delay, see the README);
+    on the CPU in the calling thread. No CUDA needed for ``device="cpu"``."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+            self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.b1(self.c1(x)))
+            return torch.relu(x + self.b2(self.c2(y)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.blocks = nn.Sequential(*[Block(8) for _ in range(8)])
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+    dev = torch.device(device)
+    x = torch.randn(2, 3, size, size, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    def median_ms(m: Any) -> float:
+        times = []
+        for _ in range(steps):
+            y = m(x).sum()
+            sync()
+            t = time.perf_counter()
+            y.backward()
+            sync()
+            times.append(time.perf_counter() - t)
+        return round(sorted(times)[len(times) // 2] * 1e3, 3)
+
+    out = []
+    interval_ms = sys.getswitchinterval() * 1e3
+    for kind in ("eager", "torchscript"):
+        torch.manual_seed(0)
+        m = Net().to(dev)
+        if kind == "torchscript":  # forward in C++: no Python object per activation
+            with warnings.catch_warnings():  # deprecated in torch 2.13, still the plainest control
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = torch.jit.script(m)
+        median_ms(m)  # warm-up (and TorchScript's profiling runs)
+        alone = median_ms(m)
+        stop.clear()
+        th = threading.Thread(target=spin, name="probe-spin", daemon=True)
+        th.start()
+        time.sleep(0.05)
+        try:
+            beside = median_ms(m)
+        finally:
+            stop.set()
+            th.join()
+        out.append({"phase": "backward_gil", "device": device, "model": kind, "backward_ms_alone": alone,
+                    "backward_ms_beside_python_thread": beside, "switch_interval_ms": interval_ms,
+                    "gil_takes_per_backward": round((beside - alone) / interval_ms, 1)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ray-extsrc bench --probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="/tmp/r1-probe")
@@ -386,7 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/probe.json")
     ap.add_argument("--summarize", nargs="+", metavar="TRACE",
                     help="only print `summarize_trace` of these saved chrome traces (.json or .json.gz)")
+    ap.add_argument("--backward-gil", metavar="DEVICE", help="only run `backward_gil` on DEVICE (cpu, cuda)")
     args = ap.parse_args(argv)
+    if args.backward_gil:
+        for rec in backward_gil(args.backward_gil):
+            print(json.dumps(rec))
+        return 0
     if args.summarize:
         import gzip
 
