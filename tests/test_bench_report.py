@@ -198,13 +198,17 @@ def test_backward_gil_times_eager_and_torchscript_backward_alone_and_beside_a_py
     pytest.importorskip("torch")
     from ray_extsrc.bench._probe import backward_gil
 
-    recs = backward_gil("cpu", steps=3, size=8)
+    from ray_extsrc.bench._probe import Disturbance, disturbance_work
+
+    work, _ = disturbance_work("numpy", [], None)
+    recs = backward_gil("cpu", steps=3, size=8, beside={"numpy": lambda: Disturbance("numpy", work)})
     assert [r["model"] for r in recs] == ["eager", "torchscript"]
     for r in recs:
         assert r["backward_ms_alone"] > 0 and r["backward_ms_beside_python_thread"] > 0
+        assert r["backward_ms_beside_numpy"] > 0
         assert r["gil_takes_per_backward"] == round((r["backward_ms_beside_python_thread"] - r["backward_ms_alone"])
                                                     / r["switch_interval_ms"], 1)
-    assert not any(t.name == "probe-spin" for t in threading.enumerate())  # the spinning thread stopped
+    assert not any(t.name in ("probe-spin", "probe-numpy") for t in threading.enumerate())  # all stopped
 
 
 def test_probe_disturbance_runs_its_work_in_threads_until_stopped_and_reports_a_rate():

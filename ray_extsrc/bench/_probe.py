@@ -17,7 +17,8 @@ of work in the same process slows it. ``--phases ownstream`` also runs the step 
 its own (not the legacy default stream, which every blocking stream in the process syncs with);
 ``profile`` records a torch.profiler trace of the first fed phases and says why the step's stream
 sat idle (`gap_causes`); ``--summarize TRACE...`` prints that summary for saved traces;
-``--backward-gil DEVICE`` counts how often a backward pass takes the GIL (`backward_gil`).
+``--backward-gil DEVICE`` counts how often a backward pass takes the GIL (`backward_gil`), and the
+``backward_gil`` phase times it beside the real consumer stage too.
 """
 
 from __future__ import annotations
@@ -374,14 +375,18 @@ def disturbance_work(kind: str, hbs: list, make_stage) -> tuple:
     raise AssertionError(kind)
 
 
-def backward_gil(device: str = "cpu", steps: int = 20, size: int = 32) -> list[dict]:
+def backward_gil(device: str = "cpu", steps: int = 20, size: int = 32, beside: dict | None = None) -> list[dict]:
     """How often a backward pass waits for the GIL: the median backward time of a small residual
     conv net (Python ``forward``, as torchvision's), eager and TorchScript, alone and beside a
     pure-Python thread that never blocks. Such a thread gives the GIL up only when the switch
     interval forces it, so each time the backward takes the GIL it waits about one interval: the
     difference, over the interval, counts those takes. On a GPU the backward runs in torch's
     autograd device thread (the thread the consumer stage's GIL holds delay, see the README);
-    on the CPU in the calling thread. No CUDA needed for ``device="cpu"``."""
+    on the CPU in the calling thread. No CUDA needed for ``device="cpu"``.
+
+    ``beside``: more work to time the backward beside, ``{name: factory}``, each factory giving a
+    context manager that runs the work while it is open (a `Disturbance`, e.g. the real consumer
+    stage: ``--phases backward_gil`` on the GPU machine); each adds ``backward_ms_beside_<name>``."""
     import torch
     from torch import nn
 
@@ -441,13 +446,17 @@ def backward_gil(device: str = "cpu", steps: int = 20, size: int = 32) -> list[d
         th.start()
         time.sleep(0.05)
         try:
-            beside = median_ms(m)
+            spun = median_ms(m)
         finally:
             stop.set()
             th.join()
-        out.append({"phase": "backward_gil", "device": device, "model": kind, "backward_ms_alone": alone,
-                    "backward_ms_beside_python_thread": beside, "switch_interval_ms": interval_ms,
-                    "gil_takes_per_backward": round((beside - alone) / interval_ms, 1)})
+        rec = {"phase": "backward_gil", "device": device, "model": kind, "backward_ms_alone": alone,
+               "backward_ms_beside_python_thread": spun, "switch_interval_ms": interval_ms,
+               "gil_takes_per_backward": round((spun - alone) / interval_ms, 1)}
+        for name, factory in (beside or {}).items():
+            with factory():
+                rec[f"backward_ms_beside_{name}"] = median_ms(m)
+        out.append(rec)
     return out
 
 
@@ -654,6 +663,13 @@ def main(argv: list[str] | None = None) -> int:
     own = torch.cuda.Stream(device=dev)  # the "ownstream" phase: the step on a stream of its own
     if "kernels" in args.phases:
         kernel_times(make_stage, fed, args.steps)
+    if "backward_gil" in args.phases:  # the backward pass beside the real consumer stage (and a spinner)
+        work, cleanup = disturbance_work("stage", hbs, make_stage)
+        for rec in backward_gil("cuda", beside={"stage": lambda: Disturbance("stage", work)}):
+            results.append(rec)
+            print(json.dumps(rec), flush=True)
+        if cleanup is not None:
+            cleanup()
     for model_name in args.model.split(","):
         model = build_model(model_name).to(dev, memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
