@@ -2,7 +2,8 @@
 
 `Loader` is a small, picklable description (a ``@pipeline_def`` function and its arguments) that
 travels in ``train_loop_config``. In each Train worker, ``loader.iter_torch_batches()`` starts
-loader actors (`actor.LoaderActor`) on the worker's node at once, pinned to the worker's GPU, serving shard ``rank`` of ``world_size``, and yields their batches as torch tensors::
+loader actors (`actor.LoaderActor`) on the worker's node at once, pinned to the worker's GPU,
+serving shard ``rank`` of ``world_size``, and yields their batches as torch tensors::
 
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer

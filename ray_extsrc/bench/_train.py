@@ -23,7 +23,8 @@ actors) before it builds the model, as the Loader's docs advise. Per run: every 
 memory in use on the device (all processes) before the feed and the model, its peak, and the peak
 above synthetic's for the same model (the loader's share); host RSS and PSS of the Train worker's
 process tree and of the loader actors' trees; seconds from ``trainer.fit()`` to the first batch,
-from making the feed to its first batch, and above synthetic's. Writes ``benchmarks/results/train-<date>-<device>.json`` and ``.png`` and prints a table.
+from making the feed to its first batch, and above synthetic's. Writes
+``benchmarks/results/train-<date>-<device>.json`` and ``.png`` and prints a table.
 
     ray-extsrc bench --train resnet50,resnet18 --images 8000 --epochs 2 --warmup 1 --rounds 1
     ray-extsrc bench --train tiny --device cpu --feeds synthetic,extsrc-auto ...   (the CPU smoke test)
@@ -310,8 +311,9 @@ def _summary(runs: list[dict]) -> dict:
                 s["gpu_peak_above_synthetic_mb"] = s["gpu_peak_used_mb"] - syn["gpu_peak_used_mb"]
             s["host_rss_above_synthetic_mb"] = round(s["host_rss_mb"] - syn["host_rss_mb"], 1)
             s["host_pss_above_synthetic_mb"] = round(s["host_pss_mb"] - syn["host_pss_mb"], 1)
-            if s["startup_to_first_batch_s"] is not None and syn["startup_to_first_batch_s"] is not None:
-                s["first_batch_above_synthetic_s"] = round(s["startup_to_first_batch_s"] - syn["startup_to_first_batch_s"], 3)
+            first, syn_first = s["startup_to_first_batch_s"], syn["startup_to_first_batch_s"]
+            if first is not None and syn_first is not None:
+                s["first_batch_above_synthetic_s"] = round(first - syn_first, 3)
         else:
             s["ratio_to_synthetic"] = None
     return summary
