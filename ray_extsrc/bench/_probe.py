@@ -382,7 +382,8 @@ def backward_gil(device: str = "cpu", steps: int = 20, size: int = 32, beside: d
     interval forces it, so each time the backward takes the GIL it waits about one interval: the
     difference, over the interval, counts those takes. On a GPU the backward runs in torch's
     autograd device thread (the thread the consumer stage's GIL holds delay, see the README);
-    on the CPU in the calling thread. No CUDA needed for ``device="cpu"``.
+    on the CPU in the calling thread, with one intra-op thread (run it on an idle machine of two
+    cores or more). No CUDA needed for ``device="cpu"``.
 
     ``beside``: more work to time the backward beside, ``{name: factory}``, each factory giving a
     context manager that runs the work while it is open (a `Disturbance`, e.g. the real consumer
@@ -412,6 +413,19 @@ def backward_gil(device: str = "cpu", steps: int = 20, size: int = 32, beside: d
 
     dev = torch.device(device)
     x = torch.randn(2, 3, size, size, device=dev)
+    # one intra-op thread: on the CPU the backward then needs one core and the spinning thread
+    # another, so (on an idle machine with two or more) the difference is the GIL, not core sharing
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _backward_gil_runs(torch, Net, dev, x, steps, beside)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _backward_gil_runs(torch: Any, Net: Any, dev: Any, x: Any, steps: int, beside: dict | None) -> list[dict]:
+    """`backward_gil`'s measurements (see there)."""
+    device = str(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     stop = threading.Event()
 
