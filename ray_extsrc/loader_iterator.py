@@ -238,9 +238,14 @@ class LoaderIterator:
         if not self._actors:
             self._start_actors()
         if self._carry is None and self._iteration == 0:
-            depth = max(self.loader.prefetch_batches, self.ways)
-            first = collections.deque((pos, self._request(self.epoch_idx, self._base, pos, ())) for pos in range(depth))
+            first = collections.deque((pos, self._request(self.epoch_idx, self._base, pos, ()))
+                                      for pos in range(self._depth))
             self._carry = ((self.epoch_idx, self._base), first)
+
+    @property
+    def _depth(self) -> int:
+        """Requests kept in flight: ``prefetch_batches``, and at least one per actor (each has work queued)."""
+        return max(self.loader.prefetch_batches, self.ways)
 
     def _request(self, epoch: int, at: int, pos: int, release: tuple[int, ...]) -> Any:
         """Ask the actor of batch ``pos`` for it (releasing its leases ``release``): a Ray
@@ -375,7 +380,7 @@ class LoaderIterator:
         actors, ways = self.actors, self.ways
         stage = self._stage
         epoch_idx, base = self.epoch_idx, self._base
-        depth = max(self.loader.prefetch_batches, ways)  # every actor has work queued
+        depth = self._depth
         pending: collections.deque[tuple[int, Any]] = collections.deque()
         carried, self._carry = self._carry, None
         if carried is not None and carried[0] == (epoch_idx, base) and self._iteration == 0:

@@ -413,23 +413,10 @@ def backward_gil(device: str = "cpu", steps: int = 20, size: int = 32, beside: d
 
     dev = torch.device(device)
     x = torch.randn(2, 3, size, size, device=dev)
-    # one intra-op thread: on the CPU the backward then needs one core and the spinning thread
-    # another, so (on an idle machine with two or more) the difference is the GIL, not core sharing
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _backward_gil_runs(torch, Net, dev, x, steps, beside)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _backward_gil_runs(torch: Any, Net: Any, dev: Any, x: Any, steps: int, beside: dict | None) -> list[dict]:
-    """`backward_gil`'s measurements (see there)."""
-    device = str(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     stop = threading.Event()
 
-    def spin() -> None:
+    def spin() -> None:  # pure Python: gives the GIL up only when the switch interval forces it
         while not stop.is_set():
             sum(range(1000))
 
@@ -446,31 +433,38 @@ def _backward_gil_runs(torch: Any, Net: Any, dev: Any, x: Any, steps: int, besid
 
     out = []
     interval_ms = sys.getswitchinterval() * 1e3
-    for kind in ("eager", "torchscript"):
-        torch.manual_seed(0)
-        m = Net().to(dev)
-        if kind == "torchscript":  # forward in C++: no Python object per activation
-            with warnings.catch_warnings():  # deprecated in torch 2.13, still the plainest control
-                warnings.simplefilter("ignore", DeprecationWarning)
-                m = torch.jit.script(m)
-        median_ms(m)  # warm-up (and TorchScript's profiling runs)
-        alone = median_ms(m)
-        stop.clear()
-        th = threading.Thread(target=spin, name="probe-spin", daemon=True)
-        th.start()
-        time.sleep(0.05)
-        try:
-            spun = median_ms(m)
-        finally:
-            stop.set()
-            th.join()
-        rec = {"phase": "backward_gil", "device": device, "model": kind, "backward_ms_alone": alone,
-               "backward_ms_beside_python_thread": spun, "switch_interval_ms": interval_ms,
-               "gil_takes_per_backward": round((spun - alone) / interval_ms, 1)}
-        for name, factory in (beside or {}).items():
-            with factory():
-                rec[f"backward_ms_beside_{name}"] = median_ms(m)
-        out.append(rec)
+    # one intra-op thread: on the CPU the backward then needs one core and the spinning thread
+    # another, so (on an idle machine with two or more) the difference is the GIL, not core sharing
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind in ("eager", "torchscript"):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            if kind == "torchscript":  # forward in C++: no Python object per activation
+                with warnings.catch_warnings():  # deprecated in torch 2.13, still the plainest control
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    m = torch.jit.script(m)
+            median_ms(m)  # warm-up (and TorchScript's profiling runs)
+            alone = median_ms(m)
+            stop.clear()
+            th = threading.Thread(target=spin, name="probe-spin", daemon=True)
+            th.start()
+            time.sleep(0.05)
+            try:
+                spun = median_ms(m)
+            finally:
+                stop.set()
+                th.join()
+            rec = {"phase": "backward_gil", "device": str(dev), "model": kind, "backward_ms_alone": alone,
+                   "backward_ms_beside_python_thread": spun, "switch_interval_ms": interval_ms,
+                   "gil_takes_per_backward": round((spun - alone) / interval_ms, 1)}
+            for name, factory in (beside or {}).items():
+                with factory():
+                    rec[f"backward_ms_beside_{name}"] = median_ms(m)
+            out.append(rec)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

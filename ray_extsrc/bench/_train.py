@@ -76,7 +76,7 @@ def build_model(name: str) -> Any:
     return getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
 
 
-def _feed(config: dict, dev: Any, gpu: GpuMemory) -> tuple[Any, Any, dict]:
+def _feed(config: dict, dev: Any) -> tuple[Any, Any, dict]:
     """(make_epoch, close, describe) for ``config["feed"]``: make_epoch() yields (images, labels)."""
     import torch
 
@@ -137,7 +137,7 @@ def train_worker(config: dict) -> None:
     gpu.mark()  # before the feed and the model: the loader's share is the peak above synthetic's
     # the feed first, as the Loader's docs say: its actors start while the model is built
     made_after_fit = time.time() - config["fit_t0"]
-    epoch_fn, close, describe = _feed(config, dev, gpu)
+    epoch_fn, close, describe = _feed(config, dev)
     model = build_model(config["model"]).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -278,6 +278,7 @@ def _summary(runs: list[dict]) -> dict:
     for res in runs:
         s = summary.setdefault(f"{res['model']}/{res['feed']}", {
             "model": res["model"], "feed": res["feed"], "epochs": [], "per_round_median": [], "first_batch_s": [],
+            "feed_to_first_batch_s": [],
             "gpu_peak_used_mb": None, "gpu_added_peak_mb": None, "train_worker_tree_rss_mb": 0.0,
             "loader_tree_rss_mb": 0.0, "train_worker_tree_pss_mb": 0.0, "loader_tree_pss_mb": 0.0,
             "gpu_stage": res.get("gpu_stage")})
@@ -287,7 +288,7 @@ def _summary(runs: list[dict]) -> dict:
         firsts = [x["startup_to_first_batch_s"] for x in res["records"] if "startup_to_first_batch_s" in x]
         s["first_batch_s"] += firsts
         if "feed_made_after_fit_s" in res:  # from making the feed (the Loader's iterator) to its first batch
-            s.setdefault("feed_to_first_batch_s", []).extend(round(f - res["feed_made_after_fit_s"], 3) for f in firsts)
+            s["feed_to_first_batch_s"].extend(round(f - res["feed_made_after_fit_s"], 3) for f in firsts)
         for k in ("gpu_peak_used_mb", "gpu_added_peak_mb"):
             if res.get(k) is not None:
                 s[k] = max(s[k] or 0, res[k])
@@ -296,7 +297,7 @@ def _summary(runs: list[dict]) -> dict:
     for s in summary.values():
         s["median_images_per_s"] = statistics.median(s["epochs"]) if s["epochs"] else None
         s["startup_to_first_batch_s"] = statistics.median(s["first_batch_s"]) if s["first_batch_s"] else None
-        if s.get("feed_to_first_batch_s"):
+        if s["feed_to_first_batch_s"]:
             s["feed_to_first_batch_median_s"] = statistics.median(s["feed_to_first_batch_s"])
         s["host_rss_mb"] = round(s["train_worker_tree_rss_mb"] + s["loader_tree_rss_mb"], 1)
         # the same processes with shared pages counted once (0 where the kernel gives no PSS)
