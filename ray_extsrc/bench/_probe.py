@@ -278,7 +278,7 @@ class ThreadClock:
 
 
 #: `interfere` phase: what runs beside the synthetic step, in two threads (see `Disturbance`).
-DISTURBANCES = ("numpy", "python", "cuda_api", "decode", "decode_reuse", "stage")
+DISTURBANCES = ("numpy", "python", "cuda_api", "decode", "decode_reuse", "native_decode", "stage")
 
 
 class Disturbance:
@@ -287,7 +287,9 @@ class Disturbance:
     GIL (``python``: a pure-Python loop), the CUDA driver (``cuda_api``: stream-ordered
     malloc/free and event waits, as nvImageCodec makes per image), nvImageCodec alone
     (``decode``: one batch decoded over and over; ``decode_reuse``: into the same images each
-    time), or the whole consumer stage without the hand-over (``stage``). ``rate`` is the work's
+    time; ``native_decode``: through `native_decode`'s one C call, which holds no GIL, so what it
+    costs the step is the GPU and the CUDA driver, not the GIL), or the whole consumer stage
+    without the hand-over (``stage``). ``rate`` is the work's
     iterations per second while it ran."""
 
     def __init__(self, kind: str, work, threads: int = 2) -> None:
@@ -363,6 +365,35 @@ def disturbance_work(kind: str, hbs: list, make_stage) -> tuple:
             st["s"].synchronize()  # the images may be decoded into again (or freed) now
             st["imgs"] = imgs if kind == "decode_reuse" and all(i is not None for i in imgs) else None
         return dec, None
+    if kind == "native_decode":
+        from ray_extsrc.fn._gpu.decode import _host_addresses, backend_set
+        from ray_extsrc.fn._gpu.native_decode import NativeDecoder
+        from ray_extsrc.fn.decoder_options import DecoderOptions
+        from ray_extsrc.host_batch import PackedBytes, StackedArrays
+
+        col = next(c for outs in hbs[0].columns.values() for c in outs.values() if isinstance(c, PackedBytes))
+        samples = col.samples()
+        prep = next((c.data for outs in hbs[0].columns.values() for c in outs.values()
+                     if isinstance(c, StackedArrays) and c.data.ndim == 2 and c.data.shape[1] == 7), None)
+        if prep is None:  # the workers' [y, x, h, w, H, W, ok] rows: made only on a GPU node
+            raise RuntimeError("native_decode: the host batches carry no decode prep rows (made without a GPU?)")
+        ok = np.flatnonzero(prep[:, 6] == 1)
+        src, lengths, keep = _host_addresses(samples, ok)
+        hw = prep[ok][:, 4:6].astype(np.int32)
+        sizes = hw[:, 0].astype(np.int64) * hw[:, 1] * 3
+        starts = np.concatenate([[0], np.cumsum((sizes + 255) // 256 * 256)])
+        opts = DecoderOptions()
+
+        def native(st):
+            if "d" not in st:
+                st["d"] = NativeDecoder(0, backend_set(opts.backend, opts) or [], opts.cpu_threads, opts.codec_options)
+                st["s"] = cupy.cuda.Stream(non_blocking=True)
+                st["buf"] = cupy.empty(int(starts[-1]), np.uint8)
+                st["keep"] = keep
+            dst = np.uint64(st["buf"].data.ptr) + starts[:-1].astype(np.uint64)
+            st["d"].decode(src, lengths, dst, hw, st["s"].ptr)  # GIL released in the call
+            st["s"].synchronize()
+        return native, None
     if kind == "stage":
         stage, _ = make_stage(2)
         k = [0]
@@ -476,7 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warm", type=int, default=15)
     ap.add_argument("--phases", default="alone,prio")
-    ap.add_argument("--configs", default="", help="decoder options per stage, ';'-separated (see --decoder)")
+    ap.add_argument("--configs", default="",
+                    help="stages to run, ';'-separated: decoder options (see --decoder), then '|'-separated "
+                         "settings: threads=N, depth=N, cores=N (the stage's CPUs), si=S (switch interval), "
+                         "hiprio (decode streams at high priority), eagerctx, pin / nopin (encoded bytes through page-locked "
+                         "memory or not; default: as the Loader), cupyupload (kernel tables through cupy.asarray, "
+                         "the control for `kernels._upload_tables`), nodecode (decode the "
+                         "first batch only and give its images to every batch: the stage without nvImageCodec)")
     ap.add_argument("--disturb", default=",".join(DISTURBANCES),
                     help="with --phases interfere: what runs beside the synthetic step (see Disturbance)")
     ap.add_argument("--pyspy", action="store_true")
@@ -628,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     def eager_contexts(self, node, infos):  # the "eagerctx" setting: every context made up front
         return list(lazy_contexts(self, node, infos))
 
-    def make_stage(threads: int = 2, cores: int = 0, pin: bool = True, **decoder) -> tuple[ConsumerStage, ThreadClock]:
+    def make_stage(threads: int = 2, cores: int = 0, pin: bool | None = None, **decoder) -> tuple[ConsumerStage, ThreadClock]:
+        # pin None: the Loader's default (`ConsumerStage`'s pin_host_bytes), as the Train bench runs it
         stage = ConsumerStage(r1_pipeline, {"root": root, "batch": BATCH, **decoder}, dev, "probe", pin_host_bytes=pin)
         if threads != 2:
             stage._threads.shutdown()
@@ -652,6 +690,33 @@ def main(argv: list[str] | None = None) -> int:
     from ray_extsrc.bench._pipelines import parse_decoder_options
     from ray_extsrc.fn._gpu import decode
 
+    real_decode_prepared = decode._decode_prepared
+    from ray_extsrc.fn._gpu import kernels
+
+    real_upload_tables = kernels._upload_tables
+
+    def upload_with_cupy(tables, keep):  # the "cupyupload" setting: the tables as before 2026-12-03
+        import cupy
+        import numpy as np
+
+        flat = [t.reshape(-1) for t in tables]
+        offsets, end = [], 0
+        for t in flat:
+            offsets.append(end)
+            end += -(-t.nbytes // 16) * 16
+        host = np.zeros(end, np.uint8)
+        for t, off in zip(flat, offsets):
+            host[off : off + t.nbytes] = t.view(np.uint8)
+        dev = cupy.asarray(host)
+        keep.append(dev)
+        return [dev[off : off + t.nbytes].view(t.dtype) for t, off in zip(flat, offsets)]
+
+    def decoded_once(*a, _first: list = [], **k):  # the "nodecode" setting (see --configs)
+        if not _first:  # held here for the rest of the run, never given back to an image pool
+            _first.append(real_decode_prepared(*a, **k))
+            _first[0].owners.escaped = True
+        return _first[0]
+
     low_priority_stream = decode.loader_stream
 
     def high_priority_stream(device_id: int):
@@ -673,7 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         kernel_times(make_stage, fed, args.steps)
     if "backward_gil" in args.phases:  # the backward pass beside the real consumer stage (and a spinner)
         work, cleanup = disturbance_work("stage", hbs, make_stage)
-        for rec in backward_gil("cuda", beside={"stage": lambda: Disturbance("stage", work)}):
+        nat, _ = disturbance_work("native_decode", hbs, make_stage)
+        for rec in backward_gil("cuda", beside={"stage": lambda: Disturbance("stage", work),
+                                                "native_decode": lambda: Disturbance("native_decode", nat)}):
             results.append(rec)
             print(json.dumps(rec), flush=True)
         if cleanup is not None:
@@ -701,10 +768,14 @@ def main(argv: list[str] | None = None) -> int:
             decode.loader_stream = high_priority_stream if "hiprio" in extras else low_priority_stream
             sys.setswitchinterval(float(extra.get("si", default_switch)))
             _gpu_stage.GpuStage._contexts = eager_contexts if "eagerctx" in extras else lazy_contexts
-            stage, clock = make_stage(threads, cores, "nopin" not in extras, **parse_decoder_options(cfg))
+            decode._decode_prepared = decoded_once if "nodecode" in extras else real_decode_prepared
+            kernels._upload_tables = upload_with_cupy if "cupyupload" in extras else real_upload_tables
+            pin = True if "pin" in extras else False if "nopin" in extras else None
+            stage, clock = make_stage(threads, cores, pin, **parse_decoder_options(cfg))
             cfg = spec
             if model_name == args.model.split(",")[0] and "alone" in args.phases:
-                measure("stage_alone", fed(stage, depth), train=False, clock=clock, decoder=cfg)
+                measure("stage_alone", fed(stage, depth), train=False, clock=clock, decoder=cfg,
+                        pyspy=args.pyspy and n == 0)
             rec = measure("fed", fed(stage, depth), clock=clock, pyspy=args.pyspy and n == 0, decoder=cfg,
                           profile="profile" in args.phases and n == 0)
             free, total = torch.cuda.mem_get_info(dev)
