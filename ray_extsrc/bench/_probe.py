@@ -511,8 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="stages to run, ';'-separated: decoder options (see --decoder), then '|'-separated "
                          "settings: threads=N, depth=N, cores=N (the stage's CPUs), si=S (switch interval), "
                          "hiprio (decode streams at high priority), eagerctx, pin / nopin (encoded bytes through page-locked "
-                         "memory or not; default: as the Loader), cupyupload (kernel tables through cupy.asarray, "
-                         "the control for `kernels._upload_tables`), nodecode (decode the "
+                         "memory or not; default: as the Loader), nodecode (decode the "
                          "first batch only and give its images to every batch: the stage without nvImageCodec)")
     ap.add_argument("--disturb", default=",".join(DISTURBANCES),
                     help="with --phases interfere: what runs beside the synthetic step (see Disturbance)")
@@ -691,26 +690,6 @@ def main(argv: list[str] | None = None) -> int:
     from ray_extsrc.fn._gpu import decode
 
     real_decode_prepared = decode._decode_prepared
-    from ray_extsrc.fn._gpu import kernels
-
-    real_upload_tables = kernels._upload_tables
-
-    def upload_with_cupy(tables, keep):  # the "cupyupload" setting: the tables as before 2026-12-03
-        import cupy
-        import numpy as np
-
-        flat = [t.reshape(-1) for t in tables]
-        offsets, end = [], 0
-        for t in flat:
-            offsets.append(end)
-            end += -(-t.nbytes // 16) * 16
-        host = np.zeros(end, np.uint8)
-        for t, off in zip(flat, offsets):
-            host[off : off + t.nbytes] = t.view(np.uint8)
-        dev = cupy.asarray(host)
-        keep.append(dev)
-        return [dev[off : off + t.nbytes].view(t.dtype) for t, off in zip(flat, offsets)]
-
     def decoded_once(*a, _first: list = [], **k):  # the "nodecode" setting (see --configs)
         if not _first:  # held here for the rest of the run, never given back to an image pool
             _first.append(real_decode_prepared(*a, **k))
@@ -769,7 +748,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.setswitchinterval(float(extra.get("si", default_switch)))
             _gpu_stage.GpuStage._contexts = eager_contexts if "eagerctx" in extras else lazy_contexts
             decode._decode_prepared = decoded_once if "nodecode" in extras else real_decode_prepared
-            kernels._upload_tables = upload_with_cupy if "cupyupload" in extras else real_upload_tables
             pin = True if "pin" in extras else False if "nopin" in extras else None
             stage, clock = make_stage(threads, cores, pin, **parse_decoder_options(cfg))
             cfg = spec

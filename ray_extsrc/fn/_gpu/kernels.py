@@ -17,7 +17,6 @@ launch (grid z = sample). Outputs of equal shape go into one dense batch array.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,49 +178,11 @@ def _grid(out_h: int, out_w: int, n: int) -> tuple[tuple[int, int, int], tuple[i
     return ((out_w + 31) // 32, (out_h + 7) // 8, n), block
 
 
-class _Staging(threading.local):
-    """This thread's page-locked buffers for `_upload_tables`: a buffer is written again only once
-    the copy queued from it is done (its event), so the host never waits for the GPU here unless
-    `STAGING_BUFFERS` copies are all still queued."""
-
-    def __init__(self) -> None:
-        self.buffers: list[list] = []  # [pinned memory, NumPy view of it, event after its copy]
-
-
-#: page-locked table buffers per thread at most (each `STAGING_BYTES` or one table set's size)
-STAGING_BUFFERS = 16
-STAGING_BYTES = 64 << 10
-_staging = _Staging()
-
-
-def _staging_buffer(nbytes: int) -> list:
-    import cupy
-
-    bufs = _staging.buffers
-    for b in bufs:
-        if len(b[1]) >= nbytes and (b[2] is None or b[2].done):
-            return b
-    if len(bufs) >= STAGING_BUFFERS:  # all in flight (or too small): wait for the oldest, reuse it
-        b = bufs.pop(0)
-        if b[2] is not None:
-            b[2].synchronize()
-        if len(b[1]) >= nbytes:
-            bufs.append(b)
-            return b
-    size = max(STAGING_BYTES, -(-nbytes // 4096) * 4096)
-    mem = cupy.cuda.alloc_pinned_memory(size)
-    b = [mem, np.frombuffer(mem, np.uint8, size), None]
-    bufs.append(b)
-    return b
-
-
 def _upload_tables(tables: Sequence[np.ndarray], keep: list) -> list:
-    """A kernel's small host tables on the device in one upload: packed into one page-locked
-    buffer of this thread (`_Staging`), each at an offset aligned to 16 bytes, copied with one
-    ``cudaMemcpyAsync`` on the current stream, and returned as flat views of the one device buffer
-    (each table's dtype; the kernels read them flat), which goes into ``keep``. Everything here
-    runs holding the GIL, which a training step in the same process waits for: one
-    ``cupy.asarray`` per table, then one of the packed buffer, cost more of it (py-spy, H200)."""
+    """A kernel's small host tables on the device in one upload: packed into one host buffer, each
+    at an offset aligned to 16 bytes, and returned as flat views of the one device buffer (each
+    table's dtype; the kernels read them flat), which goes into ``keep``. One ``cupy.asarray`` per
+    table cost a host->device copy and its Python each, under the GIL the training step waits for."""
     import cupy
 
     flat = [t.reshape(-1) for t in tables]  # a copy only where a table is not contiguous
@@ -229,14 +190,10 @@ def _upload_tables(tables: Sequence[np.ndarray], keep: list) -> list:
     for t in flat:
         offsets.append(end)
         end += -(-t.nbytes // 16) * 16
-    buf = _staging_buffer(end)
-    host = buf[1]
+    host = np.zeros(end, np.uint8)
     for t, off in zip(flat, offsets):
         host[off : off + t.nbytes] = t.view(np.uint8)
-    dev = cupy.empty(end, np.uint8)
-    stream = cupy.cuda.get_current_stream()
-    cupy.cuda.runtime.memcpyAsync(dev.data.ptr, buf[0].ptr, end, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
-    buf[2] = stream.record()  # the buffer is free again once the GPU passed this
+    dev = cupy.asarray(host)
     keep.append(dev)  # the views below hold it too; kept as the separate tables were
     return [dev[off : off + t.nbytes].view(t.dtype) for t, off in zip(flat, offsets)]
 
