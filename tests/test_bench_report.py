@@ -194,6 +194,29 @@ def test_gap_causes_tells_a_late_launch_from_work_that_waited_on_the_device():
     assert causes["unmatched"] == {"n": 1, "ms": 0.1}
 
 
+def test_launching_threads_times_the_cuda_calls_of_the_threads_that_fed_the_step():
+    from ray_extsrc.bench._probe import summarize_trace
+
+    def gpu(ts, stream, corr):
+        return {"ph": "X", "cat": "kernel", "ts": ts, "dur": 50, "name": "k", "args": {"stream": stream, "correlation": corr}}
+
+    def call(ts, dur, tid, corr=None, name="cudaLaunchKernel"):
+        return {"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "dur": dur, "tid": tid,
+                "args": {} if corr is None else {"correlation": corr}}
+
+    trace = {"traceEvents": [
+        gpu(100, 7, 1), gpu(200, 7, 2), gpu(300, 7, 3), gpu(400, 7, 4), gpu(150, 30, 9),
+        call(0, 4, 5, 1), call(10, 8, 5, 2), call(20, 30, 6, 3), call(30, 10, 6, 4),
+        call(40, 100, 6, name="cudaEventQuery"),
+        call(50, 20, 8, 9),  # a decode thread: its launch went to another stream, so it is not listed
+    ]}
+    out = summarize_trace(trace)["launching_threads"]
+    assert set(out) == {"tid 5", "tid 6"}
+    assert out["tid 5"] == {"calls": 2, "ms": 0.01, "mean_us": {"cudaLaunchKernel": 6.0}, "p90_us": {"cudaLaunchKernel": 4}}
+    assert out["tid 6"]["calls"] == 3 and out["tid 6"]["ms"] == 0.14
+    assert out["tid 6"]["mean_us"] == {"cudaLaunchKernel": 20.0, "cudaEventQuery": 100.0}
+
+
 def test_backward_gil_times_eager_and_torchscript_backward_alone_and_beside_a_python_thread():
     pytest.importorskip("torch")
     from ray_extsrc.bench._probe import backward_gil

@@ -35,7 +35,7 @@ import types as pytypes
 import warnings
 from typing import Any
 
-__all__ = ["DISTURBANCES", "Disturbance", "ThreadClock", "cpu_by_thread", "disturbance_work", "backward_gil", "gap_causes", "host_batches", "kernel_times", "main", "summarize_trace", "thread_ticks"]
+__all__ = ["DISTURBANCES", "Disturbance", "ThreadClock", "cpu_by_thread", "disturbance_work", "backward_gil", "gap_causes", "launching_threads", "host_batches", "kernel_times", "main", "set_sched_flag", "summarize_trace", "thread_ticks"]
 
 BATCH = 256
 
@@ -155,12 +155,35 @@ def summarize_trace(trace: dict, step_stream: int | None = None) -> dict:
             c["n"] += 1
             c["ms"] = round(c["ms"] + e["dur"] / 1e3, 2)
     return {"window_ms": round((t1 - t0) / 1e3, 2), "step_stream": step_stream,
+            "launching_threads": launching_threads(ev, by_stream[step_stream]),
             "step_stream_idle_ms": round(((t1 - t0) - busy(spans)) / 1e3, 2),
             "step_stream_gap_causes": gap_causes(ev, by_stream, step_stream, spans),
             "step_stream_top_gaps_ms": [round(g / 1e3, 2) for g in gaps[:10]],
             "step_stream_gaps_over_0.2ms": sum(1 for g in gaps if g > 200),
             "streams": streams, "other_streams_top": others,
             "stalling_calls": dict(sorted(calls.items(), key=lambda kv: -kv[1]["ms"])[:25])}
+
+
+def launching_threads(ev: list, step_ops: list, top: int = 6) -> dict:
+    """The host threads that queued the step's GPU work, and how long their CUDA API calls took:
+    per thread, the calls' count and total milliseconds, and the most frequent calls with their
+    mean microseconds. Fed and synthetic side by side tell a slower driver (the same calls take
+    longer: contention inside the CUDA driver) from a thread that is late between its calls (the
+    GIL, a descheduled thread)."""
+    corr = {e.get("args", {}).get("correlation") for _, _, e in step_ops}
+    tids = {e.get("tid") for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver")
+            and e.get("args", {}).get("correlation") in corr}
+    out = {}
+    for tid in sorted(tids, key=str):
+        calls = [e for e in ev if e.get("tid") == tid and e.get("cat") in ("cuda_runtime", "cuda_driver")]
+        by_name: dict[str, list] = collections.defaultdict(list)
+        for e in calls:
+            by_name[e["name"]].append(e["dur"])
+        common = sorted(by_name.items(), key=lambda kv: -len(kv[1]))[:top]
+        out[f"tid {tid}"] = {"calls": len(calls), "ms": round(sum(e["dur"] for e in calls) / 1e3, 2),
+                             "mean_us": {k: round(sum(v) / len(v), 2) for k, v in common},
+                             "p90_us": {k: round(sorted(v)[int(0.9 * (len(v) - 1))], 2) for k, v in common}}
+    return out
 
 
 def gap_causes(ev: list, by_stream: dict, step_stream: int, spans: list, min_us: float = 20.0) -> dict:
@@ -499,6 +522,29 @@ def backward_gil(device: str = "cpu", steps: int = 20, size: int = 32, beside: d
     return out
 
 
+#: CUctx_flags scheduling values (cuda.h)
+_SCHED_FLAGS = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}
+
+
+def set_sched_flag(kind: str, device: int = 0) -> None:
+    """Set how CUDA threads of this process wait for the GPU on ``device`` (``spin``, ``yield``,
+    ``blocking``) through the driver API, before anything has started the device's primary
+    context; raises if it already runs (then the flag would not apply) or the driver refuses."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    flags, active = ctypes.c_uint(), ctypes.c_int()
+    for call, args in (("cuInit", (0,)), ("cuDevicePrimaryCtxGetState", (device, ctypes.byref(flags), ctypes.byref(active)))):
+        rc = getattr(cuda, call)(*args)
+        if rc:
+            raise RuntimeError(f"{call} failed: CUresult {rc}")
+    if active.value:
+        raise RuntimeError("the device's primary context already runs: its scheduling flag cannot change now")
+    rc = cuda.cuDevicePrimaryCtxSetFlags(device, _SCHED_FLAGS[kind])
+    if rc:
+        raise RuntimeError(f"cuDevicePrimaryCtxSetFlags failed: CUresult {rc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ray-extsrc bench --probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="/tmp/r1-probe")
@@ -515,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
                          "first batch only and give its images to every batch: the stage without nvImageCodec)")
     ap.add_argument("--disturb", default=",".join(DISTURBANCES),
                     help="with --phases interfere: what runs beside the synthetic step (see Disturbance)")
+    ap.add_argument("--sched", choices=sorted(_SCHED_FLAGS),
+                    help="how the process's CUDA threads wait for the GPU (the primary context's scheduling "
+                         "flag, set before CUDA starts; default: the driver's choice, spinning on a machine "
+                         "with more cores than contexts)")
     ap.add_argument("--pyspy", action="store_true")
     ap.add_argument("--out", default="out/probe.json")
     ap.add_argument("--summarize", nargs="+", metavar="TRACE",
@@ -533,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"trace": os.path.basename(path), **summarize_trace(json.load(f))}))
         return 0
 
+    if args.sched:
+        set_sched_flag(args.sched)
     from ray_extsrc.synthetic import R1, make_jpeg_dataset
     import dataclasses
 
@@ -781,8 +833,9 @@ def main(argv: list[str] | None = None) -> int:
                 measure("synthetic_own_stream", synthetic())
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "results": results}, f,
-                  indent=1)
+        cuda_env = {k: v for k, v in os.environ.items() if k.startswith("CUDA_") and k != "CUDA_VISIBLE_DEVICES"}
+        json.dump({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "sched": args.sched,
+                   "cuda_env": cuda_env, "results": results}, f, indent=1)
     return 0
 
 
