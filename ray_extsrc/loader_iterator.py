@@ -145,6 +145,12 @@ class LoaderIterator:
         default_ways = 3 if self._gpu_id is not None else 1
         #: where this worker's GPU stage runs: "consumer" (here) or "actor" (see `Loader`)
         self.gpu_stage: str = resolve_gpu_stage(loader.gpu_stage, self._gpu_id is not None)
+        #: with the consumer-side stage: `cuda_work_queues.widen_work_queues`'s outcome (in `stats`)
+        self.cuda_work_queues: str | None = None
+        if self.gpu_stage == "consumer" and self._gpu_id is not None:
+            from .cuda_work_queues import widen_work_queues
+
+            self.cuda_work_queues = widen_work_queues()
         self._stage: Any = None  # consumer_stage.ConsumerStage, when gpu_stage == "consumer"
         #: loader actors serving this worker in turn (batch n comes from actor n % ways)
         self.ways: int = loader.actors_per_worker or default_ways
@@ -588,7 +594,8 @@ class LoaderIterator:
         the latest start of the actors (`start`) to their creation being requested
         (``startup_actors_requested_s``), the consumer-side GPU stage built
         (``startup_stage_built_s``) and the first batch handed to this worker
-        (``startup_first_batch_s``).
+        (``startup_first_batch_s``). ``cuda_work_queues``: with the consumer-side stage, whether this
+        process's CUDA context got 32 hardware work queues (`cuda_work_queues.widen_work_queues`).
         """
         b = max(self._batches, 1)
         out: dict[str, Any] = {
@@ -608,6 +615,7 @@ class LoaderIterator:
             "actors_per_worker": self.ways,
             "transport": "host_batch" if self._stage is not None else "cuda_ipc" if self._importers else "host",
             "gpu_stage": self.gpu_stage,
+            "cuda_work_queues": self.cuda_work_queues,
         }
         out.update({k: self._totals[k] / b for k in _STAGES})
         out.update({f"startup_{k}": v for k, v in self._startup.items()})

@@ -183,6 +183,10 @@ class Loader:
         self.actor_options = dict(actor_options or {})
         self.pipeline_args = pipeline_args
         self.uid = secrets.token_hex(4)  # tells this Loader's actors from another's of the same name
+        if gpu_stage != "actor":  # the consumer-side stage shares the step's CUDA context: more queues
+            from .cuda_work_queues import for_the_cluster
+
+            for_the_cluster()
 
     def __repr__(self) -> str:
         return f"Loader({self.name!r}, outputs={self.outputs!r}, uid={self.uid!r})"

@@ -67,6 +67,27 @@ def test_decodes_a_batch_like_libjpeg_turbo_and_reuses_its_handles(native):
     dec.close()  # idempotent
 
 
+def test_a_batch_decodes_into_one_buffer_laid_out_by_batch_layout(native):
+    from ray_extsrc.fn._gpu.decode import batch_layout
+
+    sizes = [(37, 53), (64, 64), (5, 300), (1, 1)]
+    _, encoded = _jpegs(sizes, 3)
+    hw = np.array(sizes, np.int32)
+    starts, total = batch_layout(hw)
+    assert starts.dtype == np.uint64 and all(int(s) % 256 == 0 for s in starts)
+    assert total >= int(starts[-1]) + 3 and total % 256 == 0
+    buf = np.full(total, 7, np.uint8)  # the GPU path's one device buffer, here on the host
+    dec = native.NativeDecoder(native.DEVICE_CPU_ONLY, [("cpu", 1.0)])
+    src = np.array([e.ctypes.data for e in encoded], np.uint64)
+    lengths = np.array([e.size for e in encoded], np.uint64)
+    result = dec.decode(src, lengths, np.uint64(buf.ctypes.data) + starts, hw, host_buffers=True)
+    assert result.tolist() == [1] * len(sizes)
+    for (h, w), e, start in zip(sizes, encoded, starts.tolist()):
+        ref = simplejpeg.decode_jpeg(e.tobytes(), colorspace="RGB", fastdct=False, fastupsample=False)
+        assert np.array_equal(buf[start: start + h * w * 3].reshape(h, w, 3), ref)  # no image overwrote another
+    dec.close()
+
+
 def test_bad_samples_are_reported_one_by_one_and_the_rest_decode(native):
     dec = native.NativeDecoder(native.DEVICE_CPU_ONLY, [("cpu", 1.0)])
     _, encoded = _jpegs([(20, 30), (40, 10), (16, 16)])

@@ -389,7 +389,7 @@ def disturbance_work(kind: str, hbs: list, make_stage) -> tuple:
             st["imgs"] = imgs if kind == "decode_reuse" and all(i is not None for i in imgs) else None
         return dec, None
     if kind == "native_decode":
-        from ray_extsrc.fn._gpu.decode import _host_addresses, backend_set
+        from ray_extsrc.fn._gpu.decode import _host_addresses, backend_set, batch_layout
         from ray_extsrc.fn._gpu.native_decode import NativeDecoder
         from ray_extsrc.fn.decoder_options import DecoderOptions
         from ray_extsrc.host_batch import PackedBytes, StackedArrays
@@ -403,17 +403,16 @@ def disturbance_work(kind: str, hbs: list, make_stage) -> tuple:
         ok = np.flatnonzero(prep[:, 6] == 1)
         src, lengths, keep = _host_addresses(samples, ok)
         hw = prep[ok][:, 4:6].astype(np.int32)
-        sizes = hw[:, 0].astype(np.int64) * hw[:, 1] * 3
-        starts = np.concatenate([[0], np.cumsum((sizes + 255) // 256 * 256)])
+        starts, total = batch_layout(hw)
         opts = DecoderOptions()
 
         def native(st):
             if "d" not in st:
                 st["d"] = NativeDecoder(0, backend_set(opts.backend, opts) or [], opts.cpu_threads, opts.codec_options)
                 st["s"] = cupy.cuda.Stream(non_blocking=True)
-                st["buf"] = cupy.empty(int(starts[-1]), np.uint8)
+                st["buf"] = cupy.empty(max(1, total), np.uint8)
                 st["keep"] = keep
-            dst = np.uint64(st["buf"].data.ptr) + starts[:-1].astype(np.uint64)
+            dst = np.uint64(st["buf"].data.ptr) + starts
             st["d"].decode(src, lengths, dst, hw, st["s"].ptr)  # GIL released in the call
             st["s"].synchronize()
         return native, None
@@ -565,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="how the process's CUDA threads wait for the GPU (the primary context's scheduling "
                          "flag, set before CUDA starts; default: the driver's choice, spinning on a machine "
                          "with more cores than contexts)")
+    ap.add_argument("--widen", action="store_true",
+                    help="call cuda_work_queues.widen_work_queues() after torch.cuda.is_available() and before "
+                         "the context is made, as a Train worker's iter_torch_batches() does")
     ap.add_argument("--pyspy", action="store_true")
     ap.add_argument("--out", default="out/probe.json")
     ap.add_argument("--summarize", nargs="+", metavar="TRACE",
@@ -583,8 +585,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"trace": os.path.basename(path), **summarize_trace(json.load(f))}))
         return 0
 
-    if args.sched:
-        set_sched_flag(args.sched)
     from ray_extsrc.synthetic import R1, make_jpeg_dataset
     import dataclasses
 
@@ -594,7 +594,17 @@ def main(argv: list[str] | None = None) -> int:
     hbs = host_batches(root, min(16, args.images // BATCH))
     print(json.dumps({"host_batches": len(hbs), "s": round(time.perf_counter() - t, 2)}), flush=True)
 
+    if args.sched:  # after the host batches: their forked workers must start before CUDA does
+        set_sched_flag(args.sched)
     import torch
+
+    widened = None
+    if args.widen:  # as in a Train worker: the driver is initialised (is_available), no context yet
+        from ray_extsrc.cuda_work_queues import widen_work_queues
+
+        torch.cuda.is_available()
+        widened = widen_work_queues()
+        print(json.dumps({"widen_work_queues": widened}), flush=True)
 
     from ray_extsrc.bench._train import build_model
     from ray_extsrc.consumer_stage import ConsumerStage
@@ -834,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         cuda_env = {k: v for k, v in os.environ.items() if k.startswith("CUDA_") and k != "CUDA_VISIBLE_DEVICES"}
-        json.dump({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "sched": args.sched,
+        json.dump({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "sched": args.sched, "widen_work_queues": widened,
                    "cuda_env": cuda_env, "results": results}, f, indent=1)
     return 0
 

@@ -121,11 +121,13 @@ def run_train(args) -> dict:
 
     gpus = multi_gpu(args.base) or args.gpus
     per_actor = max(1, args.workers // args.actors)  # --workers Python workers per GPU in all
-    ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
     stage = {"gpu_stage": args.gpu_stage} if args.gpu_stage else {}  # else the Loader's default
+    # the Loader before Ray, as a user's script does: the local cluster then inherits the
+    # environment the Loader asks for (`cuda_work_queues.for_the_cluster`)
     loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=per_actor,
                     actors_per_worker=args.actors, root=_reader_root(args), limit=args.images,
                     reader=args.reader, **stage, **args.decoder)
+    ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
     out = f"/tmp/r1_train_{os.getpid()}"
     trainer = TorchTrainer(
         _train_loop,

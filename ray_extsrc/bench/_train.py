@@ -109,7 +109,8 @@ def _feed(config: dict, dev: Any) -> tuple[Any, Any, dict]:
             yield b["images"], b["labels"]
 
     def describe() -> dict:
-        out: dict[str, Any] = {"gpu_stage": getattr(it, "gpu_stage", None), "ways": it.ways}
+        out: dict[str, Any] = {"gpu_stage": getattr(it, "gpu_stage", None), "ways": it.ways,
+                               "cuda_work_queues": getattr(it, "cuda_work_queues", None)}
         try:  # the loader actors are Ray workers, not this process's children: measured by pid
             pids = loader_pids(it)
             out["loader_tree_rss_mb"] = round(sum(tree_rss_mb(pid) for pid in pids), 1)
@@ -195,15 +196,15 @@ def run_one(args: argparse.Namespace) -> dict:
     from ._pipelines import parse_decoder_options, r1_pipeline
 
     gpu_on = args.device == "gpu"
-    ray.init(num_cpus=args.num_cpus or os.cpu_count(), num_gpus=1 if gpu_on else 0, include_dashboard=False,
-             log_to_driver=True)
     loader = None
-    if args.feed in _STAGE:
+    if args.feed in _STAGE:  # before Ray, as a user's script does (see _runner.run_train)
         stage = {"gpu_stage": _STAGE[args.feed]} if _STAGE[args.feed] else {}
         loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=max(1, args.workers // args.actors),
                         actors_per_worker=args.actors, root=args.root, limit=args.images, size=args.size,
                         batch=args.batch, batch_size=args.batch, device=args.device, **stage,
                         **parse_decoder_options(args.decoder))
+    ray.init(num_cpus=args.num_cpus or os.cpu_count(), num_gpus=1 if gpu_on else 0, include_dashboard=False,
+             log_to_driver=True)
     out = os.path.join(tempfile.gettempdir(), f"ray_extsrc_train_{os.getpid()}.json")
     config = {"model": args.model, "feed": args.feed, "loader": loader, "root": args.root, "images": args.images,
               "batch": args.batch, "size": args.size, "steps_per_epoch": args.images // args.batch,
@@ -281,7 +282,7 @@ def _summary(runs: list[dict]) -> dict:
             "feed_to_first_batch_s": [],
             "gpu_peak_used_mb": None, "gpu_added_peak_mb": None, "train_worker_tree_rss_mb": 0.0,
             "loader_tree_rss_mb": 0.0, "train_worker_tree_pss_mb": 0.0, "loader_tree_pss_mb": 0.0,
-            "gpu_stage": res.get("gpu_stage")})
+            "gpu_stage": res.get("gpu_stage"), "cuda_work_queues": res.get("cuda_work_queues")})
         rates = timed_rates(res)
         s["epochs"] += rates
         s["per_round_median"].append(statistics.median(rates) if rates else None)

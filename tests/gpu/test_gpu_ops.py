@@ -285,3 +285,26 @@ def test_ray_starts_in_a_process_that_ran_and_closed_a_gpu_pipeline():
     out = res.stdout + res.stderr[-3000:]
     assert "DECODE-THREADS-OPEN 1" in res.stdout and "DECODE-THREADS-CLOSED 0" in res.stdout, out
     assert "RAY-OK" in res.stdout, out
+
+
+_WORK_QUEUES_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
+    import torch
+    from ray_extsrc import cuda_work_queues as cwq
+    print("BEFORE", cwq.widen_work_queues(), os.environ.get(cwq.ENV))
+    del os.environ[cwq.ENV]
+    assert torch.cuda.is_available()  # the driver starts (and reads the variable) here
+    print("AFTER", cwq.widen_work_queues(), os.environ.get(cwq.ENV))
+    """
+)
+
+
+@pytest.mark.timeout(200)
+def test_work_queues_are_set_before_cuda_starts_and_not_after():
+    pytest.importorskip("torch")
+    res = subprocess.run([sys.executable, "-c", _WORK_QUEUES_SCRIPT], capture_output=True, text=True, timeout=150)
+    out = res.stdout + res.stderr[-3000:]
+    assert "BEFORE set 32" in res.stdout, out
+    assert "AFTER too_late None" in res.stdout, out

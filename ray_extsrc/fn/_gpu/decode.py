@@ -43,7 +43,7 @@ from .streams import loader_stream
 
 __all__ = [
     "decode_batch", "batch_enqueued", "retain", "release", "backend_set", "make_decoder", "options_of", "stats_snapshot",
-    "STATS", "PREP_ARG",
+    "STATS", "PREP_ARG", "batch_layout",
 ]
 
 _DEFAULT_OPTIONS = DecoderOptions()
@@ -91,6 +91,17 @@ def make_decoder(device_id: int, kind: str, options: DecoderOptions = _DEFAULT_O
         return nvimgcodec.Decoder(**kw, options=options.codec_options)
     except Exception:  # an option this version does not know: keep the defaults
         return nvimgcodec.Decoder(**kw)
+
+
+def batch_layout(hw: np.ndarray) -> tuple[np.ndarray, int]:
+    """Where each decoded image of a batch goes in the batch's one buffer: images of ``hw[j] =
+    (h, w)`` as interleaved RGB rows, each on a 256-byte boundary (as cudaMalloc's); returns the
+    byte offsets (uint64) and the buffer's size in bytes."""
+    sizes = hw[:, 0].astype(np.int64) * hw[:, 1] * 3
+    aligned = (sizes + 255) // 256 * 256
+    starts = np.zeros(len(sizes), np.uint64)
+    np.cumsum(aligned[:-1], out=starts[1:], dtype=np.uint64)
+    return starts, int(aligned.sum())
 
 
 class _DecodeThreads:
@@ -161,13 +172,10 @@ class _DecodeThreads:
             if dec is None:
                 dec = loc.decoders[key] = NativeDecoder(self.device_id, backend_set(kind, options) or [],
                                                         options.cpu_threads, options.codec_options)
-            sizes = hw[:, 0].astype(np.int64) * hw[:, 1] * 3
-            aligned = (sizes + 255) // 256 * 256  # each image on a 256-byte boundary, as cudaMalloc's
-            starts = np.zeros(len(sizes), np.int64)
-            np.cumsum(aligned[:-1], out=starts[1:])
+            starts, total = batch_layout(hw)
             with loc.stream:
-                buf = cupy.empty(max(1, int(aligned.sum())), np.uint8)
-            dst = np.uint64(buf.data.ptr) + starts.astype(np.uint64)
+                buf = cupy.empty(max(1, total), np.uint8)
+            dst = np.uint64(buf.data.ptr) + starts
             result = dec.decode(src, lengths, dst, hw, loc.stream.ptr)  # GIL released in the call
             return buf, dst, result, loc.stream.record()
 
