@@ -97,7 +97,10 @@ class Loader:
             delivered by CUDA IPC — for consumers without a GPU, or nodes running an MPS daemon.
             ``"auto"`` (default): the winner of the training benchmark: ``"consumer"`` for a Train
             worker with a GPU on a node without an MPS daemon, else ``"actor"`` (see
-            `resolve_gpu_stage`).
+            `resolve_gpu_stage`). Unless it is ``"actor"``, a Loader made before Ray starts puts
+            ``CUDA_DEVICE_MAX_CONNECTIONS=32`` in the driver's environment, for the local cluster
+            to inherit: the stage's decoder streams then do not share the step's hardware work
+            queues (`cuda_work_queues`; a value you set is kept).
         last_batch_policy: what the last round of ``world_size`` batches becomes when the epoch does
             not fill it (see `sharding`; DALI's iterators' knob of that name). ``"pad"`` (default,
             for training): completed with repeats of the epoch's first samples, so every sample is
