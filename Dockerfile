@@ -23,6 +23,12 @@ RUN python -m pip install --no-cache-dir ".[${GPU_EXTRA},train,remote]" \
  && python -c "import ray_extsrc, ray_extsrc.train, ray_extsrc.readers; print(ray_extsrc.__version__)" \
  && ray-extsrc --help > /dev/null
 
+# 32 hardware work queues per CUDA context (the driver's default is 8), in every process of the
+# node: a Train worker's GPU decode (nvJPEG, dozens of internal streams) then does not share queues
+# with the training step's stream, which slowed the step's launches (cluster/README.md, "CUDA work
+# queues"). The CUDA driver reads it when a process starts CUDA, so it belongs in the environment.
+ENV CUDA_DEVICE_MAX_CONNECTIONS=32
+
 # Loader workers exchange samples through memfd shared memory, which does not live in /dev/shm, so
 # the container's default 64 MB /dev/shm no longer starves them; Ray's object store still prefers a
 # large /dev/shm (see cluster/README.md, "Shared memory").

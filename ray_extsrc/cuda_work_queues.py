@@ -8,12 +8,14 @@ host-to-device copy and a colour-conversion kernel per image). In a Train worker
 runs in its own process (``gpu_stage="consumer"``), the training step's stream then shares its
 queue with a dozen of them, and the step's launches get slower: in the probe (one process, H200,
 ResNet-18, bf16, batch 256) the mean ``cudaLaunchKernel`` of the step's two launching threads went
-from 7.3-9.7 us on synthetic data to 14.7 us fed by the stage, and the step from 13.1k to 10.8k
-img/s. With 32 queues the same fed step ran at 12.3k img/s (synthetic 13.2k)
-(benchmarks/results/probe-consumer-2026-12-03-h200-work-queues.json).
+from 7.3-9.7 us on synthetic data to 14.7 us fed by the stage; the fed step ran at 10.8-11.4k img/s
+with 8 queues and 11.3-12.3k with 32 (synthetic 13.1-13.2k)
+(benchmarks/results/probe-consumer-2026-12-03-h200-work-queues.json). In Ray Train (same day,
+ResNet-50 / ResNet-18 against synthetic): 0.953x / 0.835x with 8, 0.975x / 0.876x with 32
+(benchmarks/results/train-2026-12-03-h200-session11-*queues.json).
 
-What. The driver reads the variable when it initialises (``cuInit``; setting it later in the
-same process, after ``torch.cuda.is_available()``, gave no gain in the probe: 9.1k / 10.0k img/s),
+What. The driver reads the variable when it initialises (``cuInit``: set later in the same
+process, after ``torch.cuda.is_available()``, it gave no gain in the probe, 9.1k / 10.0k img/s),
 so it must be in a process's environment when it starts. A Ray Train worker has initialised CUDA,
 and made its context, before the train loop runs; so the variable has to come from the cluster:
 
@@ -51,13 +53,13 @@ _warned: list[bool] = []
 def for_the_cluster() -> str | None:
     """On the driver, before Ray starts: put ``CUDA_DEVICE_MAX_CONNECTIONS=32`` in this process's
     environment for the local cluster that ``ray.init()`` will start to inherit. Returns ``"set"``,
-    ``"user:<value>"`` (already set: kept), or None when Ray already runs (its processes keep the
+    ``"env:<value>"`` (already set: kept), or None when Ray already runs (its processes keep the
     environment they started with)."""
     import ray
 
     user = os.environ.get(ENV)
     if user is not None:
-        return f"user:{user}"
+        return f"env:{user}"
     if ray.is_initialized():
         return None
     os.environ[ENV] = str(QUEUES)
@@ -65,13 +67,13 @@ def for_the_cluster() -> str | None:
 
 
 def widen_work_queues() -> str:
-    """In a Train worker with the consumer-side stage: ``"user:<value>"`` when the variable is in
+    """In a Train worker with the consumer-side stage: ``"env:<value>"`` when the variable is in
     the environment (set by the cluster, `for_the_cluster`, or the user: it applies if it was there
     when the process started, which is the case for a Ray worker), ``"set"`` when CUDA has not
     started in this process yet (it is set now and applies), else ``"too_late"`` (warned once)."""
     user = os.environ.get(ENV)
     if user is not None:
-        return f"user:{user}"
+        return f"env:{user}"
     if cuda_initialized():
         if not _warned:
             _warned.append(True)

@@ -28,12 +28,12 @@ def test_before_cuda_starts_it_sets_32_queues(no_env):
     assert cwq.widen_work_queues() == "set"
     assert os.environ[cwq.ENV] == "32"
     assert not cuda_initialized()  # asking did not start the driver
-    assert cwq.widen_work_queues() == "user:32"  # a second iterator finds it set
+    assert cwq.widen_work_queues() == "env:32"  # a second iterator finds it set
 
 
 def test_a_value_the_user_set_is_kept(no_env, monkeypatch):
     monkeypatch.setenv(cwq.ENV, "1")  # e.g. Megatron-style ordering of communication and compute
-    assert cwq.widen_work_queues() == "user:1"
+    assert cwq.widen_work_queues() == "env:1"
     assert os.environ[cwq.ENV] == "1"
 
 
