@@ -68,6 +68,11 @@ def test_cpu_training_benchmark_end_to_end(tmp_path):
     for key in ("tiny/synthetic", "tiny/extsrc-auto"):
         assert 0 < doc["summary"][key]["feed_to_first_batch_median_s"] < doc["summary"][key]["startup_to_first_batch_s"]
     assert "first_batch_above_synthetic_s" in doc["summary"]["tiny/extsrc-auto"]
+    # the Loader is made before Ray starts, so its Train worker inherits 32 CUDA work queues; the
+    # synthetic feed's cluster (no Loader) keeps the environment it had
+    synthetic = [r for r in doc["runs"] if r["feed"] == "synthetic"][0]
+    assert run["cuda_device_max_connections"] == "32", run.get("cuda_device_max_connections")
+    assert synthetic["cuda_device_max_connections"] == os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
     stats = run["loader_stats"]
     assert 0 <= stats["startup_actors_requested_s"] < stats["startup_first_batch_s"]
     assert "tiny/synthetic" in p.stdout and "vs syn" in p.stdout

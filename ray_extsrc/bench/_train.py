@@ -167,6 +167,8 @@ def train_worker(config: dict) -> None:
     finally:
         close()
     out = {"records": recs, **gpu.report(), "warmup_epochs": warmup, "steps_per_epoch": steps,
+           # what this Train worker's CUDA got (`cuda_work_queues`: the Loader, made before Ray, sets it)
+           "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
            "feed_made_after_fit_s": round(made_after_fit, 3),
            "train_worker_tree_rss_mb": max(r.get("tree_rss_mb", 0) for r in recs),
            "train_worker_tree_pss_mb": max(r.get("tree_pss_mb", 0) for r in recs), **info}
