@@ -99,8 +99,8 @@ class Loader:
             worker with a GPU on a node without an MPS daemon, else ``"actor"`` (see
             `resolve_gpu_stage`). Unless it is ``"actor"``, a Loader made before Ray starts puts
             ``CUDA_DEVICE_MAX_CONNECTIONS=32`` in the driver's environment, for the local cluster
-            to inherit: the stage's decoder streams then do not share the step's hardware work
-            queues (`cuda_work_queues`; a value you set is kept).
+            to inherit: the step's stream then shares its hardware work queue with fewer of the
+            decoder's streams (`cuda_work_queues`; a value you set is kept).
         last_batch_policy: what the last round of ``world_size`` batches becomes when the epoch does
             not fill it (see `sharding`; DALI's iterators' knob of that name). ``"pad"`` (default,
             for training): completed with repeats of the epoch's first samples, so every sample is
