@@ -564,9 +564,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="how the process's CUDA threads wait for the GPU (the primary context's scheduling "
                          "flag, set before CUDA starts; default: the driver's choice, spinning on a machine "
                          "with more cores than contexts)")
-    ap.add_argument("--widen", action="store_true",
-                    help="call cuda_work_queues.widen_work_queues() after torch.cuda.is_available() and before "
-                         "the context is made, as a Train worker's iter_torch_batches() does")
+    ap.add_argument("--queues-after-init", action="store_true",
+                    help="set CUDA_DEVICE_MAX_CONNECTIONS=32 after torch.cuda.is_available() (cuInit) and before "
+                         "the context is made: whether the driver still reads it then (the 2026-12-03 run, "
+                         "recorded as widen_work_queues 'set': no gain)")
     ap.add_argument("--pyspy", action="store_true")
     ap.add_argument("--out", default="out/probe.json")
     ap.add_argument("--summarize", nargs="+", metavar="TRACE",
@@ -598,13 +599,13 @@ def main(argv: list[str] | None = None) -> int:
         set_sched_flag(args.sched)
     import torch
 
-    widened = None
-    if args.widen:  # as in a Train worker: the driver is initialised (is_available), no context yet
-        from ray_extsrc.cuda_work_queues import widen_work_queues
+    queues_after_init = None
+    if args.queues_after_init:  # as in a Train worker: the driver started (is_available), no context yet
+        from ray_extsrc.cuda_work_queues import ENV, QUEUES
 
         torch.cuda.is_available()
-        widened = widen_work_queues()
-        print(json.dumps({"widen_work_queues": widened}), flush=True)
+        queues_after_init = os.environ.setdefault(ENV, str(QUEUES))
+        print(json.dumps({"queues_after_init": queues_after_init}), flush=True)
 
     from ray_extsrc.bench._train import build_model
     from ray_extsrc.consumer_stage import ConsumerStage
@@ -844,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         cuda_env = {k: v for k, v in os.environ.items() if k.startswith("CUDA_") and k != "CUDA_VISIBLE_DEVICES"}
-        json.dump({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "sched": args.sched, "widen_work_queues": widened,
+        json.dump({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "sched": args.sched, "queues_after_init": queues_after_init,
                    "cuda_env": cuda_env, "results": results}, f, indent=1)
     return 0
 
