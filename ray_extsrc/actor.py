@@ -93,6 +93,9 @@ class LoaderSpec:
     # "consumer": this actor stops after the host stage and sends a HostBatch (never touches CUDA)
     gpu_stage: str = "actor"
     last_batch_policy: str = "drop"  # what the last round that the shards do not fill becomes (`sharding`)
+    # "consumer": slots of this actor's shared-memory ring for the host batches (`host_ring`);
+    # 0: they go through Ray's object store
+    host_ring_slots: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,13 @@ class LoaderActor:
                 f"returns a Pipeline; {spec.pipeline_fn!r} returned {type(self.pipe).__name__}"
             )
         self._host_only = spec.gpu_stage == "consumer"
+        self._ring = None
         if self._host_only:
             self.pipe.serve_host_stage()
+            if spec.host_ring_slots:
+                from .host_ring import HostRing
+
+                self._ring = HostRing(spec.host_ring_slots)
         n_out = len(self.pipe.outputs)
         if spec.output_names is not None and len(spec.output_names) != n_out:
             self.close()
@@ -200,6 +208,7 @@ class LoaderActor:
             "worker_respawns": self.pipe.py_worker_respawns,
             "ipc_buffers": self._exporter.num_buffers if self._exporter is not None else 0,
             "gpu_stage": "consumer" if self._host_only else "actor",
+            "host_ring": self._ring.stats() if self._ring is not None else None,
         }
 
     def worker_pids(self) -> dict[int, int]:
@@ -246,8 +255,10 @@ class LoaderActor:
             raise
         self._cursor = (epoch_idx, base, iteration + 1)
         t2 = time.perf_counter()
-        if self._host_only:
-            payload, lease = outputs, None  # (HostBatch,): the consumer runs the GPU stage
+        if self._host_only:  # (HostBatch,): the consumer runs the GPU stage
+            payload, lease = outputs, None
+            if self._ring is not None:  # its bytes in the ring, not the object store
+                payload = (self._ring.place(outputs[0]),)
         else:
             from .transport import encode_outputs
 
@@ -298,4 +309,8 @@ class LoaderActor:
         exporter = getattr(self, "_exporter", None)
         if exporter is not None:
             exporter.close()
+        ring = getattr(self, "_ring", None)
+        if ring is not None:
+            ring.close()
+            self._ring = None
         self._janitor_pipe.close()  # EOF: the janitor finds nothing left to unlink and exits

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import host_ring
 from .gpu_handoff import GpuHandoff
 from .host_batch import HostBatch
 from .pinned_staging import PinnedStaging
@@ -42,6 +43,17 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ConsumerStage"]
+
+_REFETCHES = 3  # times a batch whose actor died before it was mapped is asked for again
+
+
+@dataclasses.dataclass
+class _Job:
+    """One batch for the stage: how to fetch it (and again), and whether it is still wanted."""
+
+    fetch: Callable[[], Any]
+    refetch: Callable[[], Any] | None
+    discarded: bool = False
 
 
 class ConsumerStage:
@@ -70,10 +82,21 @@ class ConsumerStage:
         self._pinned = PinnedStaging() if self._gpu and pin_host_bytes else None
         self.last_fetch_s = 0.0  # the last batch's wait in fetch() (ray.get of the host batch)
 
-    def submit(self, fetch: Callable[[], Any]) -> Future:
+    def submit(self, fetch: Callable[[], Any], refetch: Callable[[], Any] | None = None) -> Future:
         """Start a batch: ``fetch()`` (run in the stage's thread) returns the actor's `BatchReply`;
-        the future gives ``(reply, outputs)`` (outputs ``None`` at the end of the epoch)."""
-        return self._threads.submit(self._run, fetch)
+        the future gives ``(reply, outputs)`` (outputs ``None`` at the end of the epoch).
+        ``refetch()`` asks for the same batch again, for a batch whose actor died before its bytes
+        were mapped (`host_ring.HostRingLost`)."""
+        job = _Job(fetch, refetch)
+        fut = self._threads.submit(self._run, job)
+        fut.job = job  # type: ignore[attr-defined]
+        return fut
+
+    def discard(self, futures: Any) -> None:
+        """Give up batches nobody will take. Each is still fetched in the stage's threads, but not
+        decoded, so that its actor gets its shared-memory slot back (`host_ring.discard`)."""
+        for fut in futures:
+            fut.job.discarded = True
 
     def _on_device(self) -> Any:
         """This worker's GPU as CuPy's current device (this thread), or nothing on a CPU worker."""
@@ -83,15 +106,28 @@ class ConsumerStage:
 
         return cupy.cuda.Device(self.device.index or 0)
 
-    def _run(self, fetch: Callable[[], Any]) -> tuple[Any, tuple | None]:
+    def _run(self, job: _Job) -> tuple[Any, tuple | None]:
         t0 = time.perf_counter()
-        reply = fetch()
+        reply = job.fetch()
+        for attempt in range(_REFETCHES + 1):
+            if reply.end:
+                break
+            batch = reply.outputs[0]
+            if not isinstance(batch, HostBatch):
+                raise TypeError(f"{self.label}: the loader actor sent outputs, not a HostBatch; its gpu_stage differs")
+            if job.discarded:
+                host_ring.discard(batch)
+                return reply, None
+            try:
+                batch = host_ring.attach(batch, self.label)
+                break
+            except host_ring.HostRingLost:
+                if job.refetch is None or attempt == _REFETCHES:
+                    raise
+                reply = job.refetch()  # the restarted actor serves the same position again
         self.last_fetch_s = time.perf_counter() - t0
         if reply.end:
             return reply, None
-        batch = reply.outputs[0]
-        if not isinstance(batch, HostBatch):
-            raise TypeError(f"{self.label}: the loader actor sent outputs, not a HostBatch; its gpu_stage differs")
         skipped: list = []
         with self._on_device():
             outputs = self._run_device(batch, skipped)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .actor import BatchReply, LoaderActor, LoaderSpec
 from .errors import RayExtSrcError
 from .gpu_stage_choice import resolve_gpu_stage
+from .host_ring import ring_slots
 
 if TYPE_CHECKING:
     import torch
@@ -259,7 +260,10 @@ class LoaderIterator:
         way = pos % self.ways
         ref = self._actors[way].next_batch.remote(epoch, at, pos // self.ways, release)
         if self._stage is not None:  # fetched and run through the GPU stage in its threads
-            ref = self._stage.submit(functools.partial(self._get, ref, way))
+            def again() -> BatchReply:
+                return self._get(self._actors[way].next_batch.remote(epoch, at, pos // self.ways, ()), way)
+
+            ref = self._stage.submit(functools.partial(self._get, ref, way), again)
         return ref
 
     def _start_actors(self) -> None:
@@ -287,6 +291,8 @@ class LoaderIterator:
                 way=way,
                 gpu_stage=self.gpu_stage,
                 last_batch_policy=self.loader.last_batch_policy,
+                # the consumer keeps up to ceil(depth / ways) requests in flight to each actor
+                host_ring_slots=ring_slots(-(-self._depth // self.ways)) if self.gpu_stage == "consumer" else 0,
             )
             # One name per (run, loader, seed, rank, way, node): a Train worker that re-creates its
             # iterator finds its actors again; anything that changes what they serve gets new ones.
@@ -448,9 +454,8 @@ class LoaderIterator:
                 self._carry = ((epoch_idx + 1, 0), carry)
             else:
                 pending.extend(carry)  # a break or an error: the next epoch's requests go too
-            if stage is not None:
-                for _, fut in pending:
-                    fut.cancel()  # batches past the end or after a break: nobody will take them
+            if stage is not None:  # batches past the end or after a break: nobody will take them
+                stage.discard(fut for _, fut in pending)
             if self._importers:
                 busy = {pos % ways for pos, _ in pending}
                 for way in sorted(busy):
@@ -468,8 +473,7 @@ class LoaderIterator:
     def _drop(self, requests: collections.deque) -> None:
         """Give up requests nobody will consume (carried into an epoch that did not come)."""
         if self._stage is not None:
-            for _, fut in requests:
-                fut.cancel()
+            self._stage.discard(fut for _, fut in requests)
         if self._importers and self._actors:
             for way in sorted({pos % self.ways for pos, _ in requests}):
                 self._actors[way].release.remote(everything=True)

@@ -105,6 +105,9 @@ def test_consumer_stage_gives_the_same_batches_as_the_actor_stage():
         epochs[stage] = (_epoch(it), _epoch(it))
         assert it.stats()["gpu_stage"] == stage
         assert it.stats()["transport"] == ("host_batch" if stage == "consumer" else "host")
+        if stage == "consumer":  # the encoded bytes came through the actors' rings, not the object store
+            rings = [it.describe(w)["host_ring"] for w in range(2)]
+            assert sum(r["placed"] for r in rings) >= 2 * (N // B) and all(r["fallbacks"] == 0 for r in rings)
         pids = it.actor_pids
         it.close()
         assert_no_segments_of(pids)
@@ -141,6 +144,38 @@ def test_consumer_stage_resumes_exactly_once_and_survives_a_killed_actor():
     rest = [x for b in one for x in b["labels"].flatten().tolist()]
     one.close()
     assert sorted(rest) == list(range(4 * B, N))
+
+
+def test_a_batch_whose_actor_died_before_it_was_mapped_is_asked_for_again():
+    """The consumer maps a host batch's bytes from its actor's ring; an actor killed after sending it
+    takes the ring along (`host_ring.HostRingLost`), and the stage asks the restarted actor again."""
+    from ray_extsrc.actor import BatchReply
+    from ray_extsrc.consumer_stage import ConsumerStage
+    from ray_extsrc.host_ring import HostRing, HostRingLost
+
+    twin = jpeg_pipeline()
+    twin.serve_host_stage()
+    twin.build()
+    try:
+        host = twin.run()[0]
+    finally:
+        twin.close()
+    ring = HostRing(1, backend="devshm")
+    lost = ring.place(host)
+    ring.close()  # what the actor's death does to its ring
+    stage = ConsumerStage(jpeg_pipeline, {}, torch.device("cpu"))
+    try:
+        def reply(batch):
+            return BatchReply(0, 0, 0, end=False, outputs=(batch,))
+
+        again = []
+        _, outputs = stage.submit(lambda: reply(lost), lambda: again.append(1) or reply(host)).result(60)
+        _, direct = stage.submit(lambda: reply(host)).result(60)
+        assert again == [1] and np.array_equal(outputs[0].as_array(), direct[0].as_array())
+        with pytest.raises(HostRingLost, match="is gone"):
+            stage.submit(lambda: reply(lost)).result(60)
+    finally:
+        stage.close()
 
 
 class JpegBatchesWithGarbage(JpegBatches):

@@ -228,7 +228,7 @@ def test_workers_import_nothing_heavy_at_module_level(module):
 # like `pipeline.py`, nothing heavy at module level (a pipeline runs in any process; GPU modules
 # load CuPy inside their functions)
 ABOVE_THE_EXECUTOR = ("pipeline", "actor", "train", "loader_iterator", "gpu_stage_choice", "transport", "consumer_stage",
-                      "gpu_handoff", "plugin", "bench", "cli")
+                      "host_ring", "gpu_handoff", "plugin", "bench", "cli")
 
 
 @pytest.mark.parametrize(

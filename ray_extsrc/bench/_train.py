@@ -16,6 +16,8 @@ model and round by round:
                        Train worker's own process and CUDA context
     extsrc-actor       the same with gpu_stage="actor": GPU stage in the loader actors, CUDA IPC
     extsrc-auto        the Loader's default gpu_stage ("auto")
+    extsrc-consumer-store  extsrc-consumer with its host batches through Ray's object store instead of
+                       the loader actors' shared-memory rings (RAY_EXTSRC_HOST_RING=0, `host_ring`)
     torch              torch DataLoader + Pillow + torchvision v2 (`_torchvision`), pin_memory
 
 The Train worker makes its feed (for ray_extsrc: ``iter_torch_batches()``, which starts the loader
@@ -53,8 +55,9 @@ from ._common import (
     tree_pss_mb, tree_rss_mb, versions,
 )
 
-FEEDS = ("synthetic", "extsrc-consumer", "extsrc-actor", "extsrc-auto", "torch")
-_STAGE = {"extsrc-consumer": "consumer", "extsrc-actor": "actor", "extsrc-auto": None}
+FEEDS = ("synthetic", "extsrc-consumer", "extsrc-actor", "extsrc-auto", "torch", "extsrc-consumer-store")
+_STAGE = {"extsrc-consumer": "consumer", "extsrc-actor": "actor", "extsrc-auto": None, "extsrc-consumer-store": "consumer"}
+_ENV = {"extsrc-consumer-store": {"RAY_EXTSRC_HOST_RING": "0"}}  # set before Ray starts: its workers inherit it
 NUM_CLASSES = 1000
 STEP = {"optimizer": "SGD(lr=0.1, momentum=0.9)", "autocast": "bfloat16", "memory_format": "channels_last",
         "loss": "cross_entropy(labels)", "weights": None, "num_classes": NUM_CLASSES,
@@ -119,6 +122,8 @@ def _feed(config: dict, dev: Any) -> tuple[Any, Any, dict]:
             out["loader_tree_rss_error"] = repr(e)
         try:
             out["loader_stats"] = {k: v for k, v in it.stats().items() if isinstance(v, (int, float, str))}
+            # batches through each actor's shared-memory ring, and past it (`host_ring`)
+            out["host_ring"] = [it.describe(w).get("host_ring") for w in range(it.ways)]
         except Exception:  # noqa: BLE001
             pass
         return out
@@ -199,6 +204,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     gpu_on = args.device == "gpu"
     loader = None
+    os.environ.update(_ENV.get(args.feed, {}))
     if args.feed in _STAGE:  # before Ray, as a user's script does (see _runner.run_train)
         stage = {"gpu_stage": _STAGE[args.feed]} if _STAGE[args.feed] else {}
         loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=max(1, args.workers // args.actors),

@@ -1,0 +1,273 @@
+"""`HostRing`: a loader actor's shared-memory slots for the host batches it sends to the consumer
+on its node (``Loader(gpu_stage="consumer")``), instead of Ray's object store.
+
+Why: a host batch is mostly one buffer of encoded bytes (R1, batch 256: ~17 MB). Through the object
+store, each batch lands in fresh pages of the node's store before the store reuses freed ones: one
+loader actor touched 294 MB of them after 16 batches (a plain Ray actor returning 17 MB arrays, 3 in
+flight, about 660 MB), and those pages count in the RSS of the actor and again of the Train worker
+that maps them. Here each actor owns ``slots`` segments (`workers.shm.Segment`: a memfd, or a
+/dev/shm file where memfds are refused), each holding one batch's packed bytes; a batch in flight
+holds its slot until the consumer lets go of the last view of its bytes, so the pages the loader
+touches are bounded by the slots, which are few (the requests a consumer keeps in flight to one
+actor, plus the batch it is using, plus one).
+
+The protocol (one header word per slot, in a small shared segment, plus a sequence number):
+
+* the actor takes a ``FREE`` slot, copies the batch's `PackedBytes` columns into it, marks it
+  ``SENT`` and sends a `RingRef` per column (the path of the segment, the slot, its sequence
+  number, offsets) in the `HostBatch` instead of the bytes. With no slot free (a consumer holding
+  more batches than expected, or one that died holding some) the batch goes through the object
+  store as before (`HostRing.fallbacks` counts those).
+* the consumer (`attach`) opens the segment by its path (``/proc/<actor pid>/fd/<n>`` for a memfd:
+  same node, same user), maps it for this batch alone and gives `PackedBytes` views of it; it marks
+  the slot with its pid while it holds it. When the last view is garbage-collected the mapping goes
+  and the slot is marked ``FREE``. A batch the consumer will not use is given back unmapped
+  (`discard`).
+* an actor that finds no free slot reclaims those held by a process that is gone.
+
+If the actor dies between sending a batch and the consumer's `attach`, the segment is gone with it:
+`attach` raises `HostRingLost` and the consumer asks the restarted actor for the batch again
+(`consumer_stage.ConsumerStage`). NumPy only; ``RAY_EXTSRC_HOST_RING=0`` turns the ring off
+(every batch through the object store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import RayExtSrcError
+from .host_batch import HostBatch, PackedBytes
+from .workers.shm import MEMFD, SHM_DIR, Segment
+
+__all__ = ["HOST_RING_ENV", "HostRing", "HostRingLost", "RingRef", "attach", "discard", "ring_slots"]
+
+HOST_RING_ENV = "RAY_EXTSRC_HOST_RING"  # "0": every host batch through Ray's object store
+FREE = 0
+SENT = -1  # written by the actor, not yet attached; a positive value is the pid holding the slot
+_WORDS = 2  # per slot in the header: state, sequence number of the batch in it
+_ALIGN = 4096  # each column's bytes start on a page
+_GROWTH = 1.25  # a slot is made this much larger than the first batch it holds
+
+
+def ring_slots(requests_in_flight: int) -> int:
+    """Slots for an actor with up to ``requests_in_flight`` requests from its consumer: those, the
+    batch the consumer is using, and one spare; 0 where ``$RAY_EXTSRC_HOST_RING`` is "0"."""
+    if os.environ.get(HOST_RING_ENV, "1") == "0":
+        return 0
+    return max(3, requests_in_flight + 2)
+
+
+class HostRingLost(RayExtSrcError):
+    """A host batch's shared memory is gone: the loader actor that sent it died before the
+    consumer mapped it. The consumer asks for the batch again (the actor is restarted by Ray)."""
+
+
+@dataclass(frozen=True)
+class RingRef:
+    """A `PackedBytes` column left in a loader actor's `HostRing`: what crosses instead of its bytes."""
+
+    header: str  # path of the ring's header segment
+    path: str  # path of the slot's segment
+    slot: int
+    seq: int  # the batch's sequence number in the slot (a stale reference is refused)
+    offset: int  # where the column's bytes start in the slot
+    offsets: np.ndarray  # int64, samples + 1: sample j is bytes offsets[j]:offsets[j+1] of the column
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1])
+
+
+def _path(seg: Segment) -> str:
+    """A path another process of this node (same user) opens ``seg`` by."""
+    if seg.backend == MEMFD:
+        return f"/proc/{os.getpid()}/fd/{seg.fd}"
+    return SHM_DIR + seg.name
+
+
+def _round_up(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class HostRing:
+    """The actor's side: ``slots`` segments, made and grown as batches need (see the module docstring)."""
+
+    def __init__(self, slots: int, backend: str | None = None) -> None:
+        if slots < 1:
+            raise ValueError(f"HostRing needs at least one slot; got {slots}")
+        self._backend = backend
+        self._header = Segment.create(slots * _WORDS * 8, tag="ring", backend=backend)
+        self._header.reserve(slots * _WORDS * 8)
+        self._words = np.ndarray((slots, _WORDS), np.int64, buffer=self._header.buf)
+        self._words[:] = 0
+        self._slots: list[Segment | None] = [None] * slots
+        self._seq = 0
+        self.placed = 0  # batches sent through the ring
+        self.fallbacks = 0  # batches sent through the object store: no free slot (or no room)
+        self.reclaimed = 0  # slots taken back from a consumer that is gone
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._slots)
+
+    def held(self) -> int:
+        """Slots not free (sent, or held by a consumer)."""
+        return int(np.count_nonzero(self._words[:, 0] != FREE))
+
+    def _free_slot(self) -> int | None:
+        state = self._words[:, 0]
+        free = np.flatnonzero(state == FREE)
+        if len(free):
+            return int(free[0])
+        for s, holder in enumerate(state.tolist()):  # reclaim from consumers that are gone
+            if holder > 0 and not _alive(holder):
+                self._words[s, 0] = FREE
+                self.reclaimed += 1
+                return s
+        return None
+
+    def place(self, batch: HostBatch) -> HostBatch:
+        """``batch`` with its `PackedBytes` columns copied into a free slot and replaced by
+        `RingRef`s; ``batch`` itself where it has none, or no slot is free."""
+        packed = [(op_id, k, c) for op_id, outs in batch.columns.items() for k, c in outs.items()
+                  if isinstance(c, PackedBytes)]
+        if not packed:
+            return batch
+        s = self._free_slot()
+        if s is None:
+            self.fallbacks += 1
+            return batch
+        starts, end = [], 0
+        for _, _, c in packed:
+            starts.append(end)
+            end = _round_up(end + c.data.nbytes)
+        try:
+            seg = self._segment(s, max(end, 1))
+        except OSError:  # /dev/shm has no room for it: the object store takes this batch
+            self.fallbacks += 1
+            return batch
+        columns = {op_id: dict(outs) for op_id, outs in batch.columns.items()}
+        self._seq += 1
+        for (op_id, k, c), start in zip(packed, starts):
+            n = c.data.nbytes
+            if n:
+                np.frombuffer(seg.buf, np.uint8, n, start)[:] = c.data
+            columns[op_id][k] = RingRef(_path(self._header), _path(seg), s, self._seq, start, c.offsets)
+        self._words[s] = (SENT, self._seq)
+        self.placed += 1
+        return dataclasses.replace(batch, columns=columns)
+
+    def _segment(self, s: int, nbytes: int) -> Segment:
+        seg = self._slots[s]
+        if seg is None:
+            seg = Segment.create(0, tag=f"ring{s}_", backend=self._backend)
+            self._slots[s] = seg
+        if nbytes > seg.size:
+            os.ftruncate(seg.fd, int(nbytes * _GROWTH))  # only ever grows: a reader maps what it needs
+            seg.remap()
+        seg.reserve(nbytes)
+        return seg
+
+    def stats(self) -> dict[str, int]:
+        return {"slots": self.num_slots, "held": self.held(), "placed": self.placed,
+                "fallbacks": self.fallbacks, "reclaimed": self.reclaimed,
+                "bytes": sum(s.size for s in self._slots if s is not None)}
+
+    def close(self) -> None:
+        """Free the segments (a consumer's mapping keeps a memfd's pages until it lets go)."""
+        for seg in self._slots:
+            if seg is not None:
+                seg.close()
+        self._slots = [None] * len(self._slots)
+        self._words = None  # type: ignore[assignment]
+        self._header.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _map(path: str, length: int, label: str) -> mmap.mmap:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise HostRingLost(f"{label}: the loader actor's shared memory {path} is gone (the actor died "
+                           "after sending the batch)") from None
+    try:
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, length, flags=flags)
+    finally:
+        os.close(fd)
+
+
+def _refs(batch: HostBatch) -> list[tuple[int, int, RingRef]]:
+    return [(op_id, k, c) for op_id, outs in batch.columns.items() for k, c in outs.items() if isinstance(c, RingRef)]
+
+
+def attach(batch: HostBatch, label: str = "loader") -> HostBatch:
+    """``batch`` with its `RingRef` columns as `PackedBytes` views of the actor's slot, mapped for
+    this batch; the slot is given back when the last view is gone. ``batch`` where it has none."""
+    refs = _refs(batch)
+    if not refs:
+        return batch
+    first = refs[0][2]
+    header = _map(first.header, 0, label)
+    words = np.ndarray(((len(header) // 8) // _WORDS, _WORDS), np.int64, buffer=header)
+    if int(words[first.slot, 1]) != first.seq or int(words[first.slot, 0]) != SENT:
+        state, seq = words[first.slot].tolist()
+        del words
+        header.close()
+        raise RuntimeError(f"{label}: host-batch slot {first.slot} holds batch {seq} (state {state}), not the "
+                           f"batch {first.seq} sent; a slot was reused while in flight (a bug: please report it)")
+    words[first.slot, 0] = os.getpid()
+    end = max(r.offset + r.nbytes for _, _, r in refs)
+    try:
+        whole = np.frombuffer(_map(first.path, max(end, 1), label), np.uint8)
+    except BaseException:
+        words[first.slot, 0] = FREE
+        raise
+    # the views' base is `whole`: when the last of them goes, so do the mapping and the slot
+    weakref.finalize(whole, _give_back, words, first.slot)
+    columns = {op_id: dict(outs) for op_id, outs in batch.columns.items()}
+    for op_id, k, r in refs:
+        data = whole[r.offset:r.offset + r.nbytes]
+        data.flags.writeable = False
+        columns[op_id][k] = PackedBytes(data, r.offsets)
+    return dataclasses.replace(batch, columns=columns)
+
+
+def _give_back(words: np.ndarray, slot: int) -> None:
+    words[slot, 0] = FREE
+
+
+def discard(batch: Any) -> None:
+    """Give back the slot of a host batch that will not be used (not mapped). Anything else: no-op."""
+    if not isinstance(batch, HostBatch):
+        return
+    refs = _refs(batch)
+    if not refs:
+        return
+    r = refs[0][2]
+    try:
+        header = _map(r.header, 0, "loader")
+    except HostRingLost:
+        return  # the actor is gone, and its ring with it
+    words = np.ndarray(((len(header) // 8) // _WORDS, _WORDS), np.int64, buffer=header)
+    if int(words[r.slot, 1]) == r.seq and int(words[r.slot, 0]) == SENT:
+        words[r.slot, 0] = FREE
