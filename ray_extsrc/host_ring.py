@@ -209,6 +209,13 @@ def _map(path: str, length: int, label: str) -> mmap.mmap:
     except FileNotFoundError:
         raise HostRingLost(f"{label}: the loader actor's shared memory {path} is gone (the actor died "
                            "after sending the batch)") from None
+    except PermissionError as e:
+        raise PermissionError(
+            f"{label}: this process may not open its loader actor's shared memory {path} ({e.strerror}; the "
+            f"actor runs on this node, as this user, but /proc may hide other processes' files here). Set "
+            f"{HOST_RING_ENV}=0 where Ray starts (the driver's environment, or ray.init(runtime_env="
+            f'{{"env_vars": {{"{HOST_RING_ENV}": "0"}}}})) to send host batches through the object store'
+        ) from None
     try:
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         return mmap.mmap(fd, length, flags=flags)

@@ -5,6 +5,7 @@ path, as a Train worker opens its loader actor's; both backends (memfd, /dev/shm
 from __future__ import annotations
 
 import ast
+import os
 import pickle
 import subprocess
 import sys
@@ -176,3 +177,31 @@ def test_a_batch_without_packed_bytes_and_a_growing_batch():
     finally:
         ring.close()
 
+
+
+_LOCKED_OUT = """
+import os, sys
+import numpy as np
+from ray_extsrc.host_batch import HostBatch
+from ray_extsrc.host_ring import RingRef, attach
+from ray_extsrc.types import SampleInfo
+os.setgid(65534)
+os.setuid(65534)  # nobody: the slot (root's, mode 0600) is not ours to open
+ref = RingRef(sys.argv[1], sys.argv[1], 0, 1, 0, np.array([0, 4], np.int64))
+try:
+    attach(HostBatch(0, 0, (SampleInfo(0, 0, 0, 0),), {3: {0: ref}}), "loader 'x'")
+except PermissionError as e:
+    print(e)
+"""
+
+
+def test_a_segment_this_process_may_not_open_says_how_to_do_without_the_ring(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run the consumer as another user")
+    slot = tmp_path / "slot"
+    slot.write_bytes(b"\0" * 64)
+    slot.chmod(0o600)
+    tmp_path.chmod(0o755)
+    out = subprocess.run([sys.executable, "-c", _LOCKED_OUT, str(slot)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "may not open its loader actor's shared memory" in out.stdout and "RAY_EXTSRC_HOST_RING=0" in out.stdout
