@@ -139,8 +139,7 @@ class HostRing:
     def place(self, batch: HostBatch) -> HostBatch:
         """``batch`` with its `PackedBytes` columns copied into a free slot and replaced by
         `RingRef`s; ``batch`` itself where it has none, or no slot is free."""
-        packed = [(op_id, k, c) for op_id, outs in batch.columns.items() for k, c in outs.items()
-                  if isinstance(c, PackedBytes)]
+        packed = _columns(batch, PackedBytes)
         if not packed:
             return batch
         s = self._free_slot()
@@ -223,23 +222,21 @@ def _map(path: str, length: int, label: str) -> mmap.mmap:
         os.close(fd)
 
 
-def _refs(batch: HostBatch) -> list[tuple[int, int, RingRef]]:
-    return [(op_id, k, c) for op_id, outs in batch.columns.items() for k, c in outs.items() if isinstance(c, RingRef)]
+def _columns(batch: HostBatch, kind: type) -> list[tuple[int, int, Any]]:
+    """(op id, output, column) of each column of ``batch`` that is a ``kind``."""
+    return [(op_id, k, c) for op_id, outs in batch.columns.items() for k, c in outs.items() if isinstance(c, kind)]
 
 
 def attach(batch: HostBatch, label: str = "loader") -> HostBatch:
     """``batch`` with its `RingRef` columns as `PackedBytes` views of the actor's slot, mapped for
     this batch; the slot is given back when the last view is gone. ``batch`` where it has none."""
-    refs = _refs(batch)
+    refs = _columns(batch, RingRef)
     if not refs:
         return batch
     first = refs[0][2]
-    header = _map(first.header, 0, label)
-    words = np.ndarray(((len(header) // 8) // _WORDS, _WORDS), np.int64, buffer=header)
-    if int(words[first.slot, 1]) != first.seq or int(words[first.slot, 0]) != SENT:
+    words = _header(first, label)
+    if not _sent(words, first):
         state, seq = words[first.slot].tolist()
-        del words
-        header.close()
         raise RuntimeError(f"{label}: host-batch slot {first.slot} holds batch {seq} (state {state}), not the "
                            f"batch {first.seq} sent; a slot was reused while in flight (a bug: please report it)")
     words[first.slot, 0] = os.getpid()
@@ -259,6 +256,16 @@ def attach(batch: HostBatch, label: str = "loader") -> HostBatch:
     return dataclasses.replace(batch, columns=columns)
 
 
+def _header(ref: RingRef, label: str) -> np.ndarray:
+    """The words of ``ref``'s ring header (slots x (state, sequence number)), mapped anew."""
+    return np.frombuffer(_map(ref.header, 0, label), np.int64).reshape(-1, _WORDS)
+
+
+def _sent(words: np.ndarray, ref: RingRef) -> bool:
+    """Does ``ref``'s slot hold its batch, sent and not yet attached?"""
+    return int(words[ref.slot, 1]) == ref.seq and int(words[ref.slot, 0]) == SENT
+
+
 def _give_back(words: np.ndarray, slot: int) -> None:
     words[slot, 0] = FREE
 
@@ -267,14 +274,13 @@ def discard(batch: Any) -> None:
     """Give back the slot of a host batch that will not be used (not mapped). Anything else: no-op."""
     if not isinstance(batch, HostBatch):
         return
-    refs = _refs(batch)
+    refs = _columns(batch, RingRef)
     if not refs:
         return
     r = refs[0][2]
     try:
-        header = _map(r.header, 0, "loader")
+        words = _header(r, "loader")
     except HostRingLost:
         return  # the actor is gone, and its ring with it
-    words = np.ndarray(((len(header) // 8) // _WORDS, _WORDS), np.int64, buffer=header)
-    if int(words[r.slot, 1]) == r.seq and int(words[r.slot, 0]) == SENT:
+    if _sent(words, r):  # else stale: the slot holds a later batch now
         words[r.slot, 0] = FREE
