@@ -7,6 +7,7 @@ real forked workers, shared memory, Ray actors, the same ops the GPU stage drive
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -176,6 +177,53 @@ def test_a_batch_whose_actor_died_before_it_was_mapped_is_asked_for_again():
             stage.submit(lambda: reply(lost)).result(60)
     finally:
         stage.close()
+
+
+class FileBatches:
+    """Batch g: the files of a folder (encoded JPEGs), read as a file-list source reads them."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, g: int):
+        if g >= 8:
+            raise StopIteration
+        names = sorted(os.listdir(self.folder))
+        return [np.fromfile(os.path.join(self.folder, n), np.uint8) for n in names], [np.int64([i]) for i in range(len(names))]
+
+
+def _heap_private_dirty_mb(pid: int) -> float:
+    kb, in_heap = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if not line[0].isupper():
+                in_heap = line.rstrip().endswith("[heap]")
+            elif in_heap and line.startswith("Private_Dirty:"):
+                kb += int(line.split()[1])
+    return kb / 1024
+
+
+def test_a_loader_actors_worker_gives_its_tasks_freed_heap_back(tmp_path):
+    """A worker frees each task's samples once they are in shared memory, before it waits for the
+    next task: held until the next task replaced them, they kept glibc from reusing their heap
+    pages (each worker of a loader actor grew by ~32 MB; this one by 21 MB in 8 tasks)."""
+    rng = np.random.default_rng(0)
+    for i in range(256):
+        img = rng.integers(0, 255, (96 + i % 64, 128, 3), dtype=np.uint8)
+        np.frombuffer(simplejpeg.encode_jpeg(img, quality=95), np.uint8).tofile(tmp_path / f"{i:03d}.jpg")
+
+    @pipeline_def(batch_size=256, num_threads=1, py_num_workers=1, seed=7)
+    def file_pipeline():
+        jpegs, labels = fn.external_source(source=FileBatches(str(tmp_path)), num_outputs=2, batch=True, parallel=True)
+        return fn.resize(fn.decoders.image(jpegs, device="mixed"), size=(16, 16)), labels
+
+    it = Loader(file_pipeline, outputs=("images", "labels"), gpu_stage="consumer", actors_per_worker=1).iter_torch_batches()
+    try:
+        assert sum(1 for _ in it) == 8
+        (pid,) = it.worker_pids().values()
+        assert _heap_private_dirty_mb(pid) < 12  # a task's samples: 256 JPEGs, ~10 MB
+    finally:
+        it.close()
 
 
 class JpegBatchesWithGarbage(JpegBatches):
