@@ -58,6 +58,7 @@ from ._common import (
 FEEDS = ("synthetic", "extsrc-consumer", "extsrc-actor", "extsrc-auto", "torch", "extsrc-consumer-store")
 _STAGE = {"extsrc-consumer": "consumer", "extsrc-actor": "actor", "extsrc-auto": None, "extsrc-consumer-store": "consumer"}
 _ENV = {"extsrc-consumer-store": {"RAY_EXTSRC_HOST_RING": "0"}}  # set before Ray starts: its workers inherit it
+DEFAULT_FEEDS = tuple(f for f in FEEDS if f not in _ENV)  # the A/B controls run when named
 NUM_CLASSES = 1000
 STEP = {"optimizer": "SGD(lr=0.1, momentum=0.9)", "autocast": "bfloat16", "memory_format": "channels_last",
         "loss": "cross_entropy(labels)", "weights": None, "num_classes": NUM_CLASSES,
@@ -241,7 +242,8 @@ def run_one(args: argparse.Namespace) -> dict:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-extsrc bench --train", description=__doc__.split("\n\n")[0])
     p.add_argument("--train", required=True, metavar="MODELS", help="torchvision models, e.g. resnet50,resnet18 (or tiny)")
-    p.add_argument("--feeds", default=",".join(FEEDS), help=f"a subset of {','.join(FEEDS)}")
+    p.add_argument("--feeds", default=",".join(DEFAULT_FEEDS),
+                   help=f"a subset of {','.join(FEEDS)} (default: {','.join(DEFAULT_FEEDS)})")
     p.add_argument("--device", default="gpu", choices=("gpu", "cpu"), help="cpu: a CPU TorchTrainer (smoke test)")
     p.add_argument("--data", default="/tmp/r1", help="where the R1 set is (generated if missing)")
     p.add_argument("--spec", default="r1", choices=("r1", "small"), help="the data set's image sizes (synthetic.R1/SMALL)")
