@@ -108,6 +108,7 @@ class HostRing:
         self._backend = backend
         self._header = Segment.create(slots * _WORDS * 8, tag="ring", backend=backend)
         self._header.reserve(slots * _WORDS * 8)
+        self._header_path = _path(self._header)
         self._words = np.ndarray((slots, _WORDS), np.int64, buffer=self._header.buf)
         self._words[:] = 0
         self._slots: list[Segment | None] = [None] * slots
@@ -157,11 +158,12 @@ class HostRing:
             return batch
         columns = {op_id: dict(outs) for op_id, outs in batch.columns.items()}
         self._seq += 1
+        path = _path(seg)
         for (op_id, k, c), start in zip(packed, starts):
             n = c.data.nbytes
             if n:
                 np.frombuffer(seg.buf, np.uint8, n, start)[:] = c.data
-            columns[op_id][k] = RingRef(_path(self._header), _path(seg), s, self._seq, start, c.offsets)
+            columns[op_id][k] = RingRef(self._header_path, path, s, self._seq, start, c.offsets)
         self._words[s] = (SENT, self._seq)
         self.placed += 1
         return dataclasses.replace(batch, columns=columns)
