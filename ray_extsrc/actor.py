@@ -69,6 +69,18 @@ _JANITOR = (
 )
 
 
+def process_start_time(pid: int | str = "self") -> float:
+    """When process ``pid`` started, as a ``time.time()`` value (Linux ``/proc``, to 10 ms; now elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def shm_pattern(pid: int) -> str:
     """Glob of the shared-memory segments created by process ``pid`` (see `workers.shm`)."""
     return segment_glob(pid)
@@ -131,6 +143,8 @@ class LoaderActor:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu_id if spec.gpu_id is not None else ""
         self.spec = spec
         self.pid = os.getpid()
+        #: wall-clock times (time.time()) of this actor's start-up milestones (`describe`)
+        self.startup: dict[str, float] = {"process_started": process_start_time(), "init_began": time.time()}
         janitor = subprocess.Popen(
             [sys.executable, "-c", _JANITOR, shm_pattern(self.pid)],
             stdin=subprocess.PIPE,
@@ -171,6 +185,7 @@ class LoaderActor:
                 f"but the pipeline {getattr(spec.pipeline_fn, '__name__', spec.pipeline_fn)!r} returns {n_out}"
             )
         self.pipe.start_py_workers()  # step 3: fork while CUDA is untouched
+        self.startup["workers_started"] = time.time()
         self.pipe.build()
         self._exporter = None
         if spec.gpu_id is not None and not self._host_only:
@@ -186,6 +201,7 @@ class LoaderActor:
         self._cursor_valid = True
         self._epoch_over = False
         self._ends: dict[tuple[int, int], int] = {}  # (epoch, base) -> first iteration past the end
+        self.startup["ready"] = time.time()
 
     # -- introspection (tests, stats) -------------------------------------------------------------
 
@@ -209,6 +225,7 @@ class LoaderActor:
             "ipc_buffers": self._exporter.num_buffers if self._exporter is not None else 0,
             "gpu_stage": "consumer" if self._host_only else "actor",
             "host_ring": self._ring.stats() if self._ring is not None else None,
+            "startup": dict(self.startup),
         }
 
     def worker_pids(self) -> dict[int, int]:
@@ -264,6 +281,7 @@ class LoaderActor:
 
             payload, lease = encode_outputs(outputs, self._exporter)
         t3 = time.perf_counter()
+        self.startup.setdefault("first_batch", time.time())
         timings = dict(self.pipe.last_timings)
         timings.update(seek_s=t1 - t0, encode_s=t3 - t2)
         return BatchReply(

@@ -56,6 +56,21 @@ class _Job:
     discarded: bool = False
 
 
+def _thread_count(gpu: bool) -> int:
+    """Batches the stage runs at once: ``RAY_EXTSRC_CONSUMER_THREADS``, else 2 on a GPU, 1 on the CPU."""
+    raw = os.environ.get("RAY_EXTSRC_CONSUMER_THREADS", "")
+    if not raw:
+        return 2 if gpu else 1
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"RAY_EXTSRC_CONSUMER_THREADS={raw!r}: expected an integer >= 1 (batches run through "
+                         "the consumer-side GPU stage at once); unset it for the default, 2 on a GPU")
+    return n
+
+
 class ConsumerStage:
     """Runs host batches through the pipeline's main-stage ops in this process (see the module docstring)."""
 
@@ -72,8 +87,9 @@ class ConsumerStage:
         with self._on_device():
             self.pipe.open_device_stage()
         # Two batches at once on a GPU: one's nvImageCodec call (blocking, in its own thread)
-        # overlaps the other's gathering and kernel launches.
-        self._threads = ThreadPoolExecutor(2 if self._gpu else 1, thread_name_prefix="ray_extsrc-consumer-stage")
+        # overlaps the other's gathering and kernel launches (RAY_EXTSRC_CONSUMER_THREADS: another count)
+        self.threads = _thread_count(self._gpu)
+        self._threads = ThreadPoolExecutor(self.threads, thread_name_prefix="ray_extsrc-consumer-stage")
         self._handoff = GpuHandoff()
         # encoded bytes copied into page-locked memory before the GPU decode (`pinned_staging`)
         # (None: RAY_EXTSRC_PIN_HOST_BYTES=1 turns it on; off by default until a training A/B says so)
@@ -81,6 +97,9 @@ class ConsumerStage:
             pin_host_bytes = os.environ.get("RAY_EXTSRC_PIN_HOST_BYTES", "0") == "1"
         self._pinned = PinnedStaging() if self._gpu and pin_host_bytes else None
         self.last_fetch_s = 0.0  # the last batch's wait in fetch() (ray.get of the host batch)
+        #: wall-clock times (time.time()) of the first host batch mapped here and of the first
+        #: batch through the GPU stage (start-up milestones, `LoaderIterator.startup_report`)
+        self.firsts: dict[str, float] = {}
 
     def submit(self, fetch: Callable[[], Any], refetch: Callable[[], Any] | None = None) -> Future:
         """Start a batch: ``fetch()`` (run in the stage's thread) returns the actor's `BatchReply`;
@@ -128,9 +147,11 @@ class ConsumerStage:
         self.last_fetch_s = time.perf_counter() - t0
         if reply.end:
             return reply, None
+        self.firsts.setdefault("host_batch", time.time())
         skipped: list = []
         with self._on_device():
             outputs = self._run_device(batch, skipped)
+        self.firsts.setdefault("decoded", time.time())
         if skipped:  # decode failures replaced here (on_error="skip"), reported with the actor's
             reply = dataclasses.replace(reply, skipped=reply.skipped + tuple(e.to_dict() for e in skipped))
         return reply, outputs

@@ -180,6 +180,7 @@ class LoaderIterator:
         #: consumer-side GPU stage built, the first batch handed over (see `stats`)
         self._startup: dict[str, float] = {}
         self._t_start: float | None = None
+        self._t_start_wall: float | None = None
 
     # -- position ---------------------------------------------------------------------------------
 
@@ -273,6 +274,7 @@ class LoaderIterator:
         if self.closed:
             raise RuntimeError(f"{self._label()}: the iterator is closed")
         self._t_start = time.perf_counter()
+        self._t_start_wall = time.time()
         self._startup = {}
         node_id = ray.get_runtime_context().get_node_id()
         names, actors = [], []
@@ -352,6 +354,28 @@ class LoaderIterator:
         import ray
 
         return ray.get(self.actors[way].describe.remote())
+
+    def startup_report(self) -> dict[str, float]:
+        """Seconds from the latest start of the actors (`start`) to each start-up milestone: for
+        each of the actors' (the slowest actor's): ``actor_process_started``, ``actor_init_began``,
+        ``actor_workers_started`` (its Python workers forked), ``actor_ready`` (``__init__`` done),
+        ``actor_first_batch`` (its first batch made); with the consumer-side stage,
+        ``first_host_batch`` (the first host batch mapped here) and ``first_decoded`` (through the
+        GPU stage); and ``first_batch`` (handed to the caller, as in `stats`). Asks every actor."""
+        if self._t_start_wall is None:
+            return {}
+        import ray
+
+        t0 = self._t_start_wall
+        out: dict[str, float] = {}
+        for d in ray.get([a.describe.remote() for a in self.actors]):
+            for k, t in d.get("startup", {}).items():
+                out[f"actor_{k}"] = max(out.get(f"actor_{k}", -1e9), round(t - t0, 3))
+        if self._stage is not None:
+            out.update({f"first_{k}": round(t - t0, 3) for k, t in self._stage.firsts.items()})
+        if "first_batch_s" in self._startup:
+            out["first_batch"] = round(self._startup["first_batch_s"], 3)
+        return out
 
     def close(self) -> None:
         """Stop the loader actors (their workers, shared memory, GPU buffers). Idempotent."""
@@ -620,6 +644,7 @@ class LoaderIterator:
             "transport": "host_batch" if self._stage is not None else "cuda_ipc" if self._importers else "host",
             "gpu_stage": self.gpu_stage,
             "cuda_work_queues": self.cuda_work_queues,
+            "consumer_threads": self._stage.threads if self._stage is not None else None,
         }
         out.update({k: self._totals[k] / b for k in _STAGES})
         out.update({f"startup_{k}": v for k, v in self._startup.items()})

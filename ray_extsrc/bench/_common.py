@@ -86,9 +86,8 @@ def tree_pss_mb(root: int | None = None) -> float:
     return _tree_mb(root, pss_mb)
 
 
-def _tree_mb(root: int | None, of: Any) -> float:
-    """``of(pid)`` summed over process ``root`` (default: this one) and all its descendants."""
-    me = os.getpid() if root is None else root
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids, from /proc."""
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -98,12 +97,36 @@ def _tree_mb(root: int | None, of: Any) -> float:
                 kids.setdefault(ppid, []).append(int(d))
             except (OSError, ValueError, IndexError):
                 pass
-    total, todo = 0.0, [me]
+    return kids
+
+
+def _tree(root: int) -> list[tuple[int, int]]:
+    """(pid, depth) of process ``root`` (depth 0) and all its descendants."""
+    kids, out, todo = _children(), [], [(root, 0)]
     while todo:
-        p = todo.pop()
-        total += of(p)
-        todo.extend(kids.get(p, []))
-    return total
+        p, depth = todo.pop()
+        out.append((p, depth))
+        todo.extend((k, depth + 1) for k in kids.get(p, []))
+    return out
+
+
+def _tree_mb(root: int | None, of: Any) -> float:
+    """``of(pid)`` summed over process ``root`` (default: this one) and all its descendants."""
+    return sum(of(p) for p, _ in _tree(os.getpid() if root is None else root))
+
+
+def tree_breakdown(root: int) -> list[dict]:
+    """Each process of ``root``'s tree: pid, depth (0: ``root``; for a loader actor 1 is its zygote
+    and janitor, 2 its Python workers), name, RSS and PSS in MB."""
+    out = []
+    for p, depth in _tree(root):
+        try:
+            with open(f"/proc/{p}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        out.append({"pid": p, "depth": depth, "name": name, "rss_mb": round(rss_mb(p), 1), "pss_mb": round(pss_mb(p), 1)})
+    return out
 
 
 def loader_pids(it: Any) -> list[int]:
@@ -112,9 +135,23 @@ def loader_pids(it: Any) -> list[int]:
     return [it.describe(w)["pid"] for w in range(it.ways)]
 
 
-def loader_tree_rss_mb(it: Any) -> float:
-    """Host RSS of a `LoaderIterator`'s loader actors and their trees (see `loader_pids`)."""
-    return sum(tree_rss_mb(pid) for pid in loader_pids(it))
+def loader_report(it: Any) -> dict:
+    """Host memory and start-up of a `LoaderIterator`'s loader actors, for a result: the RSS and
+    PSS of their trees, each process of the first actor's tree (`tree_breakdown`), and
+    `LoaderIterator.startup_report`. Call while they run, on their node."""
+    out: dict[str, Any] = {}
+    try:
+        pids = loader_pids(it)
+        out["loader_tree_rss_mb"] = round(sum(tree_rss_mb(pid) for pid in pids), 1)
+        out["loader_tree_pss_mb"] = round(sum(tree_pss_mb(pid) for pid in pids), 1)
+        out["loader_processes"] = tree_breakdown(pids[0])
+    except Exception as e:  # noqa: BLE001 - figures, not the result
+        out["loader_tree_rss_error"] = repr(e)
+    try:
+        out["startup"] = it.startup_report()
+    except Exception as e:  # noqa: BLE001
+        out["startup_error"] = repr(e)
+    return out
 
 
 def pipeline_epoch(pipe: Any) -> Iterator[tuple]:

@@ -84,7 +84,7 @@ def run_extsrc(args) -> dict:
 def _train_loop(config):
     import torch
 
-    from ray_extsrc.bench._common import GpuMemory, loader_tree_rss_mb, timed
+    from ray_extsrc.bench._common import GpuMemory, loader_report, timed
 
     it = config["loader"].iter_torch_batches()
     gpu = GpuMemory()
@@ -96,10 +96,8 @@ def _train_loop(config):
     recs = timed(epoch, config["epochs"], config["warmup"], gpu, torch.cuda.synchronize)
     # The loader actors are Ray workers, not this process's children: their trees (actor, zygote,
     # Python workers, janitor) are measured here, on the same node, while they still run.
-    loader_rss = loader_tree_rss_mb(it)
     out = {"records": recs, **gpu.report(), "gpu_stage": getattr(it, "gpu_stage", None),
-           "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20),
-           "loader_tree_rss_mb": round(loader_rss, 1)}
+           "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20), **loader_report(it)}
     try:
         out["loader_stats"] = {k: v for k, v in it.stats().items() if isinstance(v, (int, float, str))}
     except Exception:
@@ -126,7 +124,8 @@ def run_train(args) -> dict:
     # environment the Loader asks for (`cuda_work_queues.for_the_cluster`)
     loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=per_actor,
                     actors_per_worker=args.actors, root=_reader_root(args), limit=args.images,
-                    reader=args.reader, **stage, **args.decoder)
+                    reader=args.reader, **stage, **args.decoder,
+                    **({"prefetch_batches": args.prefetch} if args.prefetch else {}))
     ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
     out = f"/tmp/r1_train_{os.getpid()}"
     trainer = TorchTrainer(
@@ -156,6 +155,7 @@ def run_train(args) -> dict:
     res["actors_per_worker"] = args.actors
     res["gpus"] = gpus
     res["gpu_stage_requested"] = args.gpu_stage or "default"
+    res["prefetch_batches"] = loader.prefetch_batches
     res["decoder_options"] = args.decoder
     return res
 
@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--torch-workers", type=int, default=15)
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--actors", type=int, default=3, help="b: loader actors per Train worker")
+    p.add_argument("--prefetch", type=int, default=0, help="b, bN: Loader(prefetch_batches=N) (0: the Loader's default)")
     p.add_argument("--ray-data-images", type=int, default=0, help="d: a subset of the images (0: all)")
     p.add_argument("--gpu-stage", default="", choices=("", "auto", "consumer", "actor"),
                    help="b, bN: Loader(gpu_stage=...) (default: the Loader's default)")

@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (
-    GpuMemory, cpu_model, device_name, emit, loadavg, loader_pids, parse_result, result_stem, timed, timed_rates,
-    tree_pss_mb, tree_rss_mb, versions,
+    GpuMemory, cpu_model, device_name, emit, loadavg, loader_report, parse_result, result_stem, timed, timed_rates,
+    versions,
 )
 
 FEEDS = ("synthetic", "extsrc-consumer", "extsrc-actor", "extsrc-auto", "torch", "extsrc-consumer-store")
@@ -115,12 +115,7 @@ def _feed(config: dict, dev: Any) -> tuple[Any, Any, dict]:
     def describe() -> dict:
         out: dict[str, Any] = {"gpu_stage": getattr(it, "gpu_stage", None), "ways": it.ways,
                                "cuda_work_queues": getattr(it, "cuda_work_queues", None)}
-        try:  # the loader actors are Ray workers, not this process's children: measured by pid
-            pids = loader_pids(it)
-            out["loader_tree_rss_mb"] = round(sum(tree_rss_mb(pid) for pid in pids), 1)
-            out["loader_tree_pss_mb"] = round(sum(tree_pss_mb(pid) for pid in pids), 1)
-        except Exception as e:  # noqa: BLE001 - a figure, not the result
-            out["loader_tree_rss_error"] = repr(e)
+        out.update(loader_report(it))  # the loader actors are Ray workers, not this process's children
         try:
             out["loader_stats"] = {k: v for k, v in it.stats().items() if isinstance(v, (int, float, str))}
             # batches through each actor's shared-memory ring, and past it (`host_ring`)
