@@ -42,7 +42,7 @@ from .tensors import TensorListCPU, TensorListGPU
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ConsumerStage"]
+__all__ = ["ConsumerStage", "stage_threads"]
 
 _REFETCHES = 3  # times a batch whose actor died before it was mapped is asked for again
 
@@ -56,7 +56,7 @@ class _Job:
     discarded: bool = False
 
 
-def _thread_count(gpu: bool) -> int:
+def stage_threads(gpu: bool) -> int:
     """Batches the stage runs at once: ``RAY_EXTSRC_CONSUMER_THREADS``, else 2 on a GPU, 1 on the CPU."""
     raw = os.environ.get("RAY_EXTSRC_CONSUMER_THREADS", "")
     if not raw:
@@ -86,9 +86,12 @@ class ConsumerStage:
             raise TypeError(f"{label}: the Loader's pipeline function must return a Pipeline; got {type(self.pipe).__name__}")
         with self._on_device():
             self.pipe.open_device_stage()
+            # the decoders, made now in their threads: the first host batch comes only once the
+            # loader actors have started (~1.7 s), and making them took ~3 s after it (H200)
+            self.warm_up = self.pipe.warm_up_device() if self._gpu else []
         # Two batches at once on a GPU: one's nvImageCodec call (blocking, in its own thread)
         # overlaps the other's gathering and kernel launches (RAY_EXTSRC_CONSUMER_THREADS: another count)
-        self.threads = _thread_count(self._gpu)
+        self.threads = stage_threads(self._gpu)
         self._threads = ThreadPoolExecutor(self.threads, thread_name_prefix="ray_extsrc-consumer-stage")
         self._handoff = GpuHandoff()
         # encoded bytes copied into page-locked memory before the GPU decode (`pinned_staging`)

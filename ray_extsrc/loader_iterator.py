@@ -13,10 +13,11 @@ what a checkpoint saves; ``iter_torch_batches(state=...)`` resumes the epoch at 
 batch, with any number of workers (`sharding`). A crashed loader actor is restarted by Ray and
 resumes at the very batch its Train worker waits for (`actor`'s NOTE [position protocol]).
 
-Several actors per Train worker (``actors_per_worker``; by default 3 for a GPU worker, 1 for a CPU
-one): a pipeline's main stage (collecting the workers' samples, driving nvImageCodec and the CUDA
-kernels) is Python in one process, and one process tops out well below what a GPU decodes (R1 on
-an H100: one process ~9k img/s, three ~22k). The shard's batches are dealt to its actors in turn
+Several actors per Train worker (``actors_per_worker``; by default 3 where the actors run the GPU
+stage on a GPU, else 1, see `gpu_stage_choice.default_actors_per_worker`): a pipeline's main stage
+(collecting the workers' samples, driving nvImageCodec and the CUDA kernels) is Python in one
+process, and one process tops out well below what a GPU decodes (R1 on an H100: one process ~9k
+img/s, three ~22k); an actor that only runs the host stage keeps up alone. The shard's batches are dealt to its actors in turn
 (batch n from actor ``n % actors_per_worker``, see `sharding`), so positions, checkpoints and
 exactly-once are the same as with one actor. Each actor forks its own ``py_num_workers``.
 
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from .actor import BatchReply, LoaderActor, LoaderSpec
 from .errors import RayExtSrcError
-from .gpu_stage_choice import resolve_gpu_stage
+from .gpu_stage_choice import default_actors_per_worker, resolve_gpu_stage
 from .host_ring import ring_slots
 
 if TYPE_CHECKING:
@@ -143,9 +144,9 @@ class LoaderIterator:
         self.rank = rank
         self.world_size = world_size
         self.device, self._gpu_id = _resolve_device(device)
-        default_ways = 3 if self._gpu_id is not None else 1
         #: where this worker's GPU stage runs: "consumer" (here) or "actor" (see `Loader`)
         self.gpu_stage: str = resolve_gpu_stage(loader.gpu_stage, self._gpu_id is not None)
+        default_ways = default_actors_per_worker(self.gpu_stage, self._gpu_id is not None)
         #: with the consumer-side stage: `cuda_work_queues.widen_work_queues`'s outcome (in `stats`)
         self.cuda_work_queues: str | None = None
         if self.gpu_stage == "consumer" and self._gpu_id is not None:
@@ -252,7 +253,13 @@ class LoaderIterator:
 
     @property
     def _depth(self) -> int:
-        """Requests kept in flight: ``prefetch_batches``, and at least one per actor (each has work queued)."""
+        """Requests kept in flight: ``prefetch_batches``, at least one per actor (each has work
+        queued), and with the consumer-side stage one more than its threads (each thread busy with
+        a batch, and the next one asked for)."""
+        if self.gpu_stage == "consumer":
+            from .consumer_stage import stage_threads
+
+            return max(self.loader.prefetch_batches, self.ways, stage_threads(self._gpu_id is not None) + 1)
         return max(self.loader.prefetch_batches, self.ways)
 
     def _request(self, epoch: int, at: int, pos: int, release: tuple[int, ...]) -> Any:

@@ -274,6 +274,14 @@ class Pipeline:
         self._main = self._main_stage()
         self._device_stage_open = True
 
+    def warm_up_device(self) -> list:
+        """After `open_device_stage`: start making the GPU decoders `run_device` will use, in the
+        background (a consumer does it while its first host batch is still being made); returns
+        the futures, empty when the stage decodes nothing on the GPU."""
+        if not self._device_stage_open:
+            raise LifecycleError("warm_up_device() needs open_device_stage() first")
+        return self._main.warm_up()
+
     def prep_of(self, op_id: int) -> DataNode | None:
         """The output of GPU op ``op_id``'s per-sample host step run in the workers, if it has one."""
         return self.plan.prep_of.get(op_id)

@@ -83,11 +83,12 @@ class Loader:
             ``None`` yields tuples.
         name: a label for actor names, metrics and messages (default: the function's name).
         prefetch_batches: ``next_batch`` calls kept in flight per Train worker (backpressure); at
-            least one per loader actor.
+            least one per loader actor, and with the consumer-side GPU stage one more than its
+            threads (`consumer_stage.stage_threads`).
         actor_num_cpus: CPUs each loader actor reserves in Ray (see the module docstring).
         actors_per_worker: loader actors feeding each Train worker in turn (each a process with its
-            own ``py_num_workers``); ``None``: 3 for a worker with a GPU, 1 for a CPU worker (see
-            `loader_iterator`).
+            own ``py_num_workers``); ``None``: 3 where the GPU stage runs in the actors on a GPU,
+            else 1 (`gpu_stage_choice.default_actors_per_worker`).
         zero_copy: hand GPU outputs to a Train worker on the same GPU by CUDA IPC (else via host);
             only where the GPU stage runs in the actors.
         gpu_stage: where the pipeline's main-stage ops (GPU decode and augmentation) run.

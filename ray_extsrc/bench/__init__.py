@@ -84,7 +84,8 @@ def r1_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1, help="Train workers for system b (total throughput)")
     p.add_argument("--workers", type=int, default=12,
                    help="ray_extsrc's Python workers per GPU (a: py_num_workers; b: split over the actors)")
-    p.add_argument("--actors", type=int, default=3, help="b, bN: loader actors per Train worker")
+    p.add_argument("--actors", type=int, default=0,
+                   help="b, bN: loader actors per Train worker (default 0: the Loader's default for its GPU stage)")
     p.add_argument("--gpu-stage", default="", choices=("", "auto", "consumer", "actor"),
                    help="b, bN: Loader(gpu_stage=...) (default: the Loader's own default)")
     p.add_argument("--decoder", default="", metavar="NAME=VALUE,...",

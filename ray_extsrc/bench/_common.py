@@ -135,6 +135,17 @@ def loader_pids(it: Any) -> list[int]:
     return [it.describe(w)["pid"] for w in range(it.ways)]
 
 
+def loader_ways(actors: int, gpu_stage: str | None, has_gpu: bool) -> int:
+    """Loader actors per Train worker for a run: ``actors`` (the ``--actors`` option), or with 0 the
+    Loader's own default for the stage it will run (``gpu_stage`` None: its ``"auto"``), so the
+    ``--workers`` Python workers are split over the actors it really makes."""
+    if actors:
+        return actors
+    from ..gpu_stage_choice import default_actors_per_worker, resolve_gpu_stage
+
+    return default_actors_per_worker(resolve_gpu_stage(gpu_stage or "auto", has_gpu), has_gpu)
+
+
 def loader_report(it: Any) -> dict:
     """Host memory and start-up of a `LoaderIterator`'s loader actors, for a result: the RSS and
     PSS of their trees, each process of the first actor's tree (`tree_breakdown`), and

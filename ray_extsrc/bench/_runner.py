@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 
-from ._common import BATCH, GpuMemory, emit, pipeline_epoch, timed, versions  # noqa: E402 - light
+from ._common import BATCH, GpuMemory, emit, loader_ways, pipeline_epoch, timed, versions  # noqa: E402 - light
 from ._report import multi_gpu, split_reader  # noqa: E402 - light (matplotlib loads only to draw)
 
 
@@ -118,12 +118,13 @@ def run_train(args) -> dict:
     from ._pipelines import r1_pipeline
 
     gpus = multi_gpu(args.base) or args.gpus
-    per_actor = max(1, args.workers // args.actors)  # --workers Python workers per GPU in all
+    ways = loader_ways(args.actors, args.gpu_stage or None, True)
+    per_actor = max(1, args.workers // ways)  # --workers Python workers per GPU in all
     stage = {"gpu_stage": args.gpu_stage} if args.gpu_stage else {}  # else the Loader's default
     # the Loader before Ray, as a user's script does: the local cluster then inherits the
     # environment the Loader asks for (`cuda_work_queues.for_the_cluster`)
     loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=per_actor,
-                    actors_per_worker=args.actors, root=_reader_root(args), limit=args.images,
+                    actors_per_worker=ways, root=_reader_root(args), limit=args.images,
                     reader=args.reader, **stage, **args.decoder,
                     **({"prefetch_batches": args.prefetch} if args.prefetch else {}))
     ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=True)
@@ -152,7 +153,7 @@ def run_train(args) -> dict:
             total.append({**recs[0], "seconds": secs, "images": imgs, "images_per_s": round(imgs / secs, 1)})
         res = {**ranks[0], "records": total, "per_rank": ranks}
     res["py_num_workers"] = per_actor
-    res["actors_per_worker"] = args.actors
+    res["actors_per_worker"] = ways
     res["gpus"] = gpus
     res["gpu_stage_requested"] = args.gpu_stage or "default"
     res["prefetch_batches"] = loader.prefetch_batches
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--torch-workers", type=int, default=15)
     p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--actors", type=int, default=3, help="b: loader actors per Train worker")
+    p.add_argument("--actors", type=int, default=0,
+                   help="b: loader actors per Train worker (0: the Loader's default for its GPU stage)")
     p.add_argument("--prefetch", type=int, default=0, help="b, bN: Loader(prefetch_batches=N) (0: the Loader's default)")
     p.add_argument("--ray-data-images", type=int, default=0, help="d: a subset of the images (0: all)")
     p.add_argument("--gpu-stage", default="", choices=("", "auto", "consumer", "actor"),

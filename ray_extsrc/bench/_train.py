@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (
-    GpuMemory, cpu_model, device_name, emit, loadavg, loader_report, parse_result, result_stem, timed, timed_rates,
+    GpuMemory, cpu_model, device_name, emit, loadavg, loader_report, loader_ways, parse_result, result_stem, timed, timed_rates,
     versions,
 )
 
@@ -201,10 +201,11 @@ def run_one(args: argparse.Namespace) -> dict:
     gpu_on = args.device == "gpu"
     loader = None
     os.environ.update(_ENV.get(args.feed, {}))
+    ways = loader_ways(args.actors, _STAGE.get(args.feed), gpu_on)
     if args.feed in _STAGE:  # before Ray, as a user's script does (see _runner.run_train)
         stage = {"gpu_stage": _STAGE[args.feed]} if _STAGE[args.feed] else {}
-        loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=max(1, args.workers // args.actors),
-                        actors_per_worker=args.actors, root=args.root, limit=args.images, size=args.size,
+        loader = Loader(r1_pipeline, outputs=("images", "labels"), py_num_workers=max(1, args.workers // ways),
+                        actors_per_worker=ways, root=args.root, limit=args.images, size=args.size,
                         batch=args.batch, batch_size=args.batch, device=args.device, **stage,
                         **parse_decoder_options(args.decoder))
     ray.init(num_cpus=args.num_cpus or os.cpu_count(), num_gpus=1 if gpu_on else 0, include_dashboard=False,
@@ -225,8 +226,8 @@ def run_one(args: argparse.Namespace) -> dict:
         res = json.load(f)
     os.unlink(out)
     ray.shutdown()
-    res.update(model=args.model, feed=args.feed, actors_per_worker=args.actors if loader else None,
-               py_num_workers=max(1, args.workers // args.actors) if loader else None,
+    res.update(model=args.model, feed=args.feed, actors_per_worker=ways if loader else None,
+               py_num_workers=max(1, args.workers // ways) if loader else None,
                gpu_stage_requested=_STAGE.get(args.feed) or ("default" if loader else None))
     return res
 
@@ -250,7 +251,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--workers", type=int, default=12, help="ray_extsrc's Python workers per GPU, split over --actors")
-    p.add_argument("--actors", type=int, default=3, help="loader actors per Train worker")
+    p.add_argument("--actors", type=int, default=0,
+                   help="loader actors per Train worker (default 0: the Loader's default for the feed's GPU stage)")
     p.add_argument("--torch-workers", type=int, default=15)
     p.add_argument("--decoder", default="", metavar="NAME=VALUE,...", help="decoder op arguments (DecoderOptions)")
     p.add_argument("--mps", action="store_true", help="run a CUDA MPS daemon for the whole run (needs root)")
@@ -463,7 +465,7 @@ def runner_main(argv: list[str]) -> int:
     p.add_argument("feed", choices=FEEDS)
     for name, kind, default in (("--root", str, None), ("--images", int, 8000), ("--batch", int, 256),
                                 ("--size", int, 224), ("--epochs", int, 2), ("--warmup", int, 1),
-                                ("--warmup-steps", int, 20), ("--workers", int, 12), ("--actors", int, 3),
+                                ("--warmup-steps", int, 20), ("--workers", int, 12), ("--actors", int, 0),
                                 ("--torch-workers", int, 15), ("--num-cpus", int, 0), ("--decoder", str, "")):
         p.add_argument(name, type=kind, default=default, required=default is None)
     p.add_argument("--device", default="gpu", choices=("gpu", "cpu"))

@@ -50,15 +50,20 @@ class GpuStage:
         self._stream: Any = None
 
     @property
+    def device_index(self) -> int:
+        """The CUDA device this stage runs on (its ``device_id``; 0 where that is not a visible device)."""
+        import cupy
+
+        device_id = self._device_id if isinstance(self._device_id, int) else 0
+        return device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0
+
+    @property
     def stream(self) -> Any:
         """The pipeline's own non-blocking stream (created on first use)."""
         if self._stream is None:
-            import cupy
-
             from ..fn._gpu.streams import loader_stream  # kept alive forever: see its docstring
 
-            device_id = self._device_id if isinstance(self._device_id, int) else 0
-            self._stream = loader_stream(device_id if device_id < cupy.cuda.runtime.getDeviceCount() else 0)
+            self._stream = loader_stream(self.device_index)
         return self._stream
 
     def _contexts(self, node: OpNode, infos: Sequence[SampleInfo]) -> SampleContexts:

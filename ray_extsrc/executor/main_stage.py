@@ -50,6 +50,23 @@ class MainStage:
             decode.retain()  # the process's GPU decoders live while a GPU pipeline is open
             self._gpu_release = weakref.finalize(self, decode.release)
 
+    def warm_up(self) -> list:
+        """Start making the GPU decoders of this stage's decode ops now, in their threads, without
+        waiting (`fn._gpu.decode.warm_up`); returns the futures (none without GPU decode ops)."""
+        if self._gpu is None:
+            return []
+        from ..fn._gpu import decode
+
+        seen: set = set()
+        futures: list = []
+        for node in self._plan.main_nodes:
+            options = getattr(node.op, "decoder_options", None)
+            if options is None or self._plan.device.get(node.op_id) != "gpu" or options in seen:
+                continue
+            seen.add(options)
+            futures += decode.warm_up(self._gpu.device_index, options)
+        return futures
+
     def wait_fence(self, fence: Any) -> None:
         """Make this stage's GPU work wait for ``fence`` (see `Pipeline.consumer_fence`)."""
         self._gpu.wait_fence(fence)

@@ -122,3 +122,44 @@ def test_native_decoder_output_held_by_the_user_stays_intact(root):
     assert _run.native >= BATCHES
     for k, (now, later) in enumerate(zip(batches, _run.again)):
         assert np.array_equal(now[2], later[2]), f"batch {k}'s decoded images changed after later batches"
+
+
+def _thread_decoders(options) -> list[list]:
+    """Each decode thread's decoder keys (one task per thread: they wait for each other)."""
+    import threading
+
+    from ray_extsrc.fn._gpu import decode
+
+    dt = decode._decode_threads(0, options)
+    n = dt.pool._max_workers
+    barrier = threading.Barrier(n, timeout=60)
+
+    def keys() -> list:
+        barrier.wait()
+        return sorted(map(repr, getattr(dt.local, "decoders", {})))
+
+    return [f.result(timeout=120) for f in [dt.pool.submit(keys) for _ in range(n)]]
+
+
+@pytest.mark.parametrize("native_batch", [True, False])
+def test_warm_up_makes_each_decode_threads_decoders_that_the_batches_then_use(root, native_batch):
+    """A consumer-side stage makes its decoders while its first host batch is on the way
+    (`decode.warm_up`): every decode thread gets its own, and the batches find them (no new one)."""
+    from ray_extsrc.fn._gpu import decode, native_decode
+    from ray_extsrc.fn.decoder_options import DecoderOptions
+
+    if native_batch and native_decode.library() is None:
+        pytest.skip(f"the C batch decoder is unavailable: {native_decode.unavailable()}")
+    options = DecoderOptions(native_batch=native_batch, reuse_images=0)
+    decode.retain()  # keep the decode threads (and their decoders) across the pipeline's close
+    try:
+        for f in decode.warm_up(0, options):
+            f.result(timeout=120)
+        warm = _thread_decoders(options)
+        assert len(warm) == options.decode_threads and all(len(k) == 1 for k in warm), warm
+        assert all(k == warm[0] for k in warm) and ("'native'" in warm[0][0]) == native_batch
+        _run(root, False, native_batch=native_batch, reuse_images=0)
+        assert _run.native >= BATCHES if native_batch else _run.native == 0
+        assert _thread_decoders(options) == warm  # the batches made no decoder of their own
+    finally:
+        decode.release()

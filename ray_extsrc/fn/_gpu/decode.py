@@ -43,7 +43,7 @@ from .streams import loader_stream
 
 __all__ = [
     "decode_batch", "batch_enqueued", "retain", "release", "backend_set", "make_decoder", "options_of", "stats_snapshot",
-    "STATS", "PREP_ARG", "batch_layout",
+    "STATS", "PREP_ARG", "batch_layout", "warm_up",
 ]
 
 _DEFAULT_OPTIONS = DecoderOptions()
@@ -135,10 +135,7 @@ class _DecodeThreads:
 
         with cupy.cuda.Device(self.device_id):
             loc = self._local()
-            key = _decoder_key(kind, options)
-            dec = loc.decoders.get(key)
-            if dec is None:
-                dec = loc.decoders[key] = make_decoder(self.device_id, kind, options)
+            dec = self._decoder(loc, kind, options, native=False)
             kw: dict[str, Any] = {"params": params, "cuda_stream": loc.stream.ptr}
             if reuse is not None:
                 kw["images"] = reuse  # decode into these (their buffers grow if too small)
@@ -153,6 +150,46 @@ class _DecodeThreads:
                 images = dec.decode(data, **kw)
             return images, loc.stream.record()
 
+    def _decoder(self, loc: Any, kind: str, options: DecoderOptions, native: bool) -> Any:
+        """This thread's decoder for ``kind`` and ``options`` (made now if it has none): a
+        `native_decode.NativeDecoder` for the one-call path, else an nvImageCodec Python one."""
+        key = ("native", *_decoder_key(kind, options)) if native else _decoder_key(kind, options)
+        dec = loc.decoders.get(key)
+        if dec is None:
+            if native:
+                from .native_decode import NativeDecoder
+
+                dec = NativeDecoder(self.device_id, backend_set(kind, options) or [], options.cpu_threads,
+                                    options.codec_options)
+            else:
+                dec = make_decoder(self.device_id, kind, options)
+            loc.decoders[key] = dec
+        return dec
+
+    def warm_up(self, options: DecoderOptions) -> list:
+        """Make every thread's stream and the decoders a batch with ``options`` will use, now, in
+        the background; returns the futures. Each call waits at a barrier for the others, so that
+        each thread makes its own (a thread's first decoder takes seconds: nvImageCodec loads its
+        codecs and backends)."""
+        import cupy
+
+        n = self.pool._max_workers
+        barrier = threading.Barrier(n, timeout=_WARM_UP_WAIT_S)
+        kinds = [options.backend] if options.split_share <= 0.0 else ["hw", options.split_backend]
+
+        def make() -> None:
+            with cupy.cuda.Device(self.device_id):
+                native = options.use_worker_prep and _native_ready(options)
+                loc = self._local()
+                for kind in kinds:
+                    self._decoder(loc, kind, options, native)
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:  # a thread busy elsewhere: it makes its own when it decodes
+                pass
+
+        return [self.pool.submit(make) for _ in range(n)]
+
     def submit(self, kind: str, options: DecoderOptions, data: list, params: Any, reuse: list | None = None) -> Any:
         return self.pool.submit(self._run, kind, options, data, params, reuse)
 
@@ -163,15 +200,9 @@ class _DecodeThreads:
         buffer, each image's address in it, the per-sample results and an event after the decode."""
         import cupy
 
-        from .native_decode import NativeDecoder
-
         with cupy.cuda.Device(self.device_id):
             loc = self._local()
-            key = ("native", *_decoder_key(kind, options))
-            dec = loc.decoders.get(key)
-            if dec is None:
-                dec = loc.decoders[key] = NativeDecoder(self.device_id, backend_set(kind, options) or [],
-                                                        options.cpu_threads, options.codec_options)
+            dec = self._decoder(loc, kind, options, native=True)
             starts, total = batch_layout(hw)
             with loc.stream:
                 buf = cupy.empty(max(1, total), np.uint8)
@@ -229,6 +260,8 @@ class _ImagePool:
                 self.free.sort(key=lambda t: t[0])
                 del self.free[: len(self.free) - self.limit]
 
+
+_WARM_UP_WAIT_S = 30.0  # `_DecodeThreads.warm_up`: how long a thread waits for the others to take theirs
 
 _lock = threading.Lock()
 #: The process's decode thread pools, by (device_id, number of threads).
@@ -288,6 +321,15 @@ def release() -> None:
         _pools.clear()  # their images are freed as they go
     for t in stopping:
         t.pool.shutdown(wait=True)  # thread exit drops the thread's decoders
+
+
+def warm_up(device_id: int, options: DecoderOptions) -> list:
+    """Make the decoders (and streams) the decode threads for ``options`` on ``device_id`` will use,
+    in those threads, without waiting: a process whose first batch is not there yet (a Train
+    worker whose loader actors are starting) does not pay for them when it comes. Returns the
+    futures (each raises what making its decoders raised; the first batch would raise it too)."""
+    _decode_params()
+    return _decode_threads(device_id, options).warm_up(options)
 
 
 def _decode_params() -> Any:
