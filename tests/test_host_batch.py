@@ -177,3 +177,21 @@ def test_the_decoder_takes_packed_addresses_from_the_offsets():
     assert src2.tolist() == src.tolist() and lengths2.tolist() == lengths.tolist() and len(keep) == 3
     src3, lengths3, _ = _host_addresses([v.tobytes() for v in values], ok)
     assert lengths3.tolist() == [3, 7, 5]
+
+
+def test_a_sample_info_pickles_as_its_four_fields_and_stays_frozen():
+    import copy
+    import dataclasses
+    import pickle
+    import pickletools
+
+    info = SampleInfo(idx_in_epoch=70, idx_in_batch=6, iteration=4, epoch_idx=2)
+    for proto in (2, 5):
+        data = pickle.dumps(info, protocol=proto)
+        ops = {op.name for op, _, _ in pickletools.genops(data)}
+        assert "BUILD" not in ops  # constructed from its ints: no state set afterwards, object by object
+        back = pickle.loads(data)
+        assert back == info and type(back) is SampleInfo and hash(back) == hash(info)
+    assert copy.deepcopy(info) == info and copy.copy(info) == info
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        back.iteration = 5
