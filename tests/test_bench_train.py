@@ -75,6 +75,14 @@ def test_cpu_training_benchmark_end_to_end(tmp_path):
     assert synthetic["cuda_device_max_connections"] == os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
     stats = run["loader_stats"]
     assert 0 <= stats["startup_actors_requested_s"] < stats["startup_first_batch_s"]
+    # where the start-up went (`LoaderIterator.startup_report`), milestone by milestone, in order
+    up = run["startup"]
+    order = ["actor_process_started", "actor_init_began", "actor_workers_started", "actor_ready", "actor_first_batch"]
+    assert [up[k] for k in order] == sorted(up[k] for k in order), up
+    assert -5 < up["actor_process_started"] and up["actor_first_batch"] <= up["first_batch"] < 60, up
+    # each process of the loader actor's tree: the actor, its zygote (and janitor), its one worker
+    depths = sorted(q["depth"] for q in run["loader_processes"])
+    assert depths[0] == 0 and depths.count(2) == 1 and all(q["rss_mb"] > 0 for q in run["loader_processes"]), depths
     assert "tiny/synthetic" in p.stdout and "vs syn" in p.stdout
 
 
