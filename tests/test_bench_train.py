@@ -80,6 +80,8 @@ def test_cpu_training_benchmark_end_to_end(tmp_path):
     order = ["actor_process_started", "actor_init_began", "actor_workers_started", "actor_ready", "actor_first_batch"]
     assert [up[k] for k in order] == sorted(up[k] for k in order), up
     assert -5 < up["actor_process_started"] and up["actor_first_batch"] <= up["first_batch"] < 60, up
+    assert doc["summary"]["tiny/extsrc-auto"]["loader_ready_median_s"] == up["actor_first_batch"]  # actor stage
+    assert doc["summary"]["tiny/synthetic"]["loader_ready_median_s"] is None and "ready s" in p.stdout
     # each process of the loader actor's tree: the actor, its zygote (and janitor), its one worker
     depths = sorted(q["depth"] for q in run["loader_processes"])
     assert depths[0] == 0 and depths.count(2) == 1 and all(q["rss_mb"] > 0 for q in run["loader_processes"]), depths

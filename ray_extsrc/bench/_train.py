@@ -25,7 +25,9 @@ actors) before it builds the model, as the Loader's docs advise. Per run: every 
 memory in use on the device (all processes) before the feed and the model, its peak, and the peak
 above synthetic's for the same model (the loader's share); host RSS and PSS of the Train worker's
 process tree and of the loader actors' trees; seconds from ``trainer.fit()`` to the first batch,
-from making the feed to its first batch, and above synthetic's. Writes
+from making the feed to its first batch, and above synthetic's; for ray_extsrc, seconds from
+making the feed to its first batch being ready (``ready s``: the loader's own start-up, while the
+model is built) and each start-up milestone (`LoaderIterator.startup_report`). Writes
 ``benchmarks/results/train-<date>-<device>.json`` and ``.png`` and prints a table.
 
     ray-extsrc bench --train resnet50,resnet18 --images 8000 --epochs 2 --warmup 1 --rounds 1
@@ -281,12 +283,19 @@ class Mps:
         print("MPS daemon stopped", flush=True)
 
 
+def _loader_ready_s(startup: dict) -> float | None:
+    """Seconds from making a ray_extsrc feed to its first batch being ready in the Train worker,
+    before the training loop asks for it (the model is built meanwhile): the consumer-side stage's
+    first decoded batch, else the loader actors' first batch (`LoaderIterator.startup_report`)."""
+    return startup.get("first_decoded", startup.get("actor_first_batch"))
+
+
 def _summary(runs: list[dict]) -> dict:
     summary: dict[str, dict] = {}
     for res in runs:
         s = summary.setdefault(f"{res['model']}/{res['feed']}", {
             "model": res["model"], "feed": res["feed"], "epochs": [], "per_round_median": [], "first_batch_s": [],
-            "feed_to_first_batch_s": [],
+            "feed_to_first_batch_s": [], "loader_ready_s": [],
             "gpu_peak_used_mb": None, "gpu_added_peak_mb": None, "train_worker_tree_rss_mb": 0.0,
             "loader_tree_rss_mb": 0.0, "train_worker_tree_pss_mb": 0.0, "loader_tree_pss_mb": 0.0,
             "gpu_stage": res.get("gpu_stage"), "cuda_work_queues": res.get("cuda_work_queues")})
@@ -297,6 +306,9 @@ def _summary(runs: list[dict]) -> dict:
         s["first_batch_s"] += firsts
         if "feed_made_after_fit_s" in res:  # from making the feed (the Loader's iterator) to its first batch
             s["feed_to_first_batch_s"].extend(round(f - res["feed_made_after_fit_s"], 3) for f in firsts)
+        ready = _loader_ready_s(res.get("startup") or {})
+        if ready is not None:
+            s["loader_ready_s"].append(ready)
         for k in ("gpu_peak_used_mb", "gpu_added_peak_mb"):
             if res.get(k) is not None:
                 s[k] = max(s[k] or 0, res[k])
@@ -307,6 +319,7 @@ def _summary(runs: list[dict]) -> dict:
         s["startup_to_first_batch_s"] = statistics.median(s["first_batch_s"]) if s["first_batch_s"] else None
         if s["feed_to_first_batch_s"]:
             s["feed_to_first_batch_median_s"] = statistics.median(s["feed_to_first_batch_s"])
+        s["loader_ready_median_s"] = statistics.median(s["loader_ready_s"]) if s["loader_ready_s"] else None
         s["host_rss_mb"] = round(s["train_worker_tree_rss_mb"] + s["loader_tree_rss_mb"], 1)
         # the same processes with shared pages counted once (0 where the kernel gives no PSS)
         s["host_pss_mb"] = round(s["train_worker_tree_pss_mb"] + s["loader_tree_pss_mb"], 1)
@@ -330,7 +343,7 @@ def _summary(runs: list[dict]) -> dict:
 
 def table(summary: dict) -> str:
     head = (f"{'model/feed':<28}{'img/s':>9}{'vs syn':>8}{'epochs (img/s)':>26}{'1st batch s':>12}{'feed->1st':>10}"
-            f"{'GPU peak MB':>12}{'+vs syn':>9}{'host RSS MB':>12}{'host PSS MB':>12}{'stage':>10}")
+            f"{'ready s':>8}{'GPU peak MB':>12}{'+vs syn':>9}{'host RSS MB':>12}{'host PSS MB':>12}{'stage':>10}")
     rows = [head]
     for k, s in summary.items():
         eps = " ".join(f"{v:.0f}" for v in s["epochs"])
@@ -340,7 +353,8 @@ def table(summary: dict) -> str:
         peak = s["gpu_peak_used_mb"] if s["gpu_peak_used_mb"] is not None else "-"
         above = s.get("gpu_peak_above_synthetic_mb", "-")
         feed1 = f"{s['feed_to_first_batch_median_s']:.1f}" if s.get("feed_to_first_batch_median_s") is not None else "-"
-        rows.append(f"{k:<28}{med:>9}{ratio:>8}{eps[:24]:>26}{first:>12}{feed1:>10}{peak!s:>12}{above!s:>9}"
+        ready = f"{s['loader_ready_median_s']:.1f}" if s.get("loader_ready_median_s") is not None else "-"
+        rows.append(f"{k:<28}{med:>9}{ratio:>8}{eps[:24]:>26}{first:>12}{feed1:>10}{ready:>8}{peak!s:>12}{above!s:>9}"
                     f"{s['host_rss_mb']:>12.0f}{s.get('host_pss_mb', 0):>12.0f}{s.get('gpu_stage') or '-':>10}")
     return "\n".join(rows)
 
