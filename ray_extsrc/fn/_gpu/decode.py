@@ -178,11 +178,15 @@ class _DecodeThreads:
         kinds = [options.backend] if options.split_share <= 0.0 else ["hw", options.split_backend]
 
         def make() -> None:
-            with cupy.cuda.Device(self.device_id):
-                native = options.use_worker_prep and _native_ready(options)
-                loc = self._local()
-                for kind in kinds:
-                    self._decoder(loc, kind, options, native)
+            try:
+                with cupy.cuda.Device(self.device_id):
+                    native = options.use_worker_prep and _native_ready(options)
+                    loc = self._local()
+                    for kind in kinds:
+                        self._decoder(loc, kind, options, native)
+            except BaseException:
+                barrier.abort()  # the others stop waiting; the first batch meets (and raises) this again
+                raise
             try:
                 barrier.wait()
             except threading.BrokenBarrierError:  # a thread busy elsewhere: it makes its own when it decodes
