@@ -54,7 +54,7 @@ from .errors import RayExtSrcError
 from .pipeline import Pipeline
 from .workers.shm import segment_glob
 
-__all__ = ["LoaderSpec", "BatchReply", "LoaderActor", "shm_pattern"]
+__all__ = ["LoaderSpec", "BatchReply", "LoaderActor", "process_start_time", "shm_pattern"]
 
 _JANITOR = (
     "import glob, os, sys\n"
