@@ -301,8 +301,8 @@ def test_loader_on_ray_feeds_a_gpu_consumer_in_both_gpu_stages():
         out = []
         for n, b in enumerate(it):
             out.append((b["images"].device.type, b["images"].cpu().numpy(), b["labels"].ravel().tolist()))
-            if n == kill_at:
-                os.kill(it.describe(1)["pid"], signal.SIGKILL)
+            if n == kill_at:  # the last loader actor (the consumer stage has one by default)
+                os.kill(it.describe(len(it.actors) - 1)["pid"], signal.SIGKILL)
         torch.cuda.synchronize()
         stats = it.stats()
         # which loader actors hold a CUDA context now (the consumer stage's must not: one context per GPU)
