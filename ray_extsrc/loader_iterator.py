@@ -363,21 +363,19 @@ class LoaderIterator:
         return ray.get(self.actors[way].describe.remote())
 
     def startup_report(self) -> dict[str, float]:
-        """Seconds from the latest start of the actors (`start`) to each start-up milestone: for
-        each of the actors' (the slowest actor's): ``actor_process_started``, ``actor_init_began``,
-        ``actor_workers_started`` (its Python workers forked), ``actor_ready`` (``__init__`` done),
-        ``actor_first_batch`` (its first batch made); with the consumer-side stage,
-        ``first_host_batch`` (the first host batch mapped here) and ``first_decoded`` (through the
-        GPU stage); and ``first_batch`` (handed to the caller, as in `stats`). Asks every actor."""
+        """Seconds from the latest start of the actors (`start`) to each start-up milestone: when
+        the last of the actors reached it (left out until every actor has): ``actor_process_started``
+        (negative where Ray gave the actor a worker process it had started before),
+        ``actor_init_began``, ``actor_workers_started`` (its Python workers forked), ``actor_ready``
+        (``__init__`` done), ``actor_first_batch`` (its first batch made); with the consumer-side
+        stage, ``first_host_batch`` (the first host batch mapped here) and ``first_decoded`` (through
+        the GPU stage); and ``first_batch`` (handed to the caller, as in `stats`). Asks every actor."""
         if self._t_start_wall is None:
             return {}
         import ray
 
         t0 = self._t_start_wall
-        out: dict[str, float] = {}
-        for d in ray.get([a.describe.remote() for a in self.actors]):
-            for k, t in d.get("startup", {}).items():
-                out[f"actor_{k}"] = max(out.get(f"actor_{k}", -1e9), round(t - t0, 3))
+        out = _last_to_reach([d.get("startup", {}) for d in ray.get([a.describe.remote() for a in self.actors])], t0)
         if self._stage is not None:
             out.update({f"first_{k}": round(t - t0, 3) for k, t in self._stage.firsts.items()})
         if "first_batch_s" in self._startup:
@@ -658,6 +656,13 @@ class LoaderIterator:
         if self._stage is not None:
             out.update({f"decode_{k}": v for k, v in self._stage.decode_stats().items()})
         return out
+
+
+def _last_to_reach(reports: list[dict[str, float]], t0: float) -> dict[str, float]:
+    """``actor_<milestone>``: seconds after ``t0`` at which the last of the actors (their
+    ``startup`` wall times) reached each milestone that every one of them has reached."""
+    return {f"actor_{k}": round(max(r[k] for r in reports) - t0, 3)
+            for k in (reports[0] if reports else {}) if all(k in r for r in reports)}
 
 
 def _batch_len(outputs: Any) -> int:

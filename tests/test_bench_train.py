@@ -118,3 +118,12 @@ def test_gpu_training_benchmark_every_feed(tmp_path):
     assert summary["resnet18/extsrc-consumer"]["gpu_stage"] == "consumer"
     assert summary["resnet18/extsrc-actor"]["gpu_stage"] == "actor"
     assert all(s["ratio_to_synthetic"] > 0 and s["gpu_peak_used_mb"] > 0 for s in summary.values())
+
+
+def test_the_benchmarks_split_their_workers_over_the_actors_the_loader_makes(monkeypatch, tmp_path):
+    from ray_extsrc.bench._common import loader_ways
+
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))  # no MPS daemon: "auto" is the consumer stage
+    assert loader_ways(0, "consumer", True) == 1 and loader_ways(0, None, True) == 1
+    assert loader_ways(0, "actor", True) == 3 and loader_ways(0, None, False) == 1
+    assert loader_ways(2, "consumer", True) == 2  # --actors N: N

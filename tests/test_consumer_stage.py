@@ -97,6 +97,82 @@ def test_auto_is_the_training_benchmarks_winner_and_stages_are_validated(monkeyp
         Loader(jpeg_pipeline, gpu_stage="trainer")
 
 
+def test_actors_and_stage_threads_by_default(monkeypatch):
+    from ray_extsrc.consumer_stage import stage_threads
+    from ray_extsrc.gpu_stage_choice import default_actors_per_worker
+
+    # an actor that only runs the host stage keeps up alone; one that drives the GPU does not
+    assert default_actors_per_worker("consumer", has_gpu=True) == 1
+    assert default_actors_per_worker("actor", has_gpu=True) == 3
+    assert default_actors_per_worker("actor", has_gpu=False) == 1
+    monkeypatch.delenv("RAY_EXTSRC_CONSUMER_THREADS", raising=False)
+    assert (stage_threads(True), stage_threads(False)) == (2, 1)
+    monkeypatch.setenv("RAY_EXTSRC_CONSUMER_THREADS", "3")
+    assert (stage_threads(True), stage_threads(False)) == (3, 3)
+    for bad in ("0", "two"):
+        monkeypatch.setenv("RAY_EXTSRC_CONSUMER_THREADS", bad)
+        with pytest.raises(ValueError, match="RAY_EXTSRC_CONSUMER_THREADS"):
+            stage_threads(True)
+
+
+def test_the_start_up_report_gives_each_milestone_in_order():
+    """`LoaderIterator.startup_report`: seconds from the start of the actors to each milestone of
+    the slowest actor, then the consumer-side stage's first host batch and decoded batch."""
+    it = Loader(jpeg_pipeline, outputs=("images", "labels"), gpu_stage="consumer", actors_per_worker=2).iter_torch_batches()
+    try:
+        batches = iter(it)
+        next(batches)
+        next(batches)  # from the second actor: every actor has made a batch now
+        up = it.startup_report()
+    finally:
+        it.close()
+    # the last actor's milestones in order (the first batch may come from another actor before)
+    order = ["actor_init_began", "actor_workers_started", "actor_ready", "actor_first_batch"]
+    assert [up[k] for k in order] == sorted(up[k] for k in order), up
+    # a process Ray started before (a reused worker) started before this start: a negative figure
+    assert up["actor_process_started"] <= up["actor_init_began"] and up["first_batch"] < 60
+    assert up["first_host_batch"] <= up["first_decoded"] <= up["first_batch"]
+    assert it.stats()["startup_first_batch_s"] == pytest.approx(up["first_batch"], abs=1e-3)
+
+
+def test_the_device_stage_warms_up_only_once_opened_and_has_nothing_to_make_without_a_gpu():
+    from ray_extsrc.errors import LifecycleError
+
+    pipe = jpeg_pipeline()
+    with pytest.raises(LifecycleError, match="open_device_stage"):
+        pipe.warm_up_device()
+    pipe.open_device_stage()
+    assert pipe.warm_up_device() == []  # this machine's plan decodes on the CPU: no GPU decoder to make
+    pipe.close()
+
+
+def test_a_milestone_is_when_the_last_actor_reached_it_and_only_once_all_have():
+    from ray_extsrc.loader_iterator import _last_to_reach
+
+    reports = [{"ready": 102.0, "first_batch": 103.5}, {"ready": 102.5}]
+    assert _last_to_reach(reports, 100.0) == {"actor_ready": 2.5}  # actor 1 has made no batch yet
+    reports[1]["first_batch"] = 103.0
+    assert _last_to_reach(reports, 100.0) == {"actor_ready": 2.5, "actor_first_batch": 3.5}
+    assert _last_to_reach([], 100.0) == {}
+
+
+def test_a_process_start_time_is_when_it_started():
+    import subprocess
+    import time
+
+    from ray_extsrc.actor import process_start_time
+
+    before = time.time()
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        time.sleep(0.5)
+        assert before - 0.05 <= process_start_time(child.pid) <= before + 0.3  # /proc's ticks: 10 ms
+    finally:
+        child.kill()
+        child.wait()
+    assert process_start_time(10**9) == pytest.approx(time.time(), abs=1)  # no such process: now
+
+
 def test_consumer_stage_gives_the_same_batches_as_the_actor_stage():
     """Same seed, same positions: crop boxes, flips and decodes are rebuilt in the consumer exactly."""
     epochs = {}
