@@ -17,7 +17,8 @@ Several actors per Train worker (``actors_per_worker``; by default 3 where the a
 stage on a GPU, else 1, see `gpu_stage_choice.default_actors_per_worker`): a pipeline's main stage
 (collecting the workers' samples, driving nvImageCodec and the CUDA kernels) is Python in one
 process, and one process tops out well below what a GPU decodes (R1 on an H100: one process ~9k
-img/s, three ~22k); an actor that only runs the host stage keeps up alone. The shard's batches are dealt to its actors in turn
+img/s, three ~22k); an actor that only runs the host stage keeps up alone. The shard's batches are
+dealt to its actors in turn
 (batch n from actor ``n % actors_per_worker``, see `sharding`), so positions, checkpoints and
 exactly-once are the same as with one actor. Each actor forks its own ``py_num_workers``.
 
@@ -324,6 +325,8 @@ class LoaderIterator:
             actors.append(_remote_actor_class().options(**options).remote(spec))
         self._actor_names, self._actors = names, actors
         self._startup["actors_requested_s"] = time.perf_counter() - self._t_start
+        if self._stage is not None:  # a stage kept from an earlier start: its firsts are this start's now
+            self._stage.firsts.clear()
         if self.gpu_stage == "consumer":
             if self._stage is None:
                 from .consumer_stage import ConsumerStage
