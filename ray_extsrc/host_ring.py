@@ -173,10 +173,7 @@ class HostRing:
         if seg is None:
             seg = Segment.create(0, tag=f"ring{s}_", backend=self._backend)
             self._slots[s] = seg
-        if nbytes > seg.size:
-            os.ftruncate(seg.fd, int(nbytes * _GROWTH))  # only ever grows: a reader maps what it needs
-            seg.remap()
-        seg.reserve(nbytes)
+        seg.grow(nbytes, int(nbytes * _GROWTH))  # only ever grows: a reader maps what it needs
         return seg
 
     def stats(self) -> dict[str, int]:

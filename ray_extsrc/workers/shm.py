@@ -208,11 +208,12 @@ class Segment:
             os.posix_fallocate(self.fd, 0, nbytes)
             self.reserved = nbytes
 
-    def grow(self, needed: int) -> None:
-        """Make the first ``needed`` bytes writable: extend the file (doubling) and reserve them."""
+    def grow(self, needed: int, size: int | None = None) -> None:
+        """Make the first ``needed`` bytes writable: extend the file where it is smaller (to ``size``,
+        by default double its size, at least ``needed``) and reserve them."""
         if needed > self.size:
             # extending the file allocates nothing (a devshm file stays sparse until `reserve`)
-            new_size = max(needed, self.size * 2)
+            new_size = max(needed, self.size * 2 if size is None else size)
             os.ftruncate(self.fd, new_size)
             self._map(new_size)
         self.reserve(needed)
