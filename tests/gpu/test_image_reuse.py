@@ -131,7 +131,7 @@ def _thread_decoders(options) -> list[list]:
     from ray_extsrc.fn._gpu import decode
 
     dt = decode._decode_threads(0, options)
-    n = dt.pool._max_workers
+    n = dt.threads
     barrier = threading.Barrier(n, timeout=60)
 
     def keys() -> list:

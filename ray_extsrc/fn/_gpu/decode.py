@@ -118,6 +118,7 @@ class _DecodeThreads:
         from concurrent.futures import ThreadPoolExecutor
 
         self.device_id = device_id
+        self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"ray_extsrc-nvimgcodec{device_id}")
         self.local = threading.local()
 
@@ -173,7 +174,7 @@ class _DecodeThreads:
         codecs and backends)."""
         import cupy
 
-        n = self.pool._max_workers
+        n = self.threads
         barrier = threading.Barrier(n, timeout=_WARM_UP_WAIT_S)
         kinds = [options.backend] if options.split_share <= 0.0 else ["hw", options.split_backend]
 
