@@ -75,7 +75,7 @@ class ConsumerStage:
     """Runs host batches through the pipeline's main-stage ops in this process (see the module docstring)."""
 
     def __init__(self, pipeline_fn: Callable[..., Any], pipeline_kwargs: Mapping[str, Any], device: torch.device,
-                 label: str = "loader", *, pin_host_bytes: bool | None = None) -> None:
+                 label: str = "loader", *, pin_host_bytes: bool | None = None, threads: int | None = None) -> None:
         self.device = device
         self.label = label
         self._gpu = device.type == "cuda"
@@ -91,7 +91,7 @@ class ConsumerStage:
             self.warm_up = self.pipe.warm_up_device() if self._gpu else []
         # Two batches at once on a GPU: one's nvImageCodec call (blocking, in its own thread)
         # overlaps the other's gathering and kernel launches (RAY_EXTSRC_CONSUMER_THREADS: another count)
-        self.threads = stage_threads(self._gpu)
+        self.threads = stage_threads(self._gpu) if threads is None else threads
         self._threads = ThreadPoolExecutor(self.threads, thread_name_prefix="ray_extsrc-consumer-stage")
         self._handoff = GpuHandoff()
         # encoded bytes copied into page-locked memory before the GPU decode (`pinned_staging`)

@@ -148,6 +148,12 @@ class LoaderIterator:
         #: where this worker's GPU stage runs: "consumer" (here) or "actor" (see `Loader`)
         self.gpu_stage: str = resolve_gpu_stage(loader.gpu_stage, self._gpu_id is not None)
         default_ways = default_actors_per_worker(self.gpu_stage, self._gpu_id is not None)
+        #: with the consumer-side stage: the batches it runs at once (`consumer_stage.stage_threads`)
+        self._stage_threads = 0
+        if self.gpu_stage == "consumer":
+            from .consumer_stage import stage_threads
+
+            self._stage_threads = stage_threads(self._gpu_id is not None)
         #: with the consumer-side stage: `cuda_work_queues.widen_work_queues`'s outcome (in `stats`)
         self.cuda_work_queues: str | None = None
         if self.gpu_stage == "consumer" and self._gpu_id is not None:
@@ -257,11 +263,7 @@ class LoaderIterator:
         """Requests kept in flight: ``prefetch_batches``, at least one per actor (each has work
         queued), and with the consumer-side stage one more than its threads (each thread busy with
         a batch, and the next one asked for)."""
-        if self.gpu_stage == "consumer":
-            from .consumer_stage import stage_threads
-
-            return max(self.loader.prefetch_batches, self.ways, stage_threads(self._gpu_id is not None) + 1)
-        return max(self.loader.prefetch_batches, self.ways)
+        return max(self.loader.prefetch_batches, self.ways, self._stage_threads + 1)  # 0 threads: no stage
 
     def _request(self, epoch: int, at: int, pos: int, release: tuple[int, ...]) -> Any:
         """Ask the actor of batch ``pos`` for it (releasing its leases ``release``): a Ray
@@ -332,7 +334,8 @@ class LoaderIterator:
                 from .consumer_stage import ConsumerStage
 
                 kwargs = dict(self.loader.pipeline_args, num_shards=self.world_size, shard_id=self.rank, seed=self.seed)
-                self._stage = ConsumerStage(self.loader.pipeline_fn, kwargs, self.device, self._label())
+                self._stage = ConsumerStage(self.loader.pipeline_fn, kwargs, self.device, self._label(),
+                                            threads=self._stage_threads)
             self._startup["stage_built_s"] = time.perf_counter() - self._t_start
         elif self._gpu_id is not None and self.loader.zero_copy and not self._importers:
             from .transport import IpcImporter
