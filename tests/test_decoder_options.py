@@ -52,7 +52,8 @@ def test_defaults_are_the_old_environment_defaults():
     # RAY_EXTSRC_GPU_ROI unset: the workers' prep was used ("0" in decode_batch) and the host path
     # decoded regions ("1" in _decode_each); the two fields keep both
     assert o.use_worker_prep is True and o.roi is True
-    assert set(OPTION_NAMES) == {f for f, _ in OLD_ENV_DEFAULTS.values()} | {"use_worker_prep", "roi", "reuse_images", "native_batch"}
+    assert set(OPTION_NAMES) == {f for f, _ in OLD_ENV_DEFAULTS.values()} | {"use_worker_prep", "roi", "reuse_images", "native_batch",
+                                                                        "hybrid_huffman_threshold"}
 
 
 def test_options_are_frozen_hashable_and_picklable():
@@ -122,7 +123,20 @@ def test_boundaries_are_accepted():
     DecoderOptions(hw_decoder_load=1.0)
     DecoderOptions(split_share=0.0)
     DecoderOptions(split_share=0.999)
-    DecoderOptions(decode_threads=1, cpu_threads=0, chunk=1, codec_options="")
+    DecoderOptions(decode_threads=1, cpu_threads=0, chunk=1, codec_options="", hybrid_huffman_threshold=0)
+
+
+def test_hybrid_huffman_threshold_reaches_the_codec_options_only_when_changed():
+    assert DecoderOptions().hybrid_huffman_threshold == 1_000_000  # DALI's default, and nvImageCodec's
+    assert DecoderOptions().codec_option_text() == ":fancy_upsampling=1"
+    o = DecoderOptions(hybrid_huffman_threshold=0)
+    assert o.codec_option_text() == ":fancy_upsampling=1 nvjpeg_cuda_decoder:hybrid_huffman_threshold=0"
+    assert DecoderOptions(codec_options="", hybrid_huffman_threshold=5).codec_option_text() == (
+        "nvjpeg_cuda_decoder:hybrid_huffman_threshold=5")
+    with pytest.raises(ValueError, match=r"hybrid_huffman_threshold must be an int >= 0; got -1"):
+        DecoderOptions(hybrid_huffman_threshold=-1)
+    with pytest.raises(ValueError, match=r"hybrid_huffman_threshold must be an int >= 0; got 0.5"):
+        ImageRandomCropDecoder("mixed", hybrid_huffman_threshold=0.5)
 
 
 # --- the decoder ops -------------------------------------------------------------------------------
@@ -136,7 +150,7 @@ def build(call):
 
 KWARGS = dict(backend="hwload", hw_decoder_load=0.8, split_share=0.25, split_backend="cuda",
               decode_threads=3, cpu_threads=4, use_worker_prep=False, roi=False, chunk=64,
-              codec_options=":fancy_upsampling=0")
+              codec_options=":fancy_upsampling=0", hybrid_huffman_threshold=0)
 
 
 @pytest.mark.parametrize("public", [fn.decoders.image, fn.decoders.image_random_crop])

@@ -408,7 +408,7 @@ def disturbance_work(kind: str, hbs: list, make_stage) -> tuple:
 
         def native(st):
             if "d" not in st:
-                st["d"] = NativeDecoder(0, backend_set(opts.backend, opts) or [], opts.cpu_threads, opts.codec_options)
+                st["d"] = NativeDecoder(0, backend_set(opts.backend, opts) or [], opts.cpu_threads, opts.codec_option_text())
                 st["s"] = cupy.cuda.Stream(non_blocking=True)
                 st["buf"] = cupy.empty(max(1, total), np.uint8)
                 st["keep"] = keep

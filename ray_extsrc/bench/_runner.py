@@ -325,7 +325,7 @@ def run_nvimgcodec(args) -> dict:
     return {"records": recs, **gpu.report(),
             "decoder_options": args.decoder,
             "note": f"files read into memory first; nvImageCodec backend={opts.backend}, "
-                    f"options={opts.codec_options!r}, roi={roi}, split={split} ({split_kind}), "
+                    f"options={opts.codec_option_text()!r}, roi={roi}, split={split} ({split_kind}), "
                     f"inflight={args.inflight}, batch 256"}
 
 

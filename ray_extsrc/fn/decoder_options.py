@@ -31,6 +31,8 @@ __all__ = ["DecoderOptions", "BACKENDS", "SPLIT_BACKENDS", "OPTION_NAMES"]
 BACKENDS = ("default", "hw", "cuda", "hybrid", "hwload")
 #: Backends for the second decoder of a split batch (`DecoderOptions.split_backend`).
 SPLIT_BACKENDS = ("hybrid", "cuda")
+#: nvImageCodec's own default for its nvJPEG CUDA decoder's ``hybrid_huffman_threshold`` (pixels).
+_NVIMGCODEC_HUFFMAN_THRESHOLD = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,12 @@ class DecoderOptions:
     #: asks nvJPEG for libjpeg-turbo's chroma upsampling, so the GPU and CPU paths agree within a
     #: pixel or two. An option the installed nvImageCodec rejects falls back to its defaults.
     codec_options: str = ":fancy_upsampling=1"
+    #: DALI's name and default: images of more pixels (height x width) than this go to nvJPEG's
+    #: GPU Huffman decoder when the CUDA ("hybrid") decoder gets them; smaller ones have their
+    #: Huffman stage decoded on the CPU (nvImageCodec's threads). 0 = every image on the GPU. It
+    #: only matters for images that do not go to the hardware engine (``backend="hybrid"``,
+    #: ``"hwload"``, a `split_share`, or images the engine refuses).
+    hybrid_huffman_threshold: int = 1_000_000
     #: On the prepared path through nvImageCodec's Python API (`native_batch` False or unavailable,
     #: or a `split_share`): how many decoded images (nvImageCodec ``Image`` objects and their GPU
     #: buffers) the process keeps per device to decode the next batches into, instead of making
@@ -115,6 +123,14 @@ class DecoderOptions:
             )
         return cls(**_checked(f"fn.{op_name}", {**_as_dict(base), **kwargs}))
 
+    def codec_option_text(self) -> str:
+        """The options string nvImageCodec's decoders are made with: `codec_options`, plus the CUDA
+        decoder's ``hybrid_huffman_threshold`` where it is not nvImageCodec's default (1,000,000)."""
+        if self.hybrid_huffman_threshold == _NVIMGCODEC_HUFFMAN_THRESHOLD:
+            return self.codec_options
+        extra = f"nvjpeg_cuda_decoder:hybrid_huffman_threshold={self.hybrid_huffman_threshold}"
+        return f"{self.codec_options} {extra}".strip()
+
     def replace(self, **changes: Any) -> DecoderOptions:
         """A copy with ``changes`` (validated)."""
         return DecoderOptions(**{**_as_dict(self), **changes})
@@ -140,6 +156,7 @@ def _checked(where: str, values: dict[str, Any]) -> dict[str, Any]:
         "roi": _flag(where, "roi", values["roi"]),
         "chunk": _integer(where, "chunk", values["chunk"], 1),
         "codec_options": _text(where, "codec_options", values["codec_options"]),
+        "hybrid_huffman_threshold": _integer(where, "hybrid_huffman_threshold", values["hybrid_huffman_threshold"], 0),
         "reuse_images": _integer(where, "reuse_images", values["reuse_images"], -1),
         "native_batch": _flag(where, "native_batch", values["native_batch"]),
     }

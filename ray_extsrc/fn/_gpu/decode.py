@@ -58,7 +58,7 @@ def options_of(op: Any) -> DecoderOptions:
 def _decoder_key(kind: str, options: DecoderOptions) -> tuple:
     """What makes two decoders of a thread the same: the backend set and its construction arguments."""
     load = options.hw_decoder_load if kind == "hwload" else None
-    return kind, load, options.cpu_threads, options.codec_options
+    return kind, load, options.cpu_threads, options.codec_option_text()
 
 
 def backend_set(kind: str, options: DecoderOptions = _DEFAULT_OPTIONS) -> list[tuple[str, float]] | None:
@@ -78,7 +78,7 @@ def backend_set(kind: str, options: DecoderOptions = _DEFAULT_OPTIONS) -> list[t
 def make_decoder(device_id: int, kind: str, options: DecoderOptions = _DEFAULT_OPTIONS) -> Any:
     """A new nvImageCodec (Python API) decoder with the backends `backend_set` gives for ``kind``
     (the benchmark's decode-only runs use it too); ``options`` also gives ``cpu_threads`` and
-    ``codec_options``."""
+    `codec_option_text`."""
     from nvidia import nvimgcodec
 
     K = nvimgcodec.BackendKind
@@ -88,7 +88,7 @@ def make_decoder(device_id: int, kind: str, options: DecoderOptions = _DEFAULT_O
     if backends is not None:
         kw["backends"] = [nvimgcodec.Backend(kinds[k], load_hint=h) for k, h in backends]
     try:
-        return nvimgcodec.Decoder(**kw, options=options.codec_options)
+        return nvimgcodec.Decoder(**kw, options=options.codec_option_text())
     except Exception:  # an option this version does not know: keep the defaults
         return nvimgcodec.Decoder(**kw)
 
@@ -161,7 +161,7 @@ class _DecodeThreads:
                 from .native_decode import NativeDecoder
 
                 dec = NativeDecoder(self.device_id, backend_set(kind, options) or [], options.cpu_threads,
-                                    options.codec_options)
+                                    options.codec_option_text())
             else:
                 dec = make_decoder(self.device_id, kind, options)
             loc.decoders[key] = dec
@@ -294,7 +294,7 @@ def _decode_threads(device_id: int, options: DecoderOptions) -> _DecodeThreads:
     """The process's decode threads for ``device_id`` and ``options``: ``decode_threads`` of
     them, twice that when batches are split between two decoders (``split_share`` > 0). Pipelines
     whose options agree on that count share the pool; each thread keeps one decoder per
-    `_decoder_key` (backend, ``hw_decoder_load``, ``cpu_threads``, ``codec_options``)."""
+    `_decoder_key` (backend, ``hw_decoder_load``, ``cpu_threads``, ``codec_option_text()``)."""
     n = options.decode_threads * (2 if options.split_share > 0.0 else 1)
     key = (device_id, n)
     with _lock:
