@@ -163,3 +163,32 @@ def test_warm_up_makes_each_decode_threads_decoders_that_the_batches_then_use(ro
         assert _thread_decoders(options) == warm  # the batches made no decoder of their own
     finally:
         decode.release()
+
+
+@pytest.mark.parametrize("native_batch", [True, False])
+def test_gpu_huffman_threshold_reaches_the_decoders_and_decodes_alike(root, native_batch):
+    """``hybrid_huffman_threshold=0`` (DALI's name): nvImageCodec's CUDA decoder then decodes the
+    Huffman stage of every image on the GPU, where at its default (1,000,000 pixels) R1's images
+    have it decoded on the CPU. The threads' decoders carry the option, and the batches match the
+    CPU-Huffman ones (Huffman decoding is lossless: only the GPU stages after it may differ)."""
+    from ray_extsrc.bench._pipelines import IMAGENET_STD
+    from ray_extsrc.fn._gpu import decode, native_decode
+    from ray_extsrc.fn.decoder_options import DecoderOptions
+
+    if native_batch and native_decode.library() is None:
+        pytest.skip(f"the C batch decoder is unavailable: {native_decode.unavailable()}")
+    common = dict(backend="hybrid", native_batch=native_batch, reuse_images=0)
+    cpu_huffman = _run(root, False, **common)
+    options = DecoderOptions(hybrid_huffman_threshold=0, **common)
+    decode.retain()  # keep the decode threads (and their decoders) past the pipeline's close
+    try:
+        gpu_huffman = _run(root, False, hybrid_huffman_threshold=0, **common)
+        keys = _thread_decoders(options)
+    finally:
+        decode.release()
+    assert any("hybrid_huffman_threshold=0" in k for ks in keys for k in ks), keys
+    one_pixel = 1 / min(IMAGENET_STD)  # one 8-bit step after normalisation, in its widest channel
+    for k, ((a_img, a_lab), (b_img, b_lab)) in enumerate(zip(cpu_huffman, gpu_huffman)):
+        assert np.array_equal(a_lab, b_lab)
+        diff = np.abs(a_img.astype(np.float64) - b_img)
+        assert diff.mean() < one_pixel and np.percentile(diff, 99.9) < 8 * one_pixel, (k, diff.mean())
