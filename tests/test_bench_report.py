@@ -249,3 +249,17 @@ def test_probe_disturbance_runs_its_work_in_threads_until_stopped_and_reports_a_
     with pytest.raises(ValueError, match="one of"):
         disturbance_work("nonsense", [], None)
 
+
+
+def test_every_decoder_sweep_variant_names_a_system_and_valid_decoder_options():
+    """`bench._variants`: each variant's decoder settings pass `DecoderOptions` as the runner's
+    ``--decoder`` text, and its system is one the runner knows; bad ones fail here, not on a GPU."""
+    from ray_extsrc.bench._pipelines import parse_decoder_options
+    from ray_extsrc.bench._runner import SYSTEMS
+    from ray_extsrc.bench._variants import VARIANTS, decoder_arg
+
+    for name, (system, options, _extra, copies) in VARIANTS.items():
+        assert (system in SYSTEMS or (system[:1] == "b" and system[1:].isdigit())) and copies >= 1, name
+        args = decoder_arg(options)
+        assert parse_decoder_options(args[1] if args else "") == options, name
+    assert VARIANTS["b split .6 hybrid h0"][1]["hybrid_huffman_threshold"] == 0

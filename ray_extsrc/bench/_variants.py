@@ -1,4 +1,5 @@
-"""Decoder-configuration sweep behind the R1 numbers: ``python -m ray_extsrc.bench._variants ROOT OUT``.
+"""Decoder-configuration sweep behind the R1 numbers:
+``python -m ray_extsrc.bench._variants ROOT OUT [NAME,NAME,... [EPOCHS]]``.
 
 Runs decode-only nvImageCodec variants (backends, a batch split between two decoders, batches in
 flight) and the ray_extsrc loader (systems a, b) under several decoder settings (the decoder op's
@@ -30,6 +31,12 @@ VARIANTS: dict[str, tuple[str, dict[str, object], list[str], int]] = {
     "e1 inflight 2": ("e1", {}, ["--inflight", "2"], 1),
     "e1 inflight 2 split .65": ("e1", {"split_share": 0.65, "split_backend": "cuda"}, ["--inflight", "2"], 1),
     "e1 default x2 procs": ("e1", {}, [], 2),
+    # hybrid_huffman_threshold=0: the CUDA decoder's share Huffman-decoded on the GPU, not the CPU
+    "e1 hybrid h0": ("e1", {"backend": "hybrid", "hybrid_huffman_threshold": 0}, [], 1),
+    "e1 hwload .7 h0": ("e1", {"backend": "hwload", "hw_decoder_load": 0.7, "hybrid_huffman_threshold": 0}, [], 1),
+    "e1 split .6 hybrid h0": ("e1", {"split_share": 0.6, "split_backend": "hybrid", "hybrid_huffman_threshold": 0},
+                              [], 1),
+    "e2": ("e2", {}, [], 1),
     "a threads 1": ("a", {"decode_threads": 1}, [], 1),
     "a threads 2": ("a", {"decode_threads": 2}, [], 1),
     "a split .65 hybrid": ("a", {"split_share": 0.65, "split_backend": "hybrid"}, [], 1),
@@ -42,6 +49,8 @@ VARIANTS: dict[str, tuple[str, dict[str, object], list[str], int]] = {
     "b consumer": ("b", {}, ["--gpu-stage", "consumer"], 1),
     "b actor": ("b", {}, ["--gpu-stage", "actor"], 1),
     "b decode threads 1": ("b", {"decode_threads": 1}, [], 1),
+    "b hwload .7 h0": ("b", {"backend": "hwload", "hw_decoder_load": 0.7, "hybrid_huffman_threshold": 0}, [], 1),
+    "b split .6 hybrid h0": ("b", {"split_share": 0.6, "split_backend": "hybrid", "hybrid_huffman_threshold": 0}, [], 1),
     "b2": ("b2", {}, [], 1),
     "b2 codec threads 4": ("b2", {"cpu_threads": 4}, [], 1),
     "b2 decode threads 1": ("b2", {"decode_threads": 1}, [], 1),
@@ -77,13 +86,15 @@ def _run(system: str, root: str, options: dict[str, object], extra: list[str], c
     return res
 
 
-def main(root: str, out: str, only: str = "") -> None:
+def main(root: str, out: str, only: str = "", epochs: str = "") -> None:
+    """Each variant named in ``only`` (comma-separated; all if empty) for ``epochs`` timed epochs
+    (default: 3 decode-only, 2 otherwise)."""
     results = {}
     names = [n for n in VARIANTS if not only or n in only.split(",")]
     for name in names:
         system, options, extra, copies = VARIANTS[name]
         t = time.perf_counter()
-        r = _run(system, root, options, extra, copies, 2 if system != "e1" else 3)
+        r = _run(system, root, options, extra, copies, int(epochs) if epochs else (3 if system[:1] == "e" else 2))
         results[name] = r
         extra_info = (r.get("per_batch_ms") or r.get("copies")) if r else ""
         print(f"{name:<26} {round(r['median']) if r else 'FAILED':>8}  {extra_info}  "
@@ -93,4 +104,4 @@ def main(root: str, out: str, only: str = "") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
