@@ -147,9 +147,10 @@ def loader_ways(actors: int, gpu_stage: str | None, has_gpu: bool) -> int:
 
 
 def loader_report(it: Any) -> dict:
-    """Host memory and start-up of a `LoaderIterator`'s loader actors, for a result: the RSS and
-    PSS of their trees, each process of the first actor's tree (`tree_breakdown`), and
-    `LoaderIterator.startup_report`. Call while they run, on their node."""
+    """Host memory, start-up and stats of a `LoaderIterator`'s loader actors, for a result: the RSS
+    and PSS of their trees, each process of the first actor's tree (`tree_breakdown`),
+    `LoaderIterator.startup_report`, and the numbers and names of `LoaderIterator.stats`
+    (``loader_stats``). Call while they run, on their node."""
     out: dict[str, Any] = {}
     try:
         pids = loader_pids(it)
@@ -162,6 +163,10 @@ def loader_report(it: Any) -> dict:
         out["startup"] = it.startup_report()
     except Exception as e:  # noqa: BLE001
         out["startup_error"] = repr(e)
+    try:
+        out["loader_stats"] = {k: v for k, v in it.stats().items() if isinstance(v, (int, float, str))}
+    except Exception:  # noqa: BLE001
+        pass
     return out
 
 

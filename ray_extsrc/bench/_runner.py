@@ -98,10 +98,6 @@ def _train_loop(config):
     # Python workers, janitor) are measured here, on the same node, while they still run.
     out = {"records": recs, **gpu.report(), "gpu_stage": getattr(it, "gpu_stage", None),
            "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20), **loader_report(it)}
-    try:
-        out["loader_stats"] = {k: v for k, v in it.stats().items() if isinstance(v, (int, float, str))}
-    except Exception:
-        pass
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()

@@ -118,9 +118,7 @@ def _feed(config: dict, dev: Any) -> tuple[Any, Any, dict]:
         out: dict[str, Any] = {"gpu_stage": getattr(it, "gpu_stage", None), "ways": it.ways,
                                "cuda_work_queues": getattr(it, "cuda_work_queues", None)}
         out.update(loader_report(it))  # the loader actors are Ray workers, not this process's children
-        try:
-            out["loader_stats"] = {k: v for k, v in it.stats().items() if isinstance(v, (int, float, str))}
-            # batches through each actor's shared-memory ring, and past it (`host_ring`)
+        try:  # batches through each actor's shared-memory ring, and past it (`host_ring`)
             out["host_ring"] = [it.describe(w).get("host_ring") for w in range(it.ways)]
         except Exception:  # noqa: BLE001
             pass
