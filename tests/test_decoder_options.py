@@ -53,7 +53,7 @@ def test_defaults_are_the_old_environment_defaults():
     # decoded regions ("1" in _decode_each); the two fields keep both
     assert o.use_worker_prep is True and o.roi is True
     assert set(OPTION_NAMES) == {f for f, _ in OLD_ENV_DEFAULTS.values()} | {"use_worker_prep", "roi", "reuse_images", "native_batch",
-                                                                        "hybrid_huffman_threshold", "overflow_threads"}
+                                                                        "hybrid_huffman_threshold"}
 
 
 def test_options_are_frozen_hashable_and_picklable():
@@ -370,7 +370,7 @@ def test_default_op_ignores_the_environment_and_uses_the_prepared_path(gpu):
     assert isinstance(out, PtrBatch)  # RAY_EXTSRC_GPU_ROI=1 would have taken the host path
     assert len(gpu.rec.calls) == 1 and gpu.rec.calls[0][:2] == (None, 6)  # one call, default backends
     assert gpu.rec.decoders == [{"device_id": 0, "max_num_cpu_threads": 0, "options": ":fancy_upsampling=1"}]
-    assert list(gpu.decode._threads) == [(0, 2, 0)]  # decode_threads=2, no split
+    assert list(gpu.decode._threads) == [(0, 2)]  # decode_threads=2, no split
     # each crop is a pointer into its whole decoded image, the box the workers drew
     for j, row in enumerate(prep):
         y, x, h, w, H, W, ok = row.tolist()
@@ -478,13 +478,13 @@ def test_split_share_splits_between_two_decoders_with_twice_the_threads(gpu):
     op = ImageRandomCropDecoder("mixed", split_share=0.5, split_backend="cuda", decode_threads=1)
     data, ctxs, prep = batch(op, 6)
     gpu.decode.decode_batch(op, data, ctxs, FakeStream(), random_crop=True, prep=prep)
-    assert list(gpu.decode._threads) == [(0, 2, 0)]
+    assert list(gpu.decode._threads) == [(0, 2)]
     calls = sorted((c[0], c[1]) for c in gpu.rec.calls)
     assert calls == [((("cuda", 1.0),), 3), ((("hw", 1.0),), 3)]
-    # a pipeline with other options gets its own pool, keyed by device and thread counts
+    # a pipeline with other options gets its own pool, keyed by device and thread count
     other = ImageDecoder("mixed", decode_threads=3)
     gpu.decode.decode_batch(other, data, ctxs, FakeStream(), random_crop=False, prep=batch(other, 6)[2])
-    assert sorted(gpu.decode._threads) == [(0, 2, 0), (0, 3, 0)]
+    assert sorted(gpu.decode._threads) == [(0, 2), (0, 3)]
 
 
 @pytest.mark.parametrize("roi", [True, False])

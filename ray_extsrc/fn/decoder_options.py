@@ -59,13 +59,6 @@ class DecoderOptions:
     #: Decode threads of the process (per device): each has its own decoders and CUDA stream, so
     #: that many batches decode at once.
     decode_threads: int = 2
-    #: Overflow decode threads of the process (per device), beside the `decode_threads`: each has
-    #: nvJPEG's CUDA decoder with its Huffman stage on the GPU (``backend="hybrid"`` with
-    #: `hybrid_huffman_threshold` 0) and takes a whole batch only when every `decode_threads`
-    #: thread is busy. The hardware engine decodes what it can keep up with, and the SMs help only
-    #: while batches queue for it (a loader-bound consumer), not beside a step the engine keeps up
-    #: with. The consumer stage runs that many more batches at once. 0 = off.
-    overflow_threads: int = 0
     #: nvImageCodec's ``max_num_cpu_threads`` per decoder (0 = its default).
     cpu_threads: int = 0
     #: Use the workers' prepared rows (header sizes, crop boxes) when the pipeline has them: whole
@@ -158,7 +151,6 @@ def _checked(where: str, values: dict[str, Any]) -> dict[str, Any]:
         "split_share": _share(where, "split_share", values["split_share"], upper_open=True),
         "split_backend": _choice(where, "split_backend", values["split_backend"], SPLIT_BACKENDS),
         "decode_threads": _integer(where, "decode_threads", values["decode_threads"], 1),
-        "overflow_threads": _integer(where, "overflow_threads", values["overflow_threads"], 0),
         "cpu_threads": _integer(where, "cpu_threads", values["cpu_threads"], 0),
         "use_worker_prep": _flag(where, "use_worker_prep", values["use_worker_prep"]),
         "roi": _flag(where, "roi", values["roi"]),

@@ -28,7 +28,6 @@ GPU. A sample the CPU cannot decode either raises the CPU path's `DecodeError` n
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -115,19 +114,12 @@ class _DecodeThreads:
     caller's stream waits on that event.
     """
 
-    def __init__(self, device_id: int, threads: int, overflow: int = 0) -> None:
+    def __init__(self, device_id: int, threads: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.device_id = device_id
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"ray_extsrc-nvimgcodec{device_id}")
-        #: `DecoderOptions.overflow_threads`: threads with a GPU-Huffman CUDA decoder that take a
-        #: batch only while all of `pool`'s are busy (`_dispatch`)
-        self.overflow = overflow
-        self.overflow_pool = (ThreadPoolExecutor(overflow, thread_name_prefix=f"ray_extsrc-nvimgcodec{device_id}-overflow")
-                              if overflow else None)
-        self._busy = [0, 0]  # calls submitted and not finished: [pool, overflow_pool]
-        self._busy_lock = threading.Lock()
         self.local = threading.local()
 
     def _local(self) -> Any:
@@ -182,11 +174,11 @@ class _DecodeThreads:
         codecs and backends)."""
         import cupy
 
-        n = self.threads + self.overflow
+        n = self.threads
         barrier = threading.Barrier(n, timeout=_WARM_UP_WAIT_S)
         kinds = [options.backend] if options.split_share <= 0.0 else ["hw", options.split_backend]
 
-        def make(kinds: list[str], options: DecoderOptions) -> None:
+        def make() -> None:
             try:
                 with cupy.cuda.Device(self.device_id):
                     native = options.use_worker_prep and _native_ready(options)
@@ -201,39 +193,9 @@ class _DecodeThreads:
             except threading.BrokenBarrierError:  # a thread busy elsewhere: it makes its own when it decodes
                 pass
 
-        futures = [self.pool.submit(make, kinds, options) for _ in range(self.threads)]
-        if self.overflow_pool is not None:
-            futures += [self.overflow_pool.submit(make, [_OVERFLOW_KIND], overflow_options(options))
-                        for _ in range(self.overflow)]
-        return futures
+        return [self.pool.submit(make) for _ in range(n)]
 
-    def _dispatch(self, fn: Any, kind: str, options: DecoderOptions, *args: Any) -> Any:
-        """``fn(kind, options, *args)`` in a decode thread: one of `pool`'s while any of them is
-        free (or none of the overflow threads is), else an overflow thread's with its decoder
-        (`overflow_options`). Returns the future."""
-        with self._busy_lock:
-            spill = self.overflow_pool is not None and self._busy[0] >= self.threads and self._busy[1] < self.overflow
-            which = 1 if spill else 0
-            self._busy[which] += 1
-        if spill:
-            with _stats_lock:
-                STATS["overflow_batches"] += 1
-            fut = self.overflow_pool.submit(fn, _OVERFLOW_KIND, overflow_options(options), *args)
-        else:
-            fut = self.pool.submit(fn, kind, options, *args)
-        fut.add_done_callback(lambda _f: self._finished(which))
-        return fut
-
-    def _finished(self, which: int) -> None:
-        with self._busy_lock:
-            self._busy[which] -= 1
-
-    def submit(self, kind: str, options: DecoderOptions, data: list, params: Any, reuse: list | None = None,
-               *, may_overflow: bool = False) -> Any:
-        """Decode ``data`` with a ``kind`` decoder in a decode thread; with ``may_overflow`` (a whole
-        batch), maybe in an overflow thread instead (`_dispatch`)."""
-        if may_overflow:
-            return self._dispatch(self._run, kind, options, data, params, reuse)
+    def submit(self, kind: str, options: DecoderOptions, data: list, params: Any, reuse: list | None = None) -> Any:
         return self.pool.submit(self._run, kind, options, data, params, reuse)
 
     def _run_native(self, kind: str, options: DecoderOptions, src: np.ndarray, lengths: np.ndarray,
@@ -255,7 +217,7 @@ class _DecodeThreads:
 
     def submit_native(self, kind: str, options: DecoderOptions, src: np.ndarray, lengths: np.ndarray,
                       hw: np.ndarray) -> Any:
-        return self._dispatch(self._run_native, kind, options, src, lengths, hw)
+        return self.pool.submit(self._run_native, kind, options, src, lengths, hw)
 
 
 class _ImagePool:
@@ -334,23 +296,11 @@ def _decode_threads(device_id: int, options: DecoderOptions) -> _DecodeThreads:
     whose options agree on that count share the pool; each thread keeps one decoder per
     `_decoder_key` (backend, ``hw_decoder_load``, ``cpu_threads``, ``codec_option_text()``)."""
     n = options.decode_threads * (2 if options.split_share > 0.0 else 1)
-    key = (device_id, n, options.overflow_threads)
+    key = (device_id, n)
     with _lock:
         if key not in _threads:
-            _threads[key] = _DecodeThreads(device_id, n, options.overflow_threads)
+            _threads[key] = _DecodeThreads(device_id, n)
         return _threads[key]
-
-
-#: The overflow threads' decoder kind: nvJPEG's CUDA decoder registers in nvImageCodec only as the
-#: hybrid CPU/GPU backend; `overflow_options` moves its Huffman stage to the GPU.
-_OVERFLOW_KIND = "hybrid"
-
-
-@functools.lru_cache(maxsize=16)
-def overflow_options(options: DecoderOptions) -> DecoderOptions:
-    """The options of an overflow thread's decoder (`DecoderOptions.overflow_threads`): ``options``
-    with every image's Huffman stage on the GPU (``hybrid_huffman_threshold=0``)."""
-    return options.replace(hybrid_huffman_threshold=0)
 
 
 _users = 0  # open GPU pipelines of this process (`retain` / `release`)
@@ -375,9 +325,7 @@ def release() -> None:
         _threads.clear()
         _pools.clear()  # their images are freed as they go
     for t in stopping:
-        for pool in (t.pool, t.overflow_pool):
-            if pool is not None:
-                pool.shutdown(wait=True)  # thread exit drops the thread's decoders
+        t.pool.shutdown(wait=True)  # thread exit drops the thread's decoders
 
 
 def warm_up(device_id: int, options: DecoderOptions) -> list:
@@ -400,7 +348,7 @@ def _decode_params() -> Any:
 #: Host-side time of the batches so far, by stage (seconds, cumulative), and their count. Updated
 #: under `_stats_lock` (several pipeline threads decode at once); read it with `stats_snapshot`.
 STATS: dict[str, float] = {"prepare_s": 0.0, "decode_wait_s": 0.0, "fallback_s": 0.0, "batches": 0,
-                           "native_batches": 0, "overflow_batches": 0}
+                           "native_batches": 0}
 _stats_lock = threading.Lock()
 
 
@@ -430,7 +378,7 @@ def _decode_async(device_id: int, data: list, options: DecoderOptions,
     params = _decode_params()
     share = options.split_share
     if share <= 0.0 or len(data) < 2:
-        return [(list(range(len(data))), dt.submit(options.backend, options, data, params, reuse, may_overflow=True))]
+        return [(list(range(len(data))), dt.submit(options.backend, options, data, params, reuse))]
     k = max(1, min(len(data) - 1, round(share * len(data))))
     # interleaved, so both halves get a similar mix of image sizes
     hw = [j for j in range(len(data)) if (j * k) // len(data) != ((j + 1) * k) // len(data)]
