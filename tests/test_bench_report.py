@@ -78,6 +78,61 @@ def test_tree_pss_counts_pages_a_forked_child_shares_once():
         parent.communicate(b"", timeout=30)
 
 
+def _spin(seconds: float, then: threading.Event | None = None) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    if then is not None:
+        then.wait(30)  # alive until measured: a thread that has ended is gone from /proc
+
+
+def test_cpu_use_gives_each_thread_and_each_depth_of_a_process_tree_its_cpu_seconds():
+    from ray_extsrc.bench._common import CpuUse, thread_cpu_s
+
+    # a process that spins 0.4 s of CPU in a forked child (depth 1) and 0.3 s in a thread of its
+    # own (named "spinner" for the kernel), and waits with both alive
+    code = ("import os, sys, threading, time, ctypes\n"
+            "def spin(s):\n"
+            "    end = time.thread_time() + s\n"
+            "    while time.thread_time() < end: pass\n"
+            "spun = threading.Event()\n"
+            "def named():\n"
+            "    ctypes.CDLL(None).prctl(15, b'spinner', 0, 0, 0)\n"  # PR_SET_NAME
+            "    spin(0.3); spun.set(); time.sleep(60)\n"
+            "sys.stdin.readline()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    spin(0.4); print('child', flush=True); sys.stdin.read(); os._exit(0)\n"
+            "threading.Thread(target=named, daemon=True).start(); spun.wait()\n"
+            "print('done', flush=True); sys.stdin.read(); os.waitpid(pid, 0)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    cpu = CpuUse()
+    assert cpu.report() == {}  # not started
+    release = threading.Event()
+    mine = threading.Thread(target=_spin, args=(0.3, release), name="bench-test-spinner")
+    try:
+        cpu.start([child.pid])
+        mine.start()
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert {child.stdout.readline().strip() for _ in range(2)} == {b"done", b"child"}  # both spun
+        mine_spun = time.monotonic() + 10
+        while cpu._snapshot([])["self"].get("bench-test-spinner", 0.0) < 0.25 and time.monotonic() < mine_spun:
+            time.sleep(0.02)
+        cpu.stop()
+        rep = cpu.report()
+    finally:
+        release.set()
+        child.communicate(b"", timeout=30)
+        mine.join()
+    assert rep["wall_s"] >= 0.3
+    assert 0.25 <= rep["self"]["bench-test-spinner"] <= rep["wall_s"] + 0.05  # a Python thread by its name
+    assert 0.25 <= rep["actor0"]["spinner"] < 0.6  # another process's thread by the kernel's name
+    assert 0.35 <= rep["actor0_tree_by_depth"]["1"] < 0.8  # the forked child, depth 1
+    assert list(rep["self"].values()) == sorted(rep["self"].values(), reverse=True)
+    assert thread_cpu_s(2**22 + 12345) == {}  # no such process
+
+
 def test_table_counts_the_loader_actors_memory_for_train_systems():
     row = {**_row("ray_extsrc_in_train", 24000), "tree_rss_mb": 800.0, "loader_tree_rss_mb": 1500.0}
     line = [ln for ln in table({"b": row}).splitlines() if ln.startswith("ray_extsrc_in_train ")][0]

@@ -86,6 +86,13 @@ def test_cpu_training_benchmark_end_to_end(tmp_path):
     depths = sorted(q["depth"] for q in run["loader_processes"])
     assert depths[0] == 0 and depths.count(2) == 1 and all(q["rss_mb"] > 0 for q in run["loader_processes"]), depths
     assert "tiny/synthetic" in p.stdout and "vs syn" in p.stdout
+    # where the CPU went over the timed epochs: the Train worker's threads, the loader actor's, and
+    # its tree by depth (its one Python worker at depth 2)
+    # (this run's timed epochs last ~0.05 s, under the 0.01 s shown: `test_cpu_use_...` checks the figures)
+    use = run["cpu_use"]
+    assert use["wall_s"] > 0 and {"self", "actor0", "actor0_tree_by_depth"} <= set(use), use
+    assert set(use["actor0_tree_by_depth"]) <= {"1", "2"}, use
+    assert synthetic["cpu_use"]["wall_s"] > 0 and "actor0" not in synthetic["cpu_use"]
 
 
 def test_bench_dispatches_train_and_cpu_and_rejects_unknown_feeds():

@@ -21,6 +21,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -129,6 +130,87 @@ def tree_breakdown(root: int) -> list[dict]:
     return out
 
 
+def _cpu_s(stat_path: str) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file (a process's or a thread's); 0 if gone."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def thread_cpu_s(pid: int | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) the threads of process ``pid`` (default: this one) have used, by
+    thread name: in this process a Python thread goes by its ``threading`` name, any other thread
+    (C/CUDA threads, or those of another process) by the kernel's name; threads of one name are
+    summed. {} where /proc cannot be read."""
+    pid = os.getpid() if pid is None else pid
+    names = {t.native_id: t.name for t in threading.enumerate()} if pid == os.getpid() else {}
+    out: dict[str, float] = {}
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return out
+    for tid in tids:
+        name = names.get(tid)
+        if name is None:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+        out[name] = out.get(name, 0.0) + _cpu_s(f"/proc/{pid}/task/{tid}/stat")
+    return out
+
+
+class CpuUse:
+    """Where the CPU went in a timed region: `start` and `stop` around it; `report` gives the wall
+    seconds, this process's threads (`thread_cpu_s`), each loader actor's threads, and each actor
+    tree's processes by depth (1: zygote and janitor, 2: Python workers), as CPU seconds. A thread
+    near the wall time was busy all along; Python threads of one process that add up to about the
+    wall time together share the GIL to its limit."""
+
+    def __init__(self) -> None:
+        self._t = self._wall = 0.0
+        self._pids: list[int] = []
+        self._before: dict[str, Any] = {}
+        self._after: dict[str, Any] = {}
+
+    def _snapshot(self, pids: list[int]) -> dict[str, Any]:
+        snap: dict[str, Any] = {"self": thread_cpu_s()}
+        for i, pid in enumerate(pids):
+            snap[f"actor{i}"] = thread_cpu_s(pid)
+            depth: dict[str, float] = {}
+            for p, d in _tree(pid):
+                if d:
+                    depth[str(d)] = depth.get(str(d), 0.0) + _cpu_s(f"/proc/{p}/stat")
+            snap[f"actor{i}_tree_by_depth"] = depth
+        return snap
+
+    def start(self, pids: list[int]) -> None:
+        self._pids = pids
+        self._before = self._snapshot(pids)
+        self._t = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._before:
+            self._wall = time.perf_counter() - self._t
+            self._after = self._snapshot(self._pids)
+
+    def report(self) -> dict[str, Any]:
+        """``{"wall_s": W, "self": {thread: s}, "actor0": {...}, "actor0_tree_by_depth": {...}}``,
+        each dict largest first and without threads under 0.01 s; {} if `start` was not called."""
+        if not self._after:
+            return {}
+        out: dict[str, Any] = {"wall_s": round(self._wall, 3)}
+        for key, after in self._after.items():
+            before = self._before.get(key, {})
+            delta = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+            out[key] = dict(sorted(((k, v) for k, v in delta.items() if v >= 0.01), key=lambda kv: -kv[1]))
+        return out
+
+
 def loader_pids(it: Any) -> list[int]:
     """The pids of a `LoaderIterator`'s loader actors: Ray workers, not the caller's children, so
     their trees (zygote, Python workers) are measured by pid (on the caller's node)."""
@@ -230,13 +312,17 @@ def timed(
     check: Callable[[Any, int], None] | None = None,
     t0: float | None = None,
     first_batch_clock: Callable[[], float] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Run ``warmup + epochs`` epochs of ``make_epoch()`` (called inside the timed region); one
     record per epoch, after one ``{"startup_to_first_batch_s": ...}`` record (from ``t0``, default
     this module's import; ``first_batch_clock`` replaces that figure, e.g. seconds since
-    ``trainer.fit()``). ``check(batch, epoch)`` sees each epoch's first batch."""
+    ``trainer.fit()``). ``check(batch, epoch)`` sees each epoch's first batch; ``on_epoch(e)`` is
+    called before each epoch (before its clock starts)."""
     records: list[dict] = []
     for e in range(warmup + epochs):
+        if on_epoch is not None:
+            on_epoch(e)
         n, first, start = 0, None, time.perf_counter()
         for item in make_epoch():
             if n == 0:

@@ -84,20 +84,31 @@ def run_extsrc(args) -> dict:
 def _train_loop(config):
     import torch
 
-    from ray_extsrc.bench._common import GpuMemory, loader_report, timed
+    from ray_extsrc.bench._common import CpuUse, GpuMemory, loader_pids, loader_report, timed
 
     it = config["loader"].iter_torch_batches()
     gpu = GpuMemory()
+    cpu = CpuUse()
 
     def epoch():
         for batch in it:
             yield batch["images"]
 
-    recs = timed(epoch, config["epochs"], config["warmup"], gpu, torch.cuda.synchronize)
+    def on_epoch(e: int) -> None:
+        if e == config["warmup"]:  # the timed epochs' CPU use, by thread and by loader process
+            try:
+                pids = loader_pids(it)
+            except Exception:  # noqa: BLE001 - figures, not the result: this process's threads only
+                pids = []
+            cpu.start(pids)
+
+    recs = timed(epoch, config["epochs"], config["warmup"], gpu, torch.cuda.synchronize, on_epoch=on_epoch)
+    cpu.stop()
     # The loader actors are Ray workers, not this process's children: their trees (actor, zygote,
     # Python workers, janitor) are measured here, on the same node, while they still run.
     out = {"records": recs, **gpu.report(), "gpu_stage": getattr(it, "gpu_stage", None),
-           "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20), **loader_report(it)}
+           "torch_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20), **loader_report(it),
+           "cpu_use": cpu.report()}
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()

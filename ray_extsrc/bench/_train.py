@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (
-    GpuMemory, cpu_model, device_name, emit, loadavg, loader_report, loader_ways, parse_result, result_stem, timed, timed_rates,
-    versions,
+    CpuUse, GpuMemory, cpu_model, device_name, emit, loadavg, loader_pids, loader_report, loader_ways, parse_result,
+    result_stem, timed, timed_rates, versions,
 )
 
 FEEDS = ("synthetic", "extsrc-consumer", "extsrc-actor", "extsrc-auto", "torch", "extsrc-consumer-store")
@@ -82,8 +82,9 @@ def build_model(name: str) -> Any:
     return getattr(torchvision.models, name)(weights=None, num_classes=NUM_CLASSES)
 
 
-def _feed(config: dict, dev: Any) -> tuple[Any, Any, dict]:
-    """(make_epoch, close, describe) for ``config["feed"]``: make_epoch() yields (images, labels)."""
+def _feed(config: dict, dev: Any) -> tuple[Any, Any, Any, Any]:
+    """(make_epoch, close, describe, loader_pids) for ``config["feed"]``: make_epoch() yields
+    (images, labels); loader_pids() the loader actors' pids (none for the other feeds)."""
     import torch
 
     feed, batch, size, steps = config["feed"], config["batch"], config["size"], config["steps_per_epoch"]
@@ -96,7 +97,7 @@ def _feed(config: dict, dev: Any) -> tuple[Any, Any, dict]:
             for _ in range(steps):
                 yield x, y
 
-        return epoch, lambda: None, lambda: {}
+        return epoch, lambda: None, lambda: {}, list
     if feed == "torch":
         from ._torchvision import torch_loader
 
@@ -107,7 +108,7 @@ def _feed(config: dict, dev: Any) -> tuple[Any, Any, dict]:
             for images, labels in loader:
                 yield images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
 
-        return epoch, lambda: None, lambda: {"num_workers": config["torch_workers"]}
+        return epoch, lambda: None, lambda: {"num_workers": config["torch_workers"]}, list
     it = config["loader"].iter_torch_batches()
 
     def epoch():
@@ -124,7 +125,7 @@ def _feed(config: dict, dev: Any) -> tuple[Any, Any, dict]:
             pass
         return out
 
-    return epoch, it.close, describe
+    return epoch, it.close, describe, lambda: loader_pids(it)
 
 
 def train_worker(config: dict) -> None:
@@ -139,7 +140,7 @@ def train_worker(config: dict) -> None:
     gpu.mark()  # before the feed and the model: the loader's share is the peak above synthetic's
     # the feed first, as the Loader's docs say: its actors start while the model is built
     made_after_fit = time.time() - config["fit_t0"]
-    epoch_fn, close, describe = _feed(config, dev)
+    epoch_fn, close, describe, pids = _feed(config, dev)
     model = build_model(config["model"]).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -161,10 +162,20 @@ def train_worker(config: dict) -> None:
     sync = torch.cuda.synchronize if gpu_on else None
     steps = config["steps_per_epoch"]
     warmup = max(config["warmup"], math.ceil(config["warmup_steps"] / max(1, steps)))
+    cpu = CpuUse()
+
+    def on_epoch(e: int) -> None:
+        if e == warmup:  # the timed epochs' CPU use, by thread and by loader process
+            try:
+                cpu.start(pids())
+            except Exception:  # noqa: BLE001 - figures, not the result: this process's threads only
+                cpu.start([])
+
     try:
         recs = timed(epoch, config["epochs"], warmup, gpu, sync, batch=config["batch"],
-                     first_batch_clock=lambda: time.time() - config["fit_t0"])
-        info = describe()
+                     first_batch_clock=lambda: time.time() - config["fit_t0"], on_epoch=on_epoch)
+        cpu.stop()
+        info = {**describe(), "cpu_use": cpu.report()}
     finally:
         close()
     out = {"records": recs, **gpu.report(), "warmup_epochs": warmup, "steps_per_epoch": steps,
