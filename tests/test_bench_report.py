@@ -117,7 +117,7 @@ def test_cpu_use_gives_each_thread_and_each_depth_of_a_process_tree_its_cpu_seco
         child.stdin.flush()
         assert {child.stdout.readline().strip() for _ in range(2)} == {b"done", b"child"}  # both spun
         mine_spun = time.monotonic() + 10
-        while cpu._snapshot([])["self"].get("bench-test-spinner", 0.0) < 0.25 and time.monotonic() < mine_spun:
+        while thread_cpu_s().get("bench-test-spinner", 0.0) < 0.25 and time.monotonic() < mine_spun:
             time.sleep(0.02)
         cpu.stop()
         rep = cpu.report()
