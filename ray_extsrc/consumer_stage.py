@@ -81,14 +81,16 @@ class ConsumerStage:
         self._gpu = device.type == "cuda"
         kwargs = dict(pipeline_kwargs)
         kwargs["device_id"] = (device.index or 0) if self._gpu else None
-        self.pipe = pipeline_fn(**kwargs)
-        if not isinstance(self.pipe, Pipeline):
-            raise TypeError(f"{label}: the Loader's pipeline function must return a Pipeline; got {type(self.pipe).__name__}")
-        with self._on_device():
-            self.pipe.open_device_stage()
-            # the decoders, made now in their threads: the first host batch comes only once the
-            # loader actors have started (~1.7 s), and making them took ~3 s after it (H200)
-            self.warm_up = self.pipe.warm_up_device() if self._gpu else []
+        self.pipe: Pipeline | None = None  # once `_build` is done
+        self.warm_up: list = []
+        # Built in a thread of its own: on a GPU that is CuPy's and nvImageCodec's imports, the
+        # pipeline's streams and the decoders, 1.16 s in the consumer's thread on an H100 (T1,
+        # 2026-12-07), which a Train worker that makes the feed before its model (as the Loader's
+        # docs say) spent before building the model. Now the consumer's thread goes on; a batch
+        # waits for the build, and a build error is raised by the first batch.
+        builder = ThreadPoolExecutor(1, thread_name_prefix="ray_extsrc-consumer-stage-build")
+        self._built = builder.submit(self._build, pipeline_fn, kwargs)
+        builder.shutdown(wait=False)
         # Two batches at once on a GPU: one's nvImageCodec call (blocking, in its own thread)
         # overlaps the other's gathering and kernel launches (RAY_EXTSRC_CONSUMER_THREADS: another count)
         self.threads = stage_threads(self._gpu) if threads is None else threads
@@ -103,6 +105,26 @@ class ConsumerStage:
         #: wall-clock times (time.time()) of the first host batch mapped here and of the first
         #: batch through the GPU stage (start-up milestones, `LoaderIterator.startup_report`)
         self.firsts: dict[str, float] = {}
+
+    def _build(self, pipeline_fn: Callable[..., Any], kwargs: dict[str, Any]) -> Pipeline:
+        pipe = pipeline_fn(**kwargs)
+        if not isinstance(pipe, Pipeline):
+            raise TypeError(f"{self.label}: the Loader's pipeline function must return a Pipeline; got {type(pipe).__name__}")
+        with self._on_device():
+            pipe.open_device_stage()
+            # the decoders, made now in their threads: the first host batch comes only once the
+            # loader actors have started (~1.7 s), and making them took ~3 s after it (H200)
+            self.warm_up = pipe.warm_up_device() if self._gpu else []
+        self.pipe = pipe
+        return pipe
+
+    def on_built(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` once the build is done (now, if it is), whether it worked or not."""
+        self._built.add_done_callback(lambda _f: fn())
+
+    def built(self, timeout: float | None = None) -> Pipeline:
+        """The stage's pipeline, once built (waits up to ``timeout`` s); raises what building it raised."""
+        return self._built.result(timeout)
 
     def submit(self, fetch: Callable[[], Any], refetch: Callable[[], Any] | None = None) -> Future:
         """Start a batch: ``fetch()`` (run in the stage's thread) returns the actor's `BatchReply`;
@@ -151,20 +173,21 @@ class ConsumerStage:
         if reply.end:
             return reply, None
         self.firsts.setdefault("host_batch", time.time())
+        pipe = self.built()  # (the first batches' fetches ran beside the build)
         skipped: list = []
         with self._on_device():
-            outputs = self._run_device(batch, skipped)
+            outputs = self._run_device(pipe, batch, skipped)
         self.firsts.setdefault("decoded", time.time())
         if skipped:  # decode failures replaced here (on_error="skip"), reported with the actor's
             reply = dataclasses.replace(reply, skipped=reply.skipped + tuple(e.to_dict() for e in skipped))
         return reply, outputs
 
-    def _run_device(self, batch: HostBatch, skipped: list) -> tuple:
+    def _run_device(self, pipe: Pipeline, batch: HostBatch, skipped: list) -> tuple:
         if self._pinned is None:
-            return self.pipe.run_device(batch, order_consumer=False, skipped=skipped)
+            return pipe.run_device(batch, order_consumer=False, skipped=skipped)
         staged, held = self._pinned.stage(batch)
         try:
-            outputs = self.pipe.run_device(staged, order_consumer=False, skipped=skipped)
+            outputs = pipe.run_device(staged, order_consumer=False, skipped=skipped)
         except BaseException:
             if held:  # the GPU may still read the buffers: wait for it before they are reused
                 import cupy
@@ -180,7 +203,7 @@ class ConsumerStage:
 
     @property
     def last_main_ops_s(self) -> float:
-        return self.pipe.last_timings.get("main_ops_s", 0.0)
+        return self.pipe.last_timings.get("main_ops_s", 0.0) if self.pipe is not None else 0.0
 
     def decode_stats(self) -> dict[str, float]:
         """This process's GPU decode timings (`fn._gpu.decode.stats_snapshot`): cumulative host
@@ -213,4 +236,8 @@ class ConsumerStage:
         self._threads.shutdown(wait=True, cancel_futures=True)
         if self._pinned is not None:
             self._pinned.close()
-        self.pipe.close()
+        try:
+            pipe = self.built()  # a build still running is let finish, then closed
+        except BaseException:  # noqa: BLE001 - it failed: nothing to close (the batches raised it)
+            return
+        pipe.close()

@@ -336,7 +336,9 @@ class LoaderIterator:
                 kwargs = dict(self.loader.pipeline_args, num_shards=self.world_size, shard_id=self.rank, seed=self.seed)
                 self._stage = ConsumerStage(self.loader.pipeline_fn, kwargs, self.device, self._label(),
                                             threads=self._stage_threads)
-            self._startup["stage_built_s"] = time.perf_counter() - self._t_start
+            # the stage builds in its own thread (`ConsumerStage`): note when it is done, in this start's record
+            startup, t_start = self._startup, self._t_start
+            self._stage.on_built(lambda: startup.setdefault("stage_built_s", time.perf_counter() - t_start))
         elif self._gpu_id is not None and self.loader.zero_copy and not self._importers:
             from .transport import IpcImporter
 
@@ -631,8 +633,8 @@ class LoaderIterator:
         the Ray counter ``ray_extsrc_skipped_samples``), and ``skipped`` lists the latest 100 with
         their ``epoch_idx``, ``idx_in_epoch``, error and substitute. ``startup_*_s``: seconds from
         the latest start of the actors (`start`) to their creation being requested
-        (``startup_actors_requested_s``), the consumer-side GPU stage built
-        (``startup_stage_built_s``) and the first batch handed to this worker
+        (``startup_actors_requested_s``), the consumer-side GPU stage built (in a thread of its own,
+        while the caller goes on: ``startup_stage_built_s``) and the first batch handed to this worker
         (``startup_first_batch_s``). ``cuda_work_queues``: with the consumer-side stage, whether this
         process's CUDA context got 32 hardware work queues (`cuda_work_queues.widen_work_queues`).
         """
@@ -658,7 +660,7 @@ class LoaderIterator:
             "consumer_threads": self._stage.threads if self._stage is not None else None,
         }
         out.update({k: self._totals[k] / b for k in _STAGES})
-        out.update({f"startup_{k}": v for k, v in self._startup.items()})
+        out.update({f"startup_{k}": v for k, v in dict(self._startup).items()})  # a copy: the stage's build thread may add to it
         if self._stage is not None:
             out.update({f"decode_{k}": v for k, v in self._stage.decode_stats().items()})
         return out

@@ -185,6 +185,9 @@ def test_consumer_stage_gives_the_same_batches_as_the_actor_stage():
         if stage == "consumer":  # the encoded bytes came through the actors' rings, not the object store
             rings = [it.describe(w)["host_ring"] for w in range(2)]
             assert sum(r["placed"] for r in rings) >= 2 * (N // B) and all(r["fallbacks"] == 0 for r in rings)
+            # the stage was built in its own thread, before its first batch was handed over
+            st = it.stats()
+            assert 0 <= st["startup_stage_built_s"] <= st["startup_first_batch_s"], st
         pids = it.actor_pids
         it.close()
         assert_no_segments_of(pids)
@@ -253,6 +256,57 @@ def test_a_batch_whose_actor_died_before_it_was_mapped_is_asked_for_again():
             stage.submit(lambda: reply(lost)).result(60)
     finally:
         stage.close()
+
+
+def test_the_stage_is_built_in_the_background_and_a_build_error_reaches_the_first_batch():
+    """`ConsumerStage` builds its pipeline (on a GPU: imports, streams, decoders) in a thread of its
+    own, so the consumer's thread returns at once and builds its model meanwhile; a batch waits for
+    the build, and what the build raised is raised by each batch, naming the loader."""
+    import threading
+
+    from ray_extsrc.actor import BatchReply
+    from ray_extsrc.consumer_stage import ConsumerStage
+
+    twin = jpeg_pipeline()
+    twin.serve_host_stage()
+    twin.build()
+    try:
+        host = twin.run()[0]
+    finally:
+        twin.close()
+    gate, builder = threading.Event(), []
+
+    def slow_pipeline(**kwargs):
+        builder.append(threading.current_thread().name)
+        assert gate.wait(30)
+        return jpeg_pipeline(**kwargs)
+
+    def reply():
+        return BatchReply(0, 0, 0, end=False, outputs=(host,))
+
+    stage = ConsumerStage(slow_pipeline, {}, torch.device("cpu"), "loader 'slow'")
+    try:
+        assert stage.pipe is None and stage.last_main_ops_s == 0.0  # constructed: not built yet
+        fut = stage.submit(reply)
+        assert not fut.done()  # fetched, waiting for the build
+        gate.set()
+        _, outputs = fut.result(60)
+        assert outputs[0].as_array().shape[0] == B and stage.built(5) is stage.pipe
+        assert builder and builder[0].startswith("ray_extsrc-consumer-stage-build")
+    finally:
+        gate.set()
+        stage.close()
+
+    def not_a_pipeline(**kwargs):
+        return "nope"
+
+    broken = ConsumerStage(not_a_pipeline, {}, torch.device("cpu"), "loader 'broken'")
+    try:
+        for _ in range(2):  # every batch raises it, and nothing else breaks
+            with pytest.raises(TypeError, match="loader 'broken': the Loader's pipeline function must return a Pipeline; got str"):
+                broken.submit(reply).result(60)
+    finally:
+        broken.close()  # nothing was built: nothing to close
 
 
 class FileBatches:
