@@ -226,6 +226,17 @@ def test_consumer_stage_resumes_exactly_once_and_survives_a_killed_actor():
     assert sorted(rest) == list(range(4 * B, N))
 
 
+def _host_batch() -> HostBatch:
+    """One host batch of `jpeg_pipeline`, as its loader actor would send it (host stage only)."""
+    twin = jpeg_pipeline()
+    twin.serve_host_stage()
+    twin.build()
+    try:
+        return twin.run()[0]
+    finally:
+        twin.close()
+
+
 def test_a_batch_whose_actor_died_before_it_was_mapped_is_asked_for_again():
     """The consumer maps a host batch's bytes from its actor's ring; an actor killed after sending it
     takes the ring along (`host_ring.HostRingLost`), and the stage asks the restarted actor again."""
@@ -233,13 +244,7 @@ def test_a_batch_whose_actor_died_before_it_was_mapped_is_asked_for_again():
     from ray_extsrc.consumer_stage import ConsumerStage
     from ray_extsrc.host_ring import HostRing, HostRingLost
 
-    twin = jpeg_pipeline()
-    twin.serve_host_stage()
-    twin.build()
-    try:
-        host = twin.run()[0]
-    finally:
-        twin.close()
+    host = _host_batch()
     ring = HostRing(1, backend="devshm")
     lost = ring.place(host)
     ring.close()  # what the actor's death does to its ring
@@ -267,13 +272,7 @@ def test_the_stage_is_built_in_the_background_and_a_build_error_reaches_the_firs
     from ray_extsrc.actor import BatchReply
     from ray_extsrc.consumer_stage import ConsumerStage
 
-    twin = jpeg_pipeline()
-    twin.serve_host_stage()
-    twin.build()
-    try:
-        host = twin.run()[0]
-    finally:
-        twin.close()
+    host = _host_batch()
     gate, builder = threading.Event(), []
 
     def slow_pipeline(**kwargs):
