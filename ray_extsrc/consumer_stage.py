@@ -87,7 +87,7 @@ class ConsumerStage:
         # pipeline's streams and the decoders, 1.16 s in the consumer's thread on an H100 (T1,
         # 2026-12-07), which a Train worker that makes the feed before its model (as the Loader's
         # docs say) spent before building the model. Now the consumer's thread goes on; a batch
-        # waits for the build, and a build error is raised by the first batch.
+        # waits for the build, and a build error is raised by every batch.
         builder = ThreadPoolExecutor(1, thread_name_prefix="ray_extsrc-consumer-stage-build")
         self._built = builder.submit(self._build, pipeline_fn, kwargs)
         builder.shutdown(wait=False)
@@ -107,10 +107,13 @@ class ConsumerStage:
         self.firsts: dict[str, float] = {}
 
     def _build(self, pipeline_fn: Callable[..., Any], kwargs: dict[str, Any]) -> Pipeline:
-        pipe = pipeline_fn(**kwargs)
-        if not isinstance(pipe, Pipeline):
-            raise TypeError(f"{self.label}: the Loader's pipeline function must return a Pipeline; got {type(pipe).__name__}")
+        # the whole build on this worker's GPU: a thread's CUDA device is its own (0 unless set),
+        # and the caller's thread had the worker's set (Ray Train's `torch.cuda.set_device`)
         with self._on_device():
+            pipe = pipeline_fn(**kwargs)
+            if not isinstance(pipe, Pipeline):
+                raise TypeError(f"{self.label}: the Loader's pipeline function must return a Pipeline; "
+                                f"got {type(pipe).__name__}")
             pipe.open_device_stage()
             # the decoders, made now in their threads: the first host batch comes only once the
             # loader actors have started (~1.7 s), and making them took ~3 s after it (H200)
