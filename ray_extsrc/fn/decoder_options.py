@@ -81,7 +81,7 @@ class DecoderOptions:
     #: Huffman stage decoded on the CPU (nvImageCodec's threads). 0 = every image on the GPU. It
     #: only matters for images that do not go to the hardware engine (``backend="hybrid"``,
     #: ``"hwload"``, a `split_share`, or images the engine refuses).
-    hybrid_huffman_threshold: int = 1_000_000
+    hybrid_huffman_threshold: int = _NVIMGCODEC_HUFFMAN_THRESHOLD
     #: On the prepared path through nvImageCodec's Python API (`native_batch` False or unavailable,
     #: or a `split_share`): how many decoded images (nvImageCodec ``Image`` objects and their GPU
     #: buffers) the process keeps per device to decode the next batches into, instead of making
