@@ -131,6 +131,15 @@ def test_cpu_use_gives_each_thread_and_each_depth_of_a_process_tree_its_cpu_seco
     assert 0.35 <= rep["actor0_tree_by_depth"]["1"] < 0.8  # the forked child, depth 1
     assert list(rep["self"].values()) == sorted(rep["self"].values(), reverse=True)
     assert thread_cpu_s(2**22 + 12345) == {}  # no such process
+    # as `timed`'s hook: starts before the first timed epoch only; pids that fail: this process alone
+    hooked = CpuUse()
+    hook = hooked.start_at(1, lambda: 1 / 0)
+    hook(0)
+    hooked.stop()
+    assert hooked.report() == {}  # not started before epoch 1
+    hook(1)
+    hooked.stop()
+    assert "self" in hooked.report() and "actor0" not in hooked.report()
 
 
 def test_table_counts_the_loader_actors_memory_for_train_systems():

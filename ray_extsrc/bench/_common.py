@@ -188,6 +188,20 @@ class CpuUse:
             snap[f"actor{i}_tree_by_depth"] = depth
         return snap
 
+    def start_at(self, first_timed: int, pids: Callable[[], list[int]]) -> Callable[[int], None]:
+        """An ``on_epoch`` hook for `timed` that starts this before epoch ``first_timed``, with the
+        loader actors' ``pids()`` (none where that raises: these are figures, not the result)."""
+
+        def hook(epoch: int) -> None:
+            if epoch == first_timed:
+                try:
+                    got = pids()
+                except Exception:  # noqa: BLE001 - this process's threads only
+                    got = []
+                self.start(got)
+
+        return hook
+
     def start(self, pids: list[int]) -> None:
         self._pids = pids
         self._before = self._snapshot(pids)

@@ -94,14 +94,8 @@ def _train_loop(config):
         for batch in it:
             yield batch["images"]
 
-    def on_epoch(e: int) -> None:
-        if e == config["warmup"]:  # the timed epochs' CPU use, by thread and by loader process
-            try:
-                pids = loader_pids(it)
-            except Exception:  # noqa: BLE001 - figures, not the result: this process's threads only
-                pids = []
-            cpu.start(pids)
-
+    # the timed epochs' CPU use, by thread and by loader process
+    on_epoch = cpu.start_at(config["warmup"], lambda: loader_pids(it))
     recs = timed(epoch, config["epochs"], config["warmup"], gpu, torch.cuda.synchronize, on_epoch=on_epoch)
     cpu.stop()
     # The loader actors are Ray workers, not this process's children: their trees (actor, zygote,

@@ -162,18 +162,10 @@ def train_worker(config: dict) -> None:
     sync = torch.cuda.synchronize if gpu_on else None
     steps = config["steps_per_epoch"]
     warmup = max(config["warmup"], math.ceil(config["warmup_steps"] / max(1, steps)))
-    cpu = CpuUse()
-
-    def on_epoch(e: int) -> None:
-        if e == warmup:  # the timed epochs' CPU use, by thread and by loader process
-            try:
-                cpu.start(pids())
-            except Exception:  # noqa: BLE001 - figures, not the result: this process's threads only
-                cpu.start([])
-
+    cpu = CpuUse()  # the timed epochs' CPU use, by thread and by loader process
     try:
         recs = timed(epoch, config["epochs"], warmup, gpu, sync, batch=config["batch"],
-                     first_batch_clock=lambda: time.time() - config["fit_t0"], on_epoch=on_epoch)
+                     first_batch_clock=lambda: time.time() - config["fit_t0"], on_epoch=cpu.start_at(warmup, pids))
         cpu.stop()
         info = {**describe(), "cpu_use": cpu.report()}
     finally:
