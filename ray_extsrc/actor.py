@@ -172,11 +172,8 @@ class LoaderActor:
         self._host_only = spec.gpu_stage == "consumer"
         self._ring = None
         if self._host_only:
-            self.pipe.serve_host_stage()
-            if spec.host_ring_slots:
-                from .host_ring import HostRing
-
-                self._ring = HostRing(spec.host_ring_slots)
+            # the batches' bytes are packed straight into the ring's slots (made after build)
+            self.pipe.serve_host_stage(buffers=self._ring_buffers if spec.host_ring_slots else None)
         n_out = len(self.pipe.outputs)
         if spec.output_names is not None and len(spec.output_names) != n_out:
             self.close()
@@ -187,6 +184,12 @@ class LoaderActor:
         self.pipe.start_py_workers()  # step 3: fork while CUDA is untouched
         self.startup["workers_started"] = time.time()
         self.pipe.build()
+        if self._host_only and spec.host_ring_slots:
+            from .host_ring import HostRing
+
+            # a slot for each batch the pipeline packs ahead of the requests, too
+            plan = self.pipe.plan
+            self._ring = HostRing(spec.host_ring_slots + (plan.ahead_depth if plan.run_ahead else 0))
         self._exporter = None
         if spec.gpu_id is not None and not self._host_only:
             import cupy
@@ -233,6 +236,11 @@ class LoaderActor:
         return dict(self.pipe.py_worker_pids)
 
     # -- serving ----------------------------------------------------------------------------------
+
+    def _ring_buffers(self, sizes: list[int]) -> list | None:
+        """Where the pipeline packs a host batch's bytes: room in a ring slot, if one is free."""
+        ring = self._ring
+        return ring.reserve(sizes) if ring is not None else None
 
     def _move_to(self, epoch_idx: int, base: int, iteration: int) -> None:
         """See NOTE [position protocol]."""

@@ -8,8 +8,9 @@ from the counter-based generator, labels) and the outputs of in-process sources 
 
 A column of 1-D ``uint8`` arrays (encoded images) is packed into one contiguous buffer with offsets
 (`PackedBytes`): the actor copies the samples out of its workers' shared-memory slots once (the
-slots are reused for the next batch), and Ray places the buffer in the node's object store, which
-the consumer on the same node maps read-only without another copy. A column of same-shape,
+slots are reused for the next batch), straight into a slot of its `host_ring` that the consumer on
+the same node maps read-only (else into a buffer of its own, which Ray places in the node's object
+store, mapped by the consumer without another copy). A column of same-shape,
 same-dtype arrays or NumPy scalars (labels, the workers' crop boxes) travels as one array
 (`StackedArrays`), and the batch's `SampleInfo`s as one array too (`SampleInfos`): the consumer
 unpickles a few buffers, not hundreds of small objects, in the thread whose GIL time the training
@@ -27,7 +28,10 @@ import numpy as np
 
 from .types import SampleInfo
 
-__all__ = ["HostBatch", "PackedBytes", "PackedSamples", "Rows", "SampleInfos", "StackedArrays", "pack_column", "unpack_column"]
+__all__ = [
+    "HostBatch", "PackedBytes", "PackedSamples", "Rows", "SampleInfos", "StackedArrays", "pack_column", "packed_size",
+    "unpack_column",
+]
 
 
 @dataclass(frozen=True)
@@ -134,15 +138,32 @@ def _is_bytes_sample(a: Any) -> bool:
     return isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 1
 
 
-def pack_column(values: Sequence[Any]) -> PackedBytes | StackedArrays | list:
+def packed_size(values: Sequence[Any]) -> int | None:
+    """The bytes `pack_column` packs ``values`` into when it makes them a `PackedBytes` (every
+    sample a 1-D uint8 array), else None."""
+    if values and all(_is_bytes_sample(a) for a in values):
+        return sum(a.size for a in values)
+    return None
+
+
+def pack_column(values: Sequence[Any], out: np.ndarray | None = None) -> PackedBytes | StackedArrays | list:
     """A column as it travels: packed bytes when every sample is a 1-D uint8 array, one array when
     all have one shape and dtype (`StackedArrays`), else a list of private copies (the values may be
-    views of shared memory that is about to be reused; the other two forms are copies too)."""
+    views of shared memory that is about to be reused; the other two forms are copies too).
+
+    ``out``: a 1-D uint8 array of at least `packed_size` bytes to pack the bytes into (a loader
+    actor's `host_ring` slot, so that they are copied once); ignored by the other two forms."""
     if values and all(_is_bytes_sample(a) for a in values):
         sizes = np.fromiter((a.size for a in values), np.int64, len(values))
         offsets = np.zeros(len(values) + 1, np.int64)
         np.cumsum(sizes, out=offsets[1:])
-        data = np.empty(int(offsets[-1]), np.uint8)
+        n = int(offsets[-1])
+        if out is None:
+            data = np.empty(n, np.uint8)
+        elif out.dtype != np.uint8 or out.ndim != 1 or len(out) < n:
+            raise ValueError(f"pack_column: out must be a 1-D uint8 array of at least {n} bytes; got {out.dtype} {out.shape}")
+        else:
+            data = out[:n]
         for j, a in enumerate(values):
             data[offsets[j] : offsets[j + 1]] = a
         return PackedBytes(data, offsets)

@@ -13,11 +13,15 @@ actor, plus the batch it is using, plus one).
 
 The protocol (one header word per slot, in a small shared segment, plus a sequence number):
 
-* the actor takes a ``FREE`` slot, copies the batch's `PackedBytes` columns into it, marks it
-  ``SENT`` and sends a `RingRef` per column (the path of the segment, the slot, its sequence
-  number, offsets) in the `HostBatch` instead of the bytes. With no slot free (a consumer holding
-  more batches than expected, or one that died holding some) the batch goes through the object
-  store as before (`HostRing.fallbacks` counts those).
+* the actor's pipeline packs a batch's encoded bytes straight into a ``FREE`` slot, which it marks
+  ``RESERVED`` (`reserve`: the pipeline's run-ahead threads copy the samples out of the workers'
+  shared memory once, into the slot); `place` then marks it ``SENT`` and sends a `RingRef` per
+  column (the path of the segment, the slot, its sequence number, offsets) in the `HostBatch`
+  instead of the bytes. A batch packed elsewhere (no slot was free when it was packed) is copied
+  into a free slot by `place`. A batch dropped unsent (an epoch reset, an error) gives its slot
+  back when its views are gone. With no slot free at all (a consumer holding more batches than
+  expected, or one that died holding some) the batch goes through the object store as before
+  (`HostRing.fallbacks` counts those).
 * the consumer (`attach`) opens the segment by its path (``/proc/<actor pid>/fd/<n>`` for a memfd:
   same node, same user), maps it for this batch alone and gives `PackedBytes` views of it; it marks
   the slot with its pid while it holds it. When the last view is garbage-collected the mapping goes
@@ -36,7 +40,9 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
+import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +57,7 @@ __all__ = ["HOST_RING_ENV", "HostRing", "HostRingLost", "RingRef", "attach", "di
 HOST_RING_ENV = "RAY_EXTSRC_HOST_RING"  # "0": every host batch through Ray's object store
 FREE = 0
 SENT = -1  # written by the actor, not yet attached; a positive value is the pid holding the slot
+RESERVED = -2  # the actor's: a batch is being packed into it, or copied (not sent yet)
 _WORDS = 2  # per slot in the header: state, sequence number of the batch in it
 _ALIGN = 4096  # each column's bytes start on a page
 _GROWTH = 1.25  # a slot is made this much larger than the first batch it holds
@@ -99,6 +106,19 @@ def _round_up(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _layout(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Where each of a batch's columns of ``sizes`` bytes starts in its slot (on a page), and the end."""
+    starts, end = [], 0
+    for n in sizes:
+        starts.append(end)
+        end = _round_up(end + n)
+    return starts, max(end, 1)
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
 class HostRing:
     """The actor's side: ``slots`` segments, made and grown as batches need (see the module docstring)."""
 
@@ -113,7 +133,12 @@ class HostRing:
         self._words[:] = 0
         self._slots: list[Segment | None] = [None] * slots
         self._seq = 0
+        # `reserve` runs in the pipeline's run-ahead threads, `place` in the actor's; a reserved
+        # slot's finalizer in whichever thread drops its batch (re-entrant: maybe inside `place`)
+        self._lock = threading.RLock()
+        self._reserved: dict[int, weakref.ref] = {}  # slot -> the array `reserve` viewed it by
         self.placed = 0  # batches sent through the ring
+        self.packed_in_place = 0  # of those, packed straight into their slot (no copy in `place`)
         self.fallbacks = 0  # batches sent through the object store: no free slot (or no room)
         self.reclaimed = 0  # slots taken back from a consumer that is gone
 
@@ -137,35 +162,89 @@ class HostRing:
                 return s
         return None
 
+    def _take(self, nbytes: int) -> tuple[int, Segment, int] | None:
+        """A free slot of at least ``nbytes``, marked ``RESERVED`` under a new sequence number:
+        (slot, its segment, the number); None when none is free or it cannot grow."""
+        with self._lock:
+            s = self._free_slot()
+            if s is None:
+                return None
+            try:
+                seg = self._segment(s, nbytes)
+            except OSError:  # /dev/shm has no room for it
+                return None
+            self._seq += 1
+            self._words[s] = (RESERVED, self._seq)
+            return s, seg, self._seq
+
+    def reserve(self, sizes: Sequence[int]) -> list[np.ndarray] | None:
+        """Room in a free slot for a batch's byte columns of ``sizes`` bytes: a writable uint8 view
+        of it per column (`executor.host_stage.Buffers`), or None when no slot is free. The slot is
+        the batch's until `place` sends it, or until the last of the views is gone (a batch dropped
+        unsent: an epoch reset, an error)."""
+        starts, end = _layout(sizes)
+        taken = self._take(end)
+        if taken is None:
+            return None
+        s, seg, seq = taken
+        whole = np.frombuffer(seg.buf, np.uint8, end)  # every view's base (NumPy keeps it so)
+        with self._lock:
+            self._reserved[s] = weakref.ref(whole)
+        weakref.finalize(whole, self._unreserve, s, seq)
+        return [whole[a:a + n] for a, n in zip(starts, sizes)]
+
+    def _unreserve(self, s: int, seq: int) -> None:
+        """A reserved slot's views are gone: free it, unless it was sent (or reused) meanwhile."""
+        with self._lock:
+            if self._words is not None and self._words[s].tolist() == [RESERVED, seq]:
+                self._words[s, 0] = FREE
+                self._reserved.pop(s, None)
+
+    def _packed_in(self, packed: list[tuple[int, int, Any]]) -> tuple[int, np.ndarray] | None:
+        """The reserved slot holding every column of ``packed`` (views `reserve` gave), and its
+        whole view; None where they are anywhere else."""
+        whole = packed[0][2].data.base
+        for s, ref in self._reserved.items():
+            if ref() is whole and whole is not None:
+                if all(c.data.base is whole for _, _, c in packed) and self._words[s, 0] == RESERVED:
+                    return s, whole
+                return None
+        return None
+
     def place(self, batch: HostBatch) -> HostBatch:
-        """``batch`` with its `PackedBytes` columns copied into a free slot and replaced by
-        `RingRef`s; ``batch`` itself where it has none, or no slot is free."""
+        """``batch`` with its `PackedBytes` columns replaced by `RingRef`s to a slot: the slot
+        `reserve` packed them into, else a free one they are copied into; ``batch`` itself where
+        it has none, or no slot is free."""
         packed = _columns(batch, PackedBytes)
         if not packed:
             return batch
-        s = self._free_slot()
-        if s is None:
-            self.fallbacks += 1
-            return batch
-        starts, end = [], 0
-        for _, _, c in packed:
-            starts.append(end)
-            end = _round_up(end + c.data.nbytes)
-        try:
-            seg = self._segment(s, max(end, 1))
-        except OSError:  # /dev/shm has no room for it: the object store takes this batch
-            self.fallbacks += 1
-            return batch
+        with self._lock:
+            found = self._packed_in(packed)
+            if found is not None:
+                s, whole = found
+                del self._reserved[s]
+                seq = int(self._words[s, 1])
+                base = _address(whole)
+                starts = [_address(c.data) - base for _, _, c in packed]
+                self.packed_in_place += 1
+        if found is None:
+            starts, end = _layout([c.data.nbytes for _, _, c in packed])
+            taken = self._take(end)
+            if taken is None:  # the object store takes this batch
+                self.fallbacks += 1
+                return batch
+            s, seg, seq = taken
+            for (_, _, c), start in zip(packed, starts):
+                n = c.data.nbytes
+                if n:
+                    np.frombuffer(seg.buf, np.uint8, n, start)[:] = c.data
+        path = _path(self._slots[s])
         columns = {op_id: dict(outs) for op_id, outs in batch.columns.items()}
-        self._seq += 1
-        path = _path(seg)
         for (op_id, k, c), start in zip(packed, starts):
-            n = c.data.nbytes
-            if n:
-                np.frombuffer(seg.buf, np.uint8, n, start)[:] = c.data
-            columns[op_id][k] = RingRef(self._header_path, path, s, self._seq, start, c.offsets)
-        self._words[s] = (SENT, self._seq)
-        self.placed += 1
+            columns[op_id][k] = RingRef(self._header_path, path, s, seq, start, c.offsets)
+        with self._lock:
+            self._words[s] = (SENT, seq)
+            self.placed += 1
         return dataclasses.replace(batch, columns=columns)
 
     def _segment(self, s: int, nbytes: int) -> Segment:
@@ -178,17 +257,19 @@ class HostRing:
 
     def stats(self) -> dict[str, int]:
         return {"slots": self.num_slots, "held": self.held(), "placed": self.placed,
-                "fallbacks": self.fallbacks, "reclaimed": self.reclaimed,
+                "packed_in_place": self.packed_in_place, "fallbacks": self.fallbacks, "reclaimed": self.reclaimed,
                 "bytes": sum(s.size for s in self._slots if s is not None)}
 
     def close(self) -> None:
         """Free the segments (a consumer's mapping keeps a memfd's pages until it lets go)."""
-        for seg in self._slots:
-            if seg is not None:
-                seg.close()
-        self._slots = [None] * len(self._slots)
-        self._words = None  # type: ignore[assignment]
-        self._header.close()
+        with self._lock:
+            for seg in self._slots:
+                if seg is not None:
+                    seg.close()
+            self._slots = [None] * len(self._slots)
+            self._reserved.clear()
+            self._words = None  # type: ignore[assignment]
+            self._header.close()
 
 
 def _alive(pid: int) -> bool:

@@ -43,6 +43,7 @@ from typing import Any
 
 from .errors import LifecycleError
 from .executor import EndOfEpoch, HostStage, MainStage, Positions, RunAhead
+from .executor.host_stage import Buffers
 from .executor.substitutes import Substitutes
 from .external_source import ExternalSourceOp, external_source, is_source
 from .graph import DataNode, Graph, graph_scope
@@ -156,6 +157,7 @@ class Pipeline:
         self._runner: RunAhead | None = None  # the batches, once built
         # host stage only (a loader actor whose consumer runs the GPU stage): run() yields HostBatch
         self._host_only = False
+        self._host_buffers: Buffers | None = None  # where a HostBatch's bytes go (serve_host_stage)
         self._device_stage_open = False  # the consumer side: run_device() may be called
         self._scope: graph_scope | None = None
         #: seconds spent on the last batch, by stage (see run())
@@ -241,6 +243,7 @@ class Pipeline:
         host = HostStage(
             self.plan, self._pool, self._positions, self._iteration,
             prefetch_queue_depth=self.prefetch_queue_depth, py_num_workers=self.py_num_workers,
+            buffers=self._host_buffers,
         )
         self._runner = RunAhead(self.plan, host, self._main, self._substitutes)
         self.state = State.BUILT
@@ -251,7 +254,7 @@ class Pipeline:
 
     # -- split execution: host stage in one process, the main-stage ops in another ---------------
 
-    def serve_host_stage(self) -> None:
+    def serve_host_stage(self, buffers: Buffers | None = None) -> None:
         """Make `run` stop after the host stage and return a `HostBatch` (call before `build`).
 
         The host stage is the workers' share and the in-process sources; the main-stage ops (GPU
@@ -259,10 +262,14 @@ class Pipeline:
         calls `run_device` — a Ray Train worker running them in its own CUDA context. This process
         then never touches CUDA. The plan is the one a GPU process makes, so the workers compute
         the same per-sample parameters (crop boxes) either way.
+
+        ``buffers`` (`executor.host_stage.Buffers`): where a batch's encoded bytes are packed, when
+        it gives room (a loader actor's `host_ring` slot); else each batch gets fresh memory.
         """
         if self.state not in (State.DEFINED, State.WORKERS_STARTED):
             raise LifecycleError(f"serve_host_stage() must come before build(); the pipeline is '{self.state.value}'")
         self._host_only = True
+        self._host_buffers = buffers
 
     def open_device_stage(self) -> None:
         """Prepare this (never started) pipeline to run `run_device` on host batches made by a

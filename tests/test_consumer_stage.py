@@ -185,6 +185,8 @@ def test_consumer_stage_gives_the_same_batches_as_the_actor_stage():
         if stage == "consumer":  # the encoded bytes came through the actors' rings, not the object store
             rings = [it.describe(w)["host_ring"] for w in range(2)]
             assert sum(r["placed"] for r in rings) >= 2 * (N // B) and all(r["fallbacks"] == 0 for r in rings)
+            # each batch's bytes were packed straight into a ring slot (copied once, not twice)
+            assert all(r["packed_in_place"] == r["placed"] for r in rings), rings
             # the stage was built in its own thread, before its first batch was handed over
             st = it.stats()
             assert 0 <= st["startup_stage_built_s"] <= st["startup_first_batch_s"], st

@@ -9,11 +9,12 @@ import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from ray_extsrc.host_batch import HostBatch, PackedBytes, StackedArrays, pack_column
+from ray_extsrc.host_batch import HostBatch, PackedBytes, StackedArrays, pack_column, packed_size
 from ray_extsrc.host_ring import HostRing, HostRingLost, RingRef, attach, discard, ring_slots
 from ray_extsrc.types import SampleInfo
 
@@ -22,12 +23,23 @@ pytestmark = pytest.mark.timeout(60)
 BACKENDS = ["memfd", "devshm"]
 
 
-def _batch(i: int, n: int = 5) -> HostBatch:
+def _values(i: int, n: int = 5) -> tuple[list, list, tuple]:
     rng = np.random.default_rng(i)
     jpegs = [rng.integers(0, 255, 1000 + 7 * j, dtype=np.uint8) for j in range(n)]
     labels = [np.int64(j) for j in range(n)]
-    infos = tuple(SampleInfo(j, j, i, 0) for j in range(n))
-    return HostBatch(0, i, infos, {3: {0: pack_column(jpegs), 1: pack_column(labels)}})
+    return jpegs, labels, tuple(SampleInfo(j, j, i, 0) for j in range(n))
+
+
+def _batch(i: int, n: int = 5, room: np.ndarray | None = None) -> HostBatch:
+    """Batch i, its bytes packed into ``room`` (a `HostRing.reserve` view) if given."""
+    jpegs, labels, infos = _values(i, n)
+    return HostBatch(0, i, infos, {3: {0: pack_column(jpegs, room), 1: pack_column(labels)}})
+
+
+def _reserved_batch(ring: HostRing, i: int) -> HostBatch:
+    """Batch i packed as a loader actor's pipeline packs it: into room its ring reserved."""
+    (room,) = ring.reserve([packed_size(_values(i)[0])])
+    return _batch(i, room=room)
 
 
 def _samples(batch: HostBatch) -> list[bytes]:
@@ -77,6 +89,72 @@ def test_another_process_reads_the_bytes_and_gives_the_slot_back(backend):
         assert consumer.samples == _samples(want)
         assert consumer.then("drop") == "dropped"
         assert ring.held() == 0 and ring.placed == 1 and ring.fallbacks == 0
+    finally:
+        ring.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_batch_packed_into_its_reserved_slot_is_sent_without_a_copy(backend):
+    ring = HostRing(2, backend=backend)
+    try:
+        batch = _reserved_batch(ring, 1)
+        assert ring.held() == 1 and ring.stats()["bytes"] >= packed_size(_values(1)[0])
+        sent = ring.place(batch)
+        ref = sent.columns[3][0]
+        assert isinstance(ref, RingRef) and ref.slot == 0
+        assert ring.packed_in_place == 1 and ring.placed == 1 and ring.fallbacks == 0
+        del batch  # the actor lets go of its views: the slot stays the consumer's
+        assert ring.held() == 1
+        consumer = _Consumer(sent)
+        assert consumer.samples == _samples(_batch(1))
+        assert consumer.then("drop") == "dropped"
+        assert ring.held() == 0
+        # a batch packed elsewhere (no room was free when it was packed) is copied in by place()
+        copied = attach(ring.place(_batch(2)))
+        assert _samples(copied) == _samples(_batch(2)) and ring.packed_in_place == 1 and ring.placed == 2
+    finally:
+        ring.close()
+
+
+def test_a_reserved_slot_comes_back_when_its_batch_is_dropped_unsent_and_only_then():
+    ring = HostRing(1)
+    try:
+        rooms = ring.reserve([10, 5000])
+        assert [len(r) for r in rooms] == [10, 5000] and all(r.flags.writeable for r in rooms)
+        assert ring.reserve([1]) is None and ring.held() == 1  # no slot free: the pipeline packs elsewhere
+        one = rooms[1][:3]
+        del rooms
+        assert ring.held() == 1  # a view of the room is left
+        del one
+        assert ring.held() == 0  # an epoch reset or an error dropped the batch unsent
+        batch = _reserved_batch(ring, 1)
+        kept = batch.columns[3][0].data  # the actor still holds a view of the batch it sent
+        sent = ring.place(batch)
+        del batch
+        assert ring.held() == 1 and ring.reserve([1]) is None
+        view = attach(sent)
+        del sent, view  # the consumer mapped it and lets go: free
+        assert ring.held() == 0
+        new = _reserved_batch(ring, 3)  # the same slot, for another batch
+        del kept  # the sent batch's last view goes now: the slot is batch 3's, not freed
+        assert ring.held() == 1
+        assert _samples(attach(ring.place(new))) == _samples(_batch(3)) and ring.packed_in_place == 2
+    finally:
+        ring.close()
+
+
+def test_threads_reserving_at_once_get_rooms_of_their_own():
+    ring = HostRing(8)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            rooms = list(pool.map(lambda k: ring.reserve([4096])[0], range(8)))
+            assert ring.reserve([1]) is None
+        for k, room in enumerate(rooms):
+            room[:] = k
+        assert [int(room.min()) for room in rooms] == [int(room.max()) for room in rooms] == list(range(8))
+        assert ring.held() == 8
+        del room, rooms
+        assert ring.held() == 0
     finally:
         ring.close()
 

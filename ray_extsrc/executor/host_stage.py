@@ -14,11 +14,14 @@ The pool itself belongs to the pipeline (started by ``start_py_workers``, closed
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from ..errors import SourceError
 from ..external_source import is_source
-from ..host_batch import HostBatch, pack_column
+from ..host_batch import HostBatch, pack_column, packed_size
 from ..plan import Plan
 from ..source import SourceKind, chunk_samples
 from ..types import BatchInfo, SampleInfo
@@ -27,10 +30,13 @@ from ..workers.messages import TASK_SAMPLES
 from ..workers.pool import Chunk
 from .positions import Positions
 
-__all__ = ["HostStage", "Env"]
+__all__ = ["HostStage", "Env", "Buffers"]
 
 #: op id -> output index -> per-sample values (what a batch's stages read and add to)
 Env = dict[int, dict[int, Any]]
+#: given the sizes of a batch's byte columns, a writable uint8 array of at least that size for
+#: each (views of one place the batch's bytes may stay in), or None: `pack` makes its own
+Buffers = Callable[[list[int]], Sequence[np.ndarray] | None]
 
 
 class HostStage:
@@ -38,9 +44,10 @@ class HostStage:
 
     def __init__(
         self, plan: Plan, pool: WorkerPool | None, positions: Positions, iteration: int, *,
-        prefetch_queue_depth: int, py_num_workers: int,
+        prefetch_queue_depth: int, py_num_workers: int, buffers: Buffers | None = None,
     ) -> None:
         self._plan = plan
+        self._buffers = buffers  # where `pack` puts byte columns (`Pipeline.serve_host_stage`)
         self._pool = pool
         self._lock = threading.Lock()  # the pool is driven from the ahead threads
         self._prefetch = prefetch_queue_depth
@@ -137,8 +144,16 @@ class HostStage:
                 env[node.op_id] = {k: [r[k] for r in rows] for k in range(spec.width)}
 
     def pack(self, i: int, env: Env, infos: tuple[SampleInfo, ...] | None = None) -> HostBatch:
-        """Batch i after the host stage, copied out of the workers' slots (see `host_batch`)."""
-        columns = {op_id: {k: pack_column(v) for k, v in outs.items()} for op_id, outs in env.items()}
+        """Batch i after the host stage, copied out of the workers' slots (see `host_batch`): its
+        byte columns into the buffers ``buffers`` gives, where it gives them (else fresh ones)."""
+        sizes = {(op_id, k): packed_size(v) for op_id, outs in env.items() for k, v in outs.items()}
+        sizes = {key: n for key, n in sizes.items() if n is not None}
+        out = {}
+        if sizes and self._buffers is not None:
+            given = self._buffers(list(sizes.values()))
+            if given is not None:
+                out = dict(zip(sizes, given))
+        columns = {op_id: {k: pack_column(v, out.get((op_id, k))) for k, v in outs.items()} for op_id, outs in env.items()}
         infos = self._positions.sample_infos(i) if infos is None else infos
         return HostBatch(self._positions.epoch_idx, i, infos, columns)
 
