@@ -73,6 +73,7 @@ def test_cpu_training_benchmark_end_to_end(tmp_path):
     synthetic = [r for r in doc["runs"] if r["feed"] == "synthetic"][0]
     assert run["cuda_device_max_connections"] == "32", run.get("cuda_device_max_connections")
     assert synthetic["cuda_device_max_connections"] == os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    assert "host_rings" not in run and "host_rings_error" not in run  # the actors' stage: no ring asked
     stats = run["loader_stats"]
     assert 0 <= stats["startup_actors_requested_s"] < stats["startup_first_batch_s"]
     # where the start-up went (`LoaderIterator.startup_report`), milestone by milestone, in order

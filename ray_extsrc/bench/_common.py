@@ -245,8 +245,9 @@ def loader_ways(actors: int, gpu_stage: str | None, has_gpu: bool) -> int:
 def loader_report(it: Any) -> dict:
     """Host memory, start-up and stats of a `LoaderIterator`'s loader actors, for a result: the RSS
     and PSS of their trees, each process of the first actor's tree (`tree_breakdown`),
-    `LoaderIterator.startup_report`, and the numbers and names of `LoaderIterator.stats`
-    (``loader_stats``). Call while they run, on their node."""
+    `LoaderIterator.startup_report`, the numbers and names of `LoaderIterator.stats`
+    (``loader_stats``) and each actor's host-ring counts (``host_rings``, when it has a ring). Call
+    while they run, on their node."""
     out: dict[str, Any] = {}
     try:
         pids = loader_pids(it)
@@ -263,6 +264,12 @@ def loader_report(it: Any) -> dict:
         out["loader_stats"] = {k: v for k, v in it.stats().items() if isinstance(v, (int, float, str))}
     except Exception:  # noqa: BLE001
         pass
+    try:  # consumer-side GPU stage: how the host batches' bytes went (`host_ring.HostRing.stats`)
+        rings = [it.describe(w)["host_ring"] for w in range(len(it.actors))]
+        if any(rings):
+            out["host_rings"] = rings
+    except Exception as e:  # noqa: BLE001
+        out["host_rings_error"] = repr(e)
     return out
 
 
