@@ -164,8 +164,10 @@ class HostRing:
 
     def _take(self, nbytes: int) -> tuple[int, Segment, int] | None:
         """A free slot of at least ``nbytes``, marked ``RESERVED`` under a new sequence number:
-        (slot, its segment, the number); None when none is free or it cannot grow."""
+        (slot, its segment, the number); None when none is free or it cannot grow, or the ring is closed."""
         with self._lock:
+            if self._words is None:
+                return None
             s = self._free_slot()
             if s is None:
                 return None
