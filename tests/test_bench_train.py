@@ -120,9 +120,14 @@ def test_gpu_training_benchmark_every_feed(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     [path] = out.glob("train-*.json")
-    summary = json.loads(path.read_text())["summary"]
+    doc = json.loads(path.read_text())
+    summary = doc["summary"]
     assert set(summary) == {f"resnet18/{f}" for f in ("synthetic", "extsrc-consumer", "extsrc-actor", "extsrc-auto",
                                                       "torch")}
+    # where the Train worker's GPU memory sits: torch's cache, and the consumer-side stage's CuPy pool
+    consumer = [r for r in doc["runs"] if r["feed"] == "extsrc-consumer"][0]
+    assert consumer["torch_max_reserved_mb"] >= consumer["torch_max_allocated_mb"] > 0
+    assert consumer["cupy_pool_total_mb"] > 0, consumer
     assert summary["resnet18/extsrc-consumer"]["gpu_stage"] == "consumer"
     assert summary["resnet18/extsrc-actor"]["gpu_stage"] == "actor"
     assert all(s["ratio_to_synthetic"] > 0 and s["gpu_peak_used_mb"] > 0 for s in summary.values())

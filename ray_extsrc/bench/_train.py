@@ -23,7 +23,8 @@ model and round by round:
 The Train worker makes its feed (for ray_extsrc: ``iter_torch_batches()``, which starts the loader
 actors) before it builds the model, as the Loader's docs advise. Per run: every epoch's img/s; GPU
 memory in use on the device (all processes) before the feed and the model, its peak, and the peak
-above synthetic's for the same model (the loader's share); host RSS and PSS of the Train worker's
+above synthetic's for the same model (the loader's share), and where the Train worker's sits
+(torch's peak reserved, the CuPy pool of the consumer-side stage); host RSS and PSS of the Train worker's
 process tree and of the loader actors' trees; seconds from ``trainer.fit()`` to the first batch,
 from making the feed to its first batch, and above synthetic's; for ray_extsrc, seconds from
 making the feed to its first batch being ready (``ready s``: the loader's own start-up, while the
@@ -167,7 +168,7 @@ def train_worker(config: dict) -> None:
         recs = timed(epoch, config["epochs"], warmup, gpu, sync, batch=config["batch"],
                      first_batch_clock=lambda: time.time() - config["fit_t0"], on_epoch=cpu.start_at(warmup, pids))
         cpu.stop()
-        info = {**describe(), "cpu_use": cpu.report()}
+        info = {**describe(), "cpu_use": cpu.report(), **(_pools_mb(torch) if gpu_on else {})}
     finally:
         close()
     out = {"records": recs, **gpu.report(), "warmup_epochs": warmup, "steps_per_epoch": steps,
@@ -183,6 +184,17 @@ def train_worker(config: dict) -> None:
     if ray.train.get_context().get_world_rank() == 0:
         with open(config["out"], "w") as f:
             json.dump(out, f)
+
+
+def _pools_mb(torch: Any) -> dict[str, int]:
+    """Where this process's GPU memory sits, to set beside the device's peak: torch's caching
+    allocator at its peak, and CuPy's pool (the consumer-side stage's buffers) as it ends the run."""
+    out = {"torch_max_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20)}
+    if "cupy" in sys.modules:
+        import cupy
+
+        out["cupy_pool_total_mb"] = round(cupy.get_default_memory_pool().total_bytes() / 2**20)
+    return out
 
 
 def _loop(config: dict) -> None:  # module-level, so Ray pickles it by reference
