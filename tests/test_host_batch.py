@@ -195,3 +195,18 @@ def test_a_sample_info_pickles_as_its_four_fields_and_stays_frozen():
     assert copy.deepcopy(info) == info and copy.copy(info) == info
     with pytest.raises(dataclasses.FrozenInstanceError):
         back.iteration = 5
+
+
+def test_bytes_are_packed_into_the_room_given_and_other_columns_ignore_it():
+    from ray_extsrc.host_batch import packed_size
+
+    encoded = [np.full(5 + j, j, np.uint8) for j in range(4)]
+    labels = [np.int64(j) for j in range(4)]
+    assert packed_size(encoded) == 26 and packed_size(labels) is None and packed_size([]) is None
+    room = np.zeros(40, np.uint8)
+    col = pack_column(encoded, room)
+    assert isinstance(col, PackedBytes) and col.data.base is room and np.shares_memory(col.data, room)
+    assert [x.tolist() for x in col.samples()] == [a.tolist() for a in encoded] and room[26:].tolist() == [0] * 14
+    assert isinstance(pack_column(labels, room), StackedArrays)  # not bytes: packed as before
+    with pytest.raises(ValueError, match="at least 26 bytes"):
+        pack_column(encoded, np.zeros(25, np.uint8))
