@@ -239,6 +239,32 @@ def _host_batch() -> HostBatch:
         twin.close()
 
 
+def test_a_loader_actor_packs_into_its_ring_and_a_move_gives_the_batch_packed_ahead_back(monkeypatch):
+    """The actor (plain Python here) packs each host batch straight into a ring slot; leaving an
+    epoch early drops the batch its run-ahead thread had packed, and its slot comes back: with
+    every slot that leaked, the ring would run out and batches would go through the object store."""
+    from ray_extsrc.actor import LoaderActor, LoaderSpec
+    from ray_extsrc.host_ring import RingRef, discard
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the actor sets it for its process: put it back after
+    spec = LoaderSpec(jpeg_pipeline, {}, ("images", "labels"), num_shards=1, shard_id=0, seed=7,
+                      gpu_stage="consumer", host_ring_slots=3)
+    actor = LoaderActor(spec)
+    try:
+        ring = actor._ring
+        for epoch in range(2 * ring.num_slots):  # two batches of each epoch, then the next epoch
+            for it in range(2):
+                reply = actor.next_batch(epoch, 0, it)
+                (batch,) = reply.outputs
+                assert isinstance(batch.columns[next(iter(batch.columns))][0], RingRef)
+                discard(batch)  # a consumer that will not use it: its slot back, unmapped
+        st = ring.stats()
+        n = 4 * ring.num_slots
+        assert st["placed"] == n and st["packed_in_place"] == n and st["fallbacks"] == 0, st
+    finally:
+        actor.close()
+
+
 def test_a_batch_whose_actor_died_before_it_was_mapped_is_asked_for_again():
     """The consumer maps a host batch's bytes from its actor's ring; an actor killed after sending it
     takes the ring along (`host_ring.HostRingLost`), and the stage asks the restarted actor again."""
