@@ -87,14 +87,20 @@ def tree_pss_mb(root: int | None = None) -> float:
     return _tree_mb(root, pss_mb)
 
 
+def _stat_fields(stat_path: str) -> list[str]:
+    """The fields of a /proc ``stat`` file after the command name (``fields[0]`` is the state,
+    field 3 of proc(5)); the name, in parentheses, may hold spaces."""
+    with open(stat_path) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _children() -> dict[int, list[int]]:
     """ppid -> pids, from /proc."""
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                ppid = int(_stat_fields(f"/proc/{d}/stat")[1])
                 kids.setdefault(ppid, []).append(int(d))
             except (OSError, ValueError, IndexError):
                 pass
@@ -133,8 +139,7 @@ def tree_breakdown(root: int) -> list[dict]:
 def _cpu_s(stat_path: str) -> float:
     """User + system CPU seconds from a /proc ``stat`` file (a process's or a thread's); 0 if gone."""
     try:
-        with open(stat_path) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        fields = _stat_fields(stat_path)
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
@@ -223,6 +228,16 @@ class CpuUse:
             delta = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
             out[key] = dict(sorted(((k, v) for k, v in delta.items() if v >= 0.01), key=lambda kv: -kv[1]))
         return out
+
+
+def cupy_pool_mb() -> int | None:
+    """MB held by CuPy's default memory pool in this process (used and cached blocks); None where
+    CuPy was never imported here."""
+    if "cupy" not in sys.modules:
+        return None
+    import cupy
+
+    return round(cupy.get_default_memory_pool().total_bytes() / 2**20)
 
 
 def loader_pids(it: Any) -> list[int]:

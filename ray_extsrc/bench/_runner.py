@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 
-from ._common import BATCH, GpuMemory, emit, loader_ways, pipeline_epoch, timed, versions  # noqa: E402 - light
+from ._common import BATCH, GpuMemory, cupy_pool_mb, emit, loader_ways, pipeline_epoch, timed, versions  # noqa: E402 - light
 from ._report import multi_gpu, split_reader  # noqa: E402 - light (matplotlib loads only to draw)
 
 
@@ -66,7 +66,6 @@ def run_extsrc(args) -> dict:
         pipe.close()
     from ..fn._gpu import decode as gpu_decode
 
-    pool = cupy.get_default_memory_pool()
     nb = max(1, stages.pop("batches", 1))
     per_batch_ms = {k: round(1000 * v / nb, 2) for k, v in stages.items()}
     decode_stats = gpu_decode.stats_snapshot()
@@ -74,7 +73,7 @@ def run_extsrc(args) -> dict:
     per_batch_ms.update({f"decode_{k}": round(1000 * v / db, 2) for k, v in decode_stats.items() if k != "batches"})
     print(f"  per-batch ms: {per_batch_ms}", file=sys.stderr, flush=True)
     return {"records": recs, **gpu.report(),
-            "cupy_pool_total_mb": round(pool.total_bytes() / 2**20), "per_batch_ms": per_batch_ms,
+            "cupy_pool_total_mb": cupy_pool_mb(), "per_batch_ms": per_batch_ms,
             "decoder_options": args.decoder, "py_num_workers": args.workers}
 
 

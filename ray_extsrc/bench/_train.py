@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (
-    CpuUse, GpuMemory, cpu_model, device_name, emit, loadavg, loader_pids, loader_report, loader_ways, parse_result,
-    result_stem, timed, timed_rates, versions,
+    CpuUse, GpuMemory, cpu_model, cupy_pool_mb, device_name, emit, loadavg, loader_pids, loader_report, loader_ways,
+    parse_result, result_stem, timed, timed_rates, versions,
 )
 
 FEEDS = ("synthetic", "extsrc-consumer", "extsrc-actor", "extsrc-auto", "torch", "extsrc-consumer-store")
@@ -190,10 +190,9 @@ def _pools_mb(torch: Any) -> dict[str, int]:
     """Where this process's GPU memory sits, to set beside the device's peak: torch's caching
     allocator at its peak, and CuPy's pool (the consumer-side stage's buffers) as it ends the run."""
     out = {"torch_max_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20)}
-    if "cupy" in sys.modules:
-        import cupy
-
-        out["cupy_pool_total_mb"] = round(cupy.get_default_memory_pool().total_bytes() / 2**20)
+    pool = cupy_pool_mb()
+    if pool is not None:
+        out["cupy_pool_total_mb"] = pool
     return out
 
 
