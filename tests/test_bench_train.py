@@ -106,6 +106,7 @@ def test_bench_dispatches_train_and_cpu_and_rejects_unknown_feeds():
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(540)  # five feeds, each a Ray Train run of ~40 s on an H100, plus the data
 def test_gpu_training_benchmark_every_feed(tmp_path):
     pytest.importorskip("torchvision")
     pytest.importorskip("cupy")
@@ -117,7 +118,7 @@ def test_gpu_training_benchmark_every_feed(tmp_path):
     cmd = [sys.executable, "-m", "ray_extsrc.bench", "--train", "resnet18", "--images", "1024", "--epochs", "1",
            "--warmup", "1", "--warmup-steps", "2", "--workers", "4", "--actors", "2", "--torch-workers", "4",
            "--data", str(tmp_path / "data"), "--out", str(out), "--timeout", "170"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=510)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     [path] = out.glob("train-*.json")
     doc = json.loads(path.read_text())

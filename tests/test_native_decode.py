@@ -127,3 +127,18 @@ def test_the_build_is_cached_and_a_missing_compiler_is_reported(native, monkeypa
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+def test_decode_buffers_are_sized_in_a_few_classes_at_most_an_eighth_over():
+    from ray_extsrc.fn._gpu.decode import buffer_bytes
+
+    assert buffer_bytes(0) == buffer_bytes(1) == buffer_bytes(512) == 512
+    for total in [513, 4097, 10**6, 160 * 2**20 - 1, 160 * 2**20, 160 * 2**20 + 1, 3 * 10**9]:
+        got = buffer_bytes(total)
+        assert total <= got <= total * 1.125 + 512 and got % 512 == 0, (total, got)
+        assert buffer_bytes(got) == got  # a class size is its own class
+    # R1-like batches (256 images of 400-640 x 300-500, ~160 MB decoded) ask for two sizes at most
+    rng = np.random.default_rng(0)
+    classes = {buffer_bytes(int((rng.integers(400, 641, 256) * rng.integers(300, 501, 256) * 3).sum()))
+               for _ in range(200)}
+    assert len(classes) <= 2, sorted(classes)

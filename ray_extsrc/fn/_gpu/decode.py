@@ -43,7 +43,7 @@ from .streams import loader_stream
 
 __all__ = [
     "decode_batch", "batch_enqueued", "retain", "release", "backend_set", "make_decoder", "options_of", "stats_snapshot",
-    "STATS", "PREP_ARG", "batch_layout", "warm_up",
+    "STATS", "PREP_ARG", "batch_layout", "buffer_bytes", "warm_up",
 ]
 
 _DEFAULT_OPTIONS = DecoderOptions()
@@ -102,6 +102,38 @@ def batch_layout(hw: np.ndarray) -> tuple[np.ndarray, int]:
     starts = np.zeros(len(sizes), np.uint64)
     np.cumsum(aligned[:-1], out=starts[1:], dtype=np.uint64)
     return starts, int(aligned.sum())
+
+
+def buffer_bytes(total: int) -> int:
+    """The size a batch's decode buffer of ``total`` bytes is allocated at: ``total`` rounded up to
+    the next of eight steps per power of two (at most 12.5 % more, and a multiple of 512 bytes,
+    CuPy's unit). Batches of one workload differ by a few percent in decoded size (R1: ~160 MB
+    each); rounded, they ask the pool for one or two sizes, so a freed buffer fits the next batch
+    whole instead of being split into remnants that no later batch fits while the pool grows."""
+    if total <= 512:
+        return 512
+    step = max(512, 1 << (int(total - 1).bit_length() - 4))
+    return -(-total // step) * step
+
+
+_arena_streams: dict[int, Any] = {}
+
+
+def _arena_stream(device_id: int) -> Any:
+    """The stream a device's native-decode buffers are allocated under (a `loader_stream` on which
+    no work is ever queued): one CuPy pool arena for every decode thread's buffers.
+
+    CuPy's pool keeps freed memory per stream and hands it out again only to allocations on that
+    stream. Allocated on each decode thread's own stream, the buffers filled one cache per thread,
+    each grown to that thread's own peak (the consumer-side stage's CuPy pool was 1.3-1.6 GB for
+    ResNet-18 on an H100). These buffers are freed only after the host saw the event that follows
+    every read of them (`_keep`; a failed decode call first waits for its stream), so reuse from
+    any stream is safe, and one arena holds only what the batches in flight need."""
+    with _lock:
+        stream = _arena_streams.get(device_id)
+        if stream is None:
+            stream = _arena_streams[device_id] = loader_stream(device_id)
+        return stream
 
 
 class _DecodeThreads:
@@ -200,19 +232,23 @@ class _DecodeThreads:
 
     def _run_native(self, kind: str, options: DecoderOptions, src: np.ndarray, lengths: np.ndarray,
                     hw: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, Any]:
-        """`native_decode`: the batch decoded into one new buffer (allocated on this thread's
-        stream, so it is reused only after the GPU is past what was queued there); returns the
-        buffer, each image's address in it, the per-sample results and an event after the decode."""
+        """`native_decode`: the batch decoded into one buffer from the device's decode-buffer
+        arena (`_arena_stream`, `buffer_bytes`); returns the buffer, each image's address in it,
+        the per-sample results and an event after the decode."""
         import cupy
 
         with cupy.cuda.Device(self.device_id):
             loc = self._local()
             dec = self._decoder(loc, kind, options, native=True)
             starts, total = batch_layout(hw)
-            with loc.stream:
-                buf = cupy.empty(max(1, total), np.uint8)
+            with _arena_stream(self.device_id):
+                buf = cupy.empty(buffer_bytes(total), np.uint8)
             dst = np.uint64(buf.data.ptr) + starts
-            result = dec.decode(src, lengths, dst, hw, loc.stream.ptr)  # GIL released in the call
+            try:
+                result = dec.decode(src, lengths, dst, hw, loc.stream.ptr)  # GIL released in the call
+            except BaseException:
+                loc.stream.synchronize()  # whatever was queued is done before ``buf`` can be reused
+                raise
             return buf, dst, result, loc.stream.record()
 
     def submit_native(self, kind: str, options: DecoderOptions, src: np.ndarray, lengths: np.ndarray,
@@ -535,11 +571,16 @@ def _decode_prepared(op: Any, inputs: Sequence[np.ndarray], ctxs: Sequence[Sampl
             dims[j] = (h, w, pitch)
             done[j] = True
             owners.append(img)
-    for j in np.flatnonzero(~done).tolist():  # see "Fallbacks" in the module docstring
-        arr = cupy.ascontiguousarray(cupy.asarray(op.run_cpu([inputs[j]], {}, ctxs[j])))
-        ptrs[j] = arr.data.ptr
-        dims[j] = (arr.shape[0], arr.shape[1], arr.strides[0])
-        owners.append(arr)
+    try:
+        for j in np.flatnonzero(~done).tolist():  # see "Fallbacks" in the module docstring
+            arr = cupy.ascontiguousarray(cupy.asarray(op.run_cpu([inputs[j]], {}, ctxs[j])))
+            ptrs[j] = arr.data.ptr
+            dims[j] = (arr.shape[0], arr.shape[1], arr.strides[0])
+            owners.append(arr)
+    except BaseException:
+        if native:  # the batch's buffer is dropped unkept: its decode must be over first (`_arena_stream`)
+            stream.synchronize()
+        raise
     _keep(op, stream, owners)
     _add_stats(decode_wait_s=t1 - t0, fallback_s=time.perf_counter() - t1, native_batches=float(native))
     return PtrBatch(ptrs, dims, 3, owners)
