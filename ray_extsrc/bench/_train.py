@@ -119,11 +119,8 @@ def _feed(config: dict, dev: Any) -> tuple[Any, Any, Any, Any]:
     def describe() -> dict:
         out: dict[str, Any] = {"gpu_stage": getattr(it, "gpu_stage", None), "ways": it.ways,
                                "cuda_work_queues": getattr(it, "cuda_work_queues", None)}
-        out.update(loader_report(it))  # the loader actors are Ray workers, not this process's children
-        try:  # batches through each actor's shared-memory ring, and past it (`host_ring`)
-            out["host_ring"] = [it.describe(w).get("host_ring") for w in range(it.ways)]
-        except Exception:  # noqa: BLE001
-            pass
+        # the loader actors are Ray workers, not this process's children; their rings: ``host_rings``
+        out.update(loader_report(it))
         return out
 
     return epoch, it.close, describe, lambda: loader_pids(it)
